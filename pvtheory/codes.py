@@ -1,0 +1,248 @@
+"""The discrete-continuous parameter x = decode(P, V).
+
+P (the discrete part) is an integer code per group of g coordinates and per codebook; V (the
+continuous part) is the codebooks and, optionally, a scale per row. One class covers:
+
+- scalar quantization to c values (the paper's R^d_c): M = 1 codebook of K = c values, g = 1;
+- vector quantization: M = 1 codebook of K vectors of g coordinates;
+- additive quantization (AQLM): the sum of M codebooks of K vectors of g coordinates, with an
+  optional scale per output row (the LLM case).
+
+decode is a pure function of (codes, codebooks, scales), differentiable in the continuous part, so
+V steps can use autograd; encode is the projection the P steps need: the codes whose decoding is
+nearest to a target, only for the groups that are allowed to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pvtheory.checks import check_finite, check_positive_int
+
+
+def decode(codes: Tensor, codebooks: Tensor, shape: Sequence[int], scales: Optional[Tensor] = None) -> Tensor:
+    """x = sum_m codebooks[m, codes[:, m]] laid out as `shape`, times a per-row scale if given.
+
+    codes: (n_groups, M) integers; codebooks: (M, K, g); scales: (shape[0],) or None.
+    Groups run along the last dimension of `shape` (g consecutive coordinates of a row).
+    """
+    M = codebooks.shape[0]
+    groups = codebooks[0].index_select(0, codes[:, 0])
+    for m in range(1, M):
+        groups = groups + codebooks[m].index_select(0, codes[:, m])
+    x = groups.reshape(shape)
+    if scales is not None:
+        x = x * scales.reshape((-1,) + (1,) * (len(shape) - 1))
+    return x
+
+
+@dataclass(frozen=True)
+class Codebooks:
+    """A discrete-continuous parameter: codes (P) and codebooks + optional row scales (V).
+
+    Immutable: the P and V steps return new instances (`with_codes`, `with_values`).
+    """
+
+    codes: Tensor  # P: (n_groups, M), int64
+    codebooks: Tensor  # V: (M, K, g)
+    shape: tuple  # shape of the decoded tensor; its last dimension is a multiple of g
+    scales: Optional[Tensor] = None  # V: (shape[0],) per-row scale, or None
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2 or self.codebooks.dim() != 3:
+            raise ValueError(
+                f"codes must be (n_groups, M) and codebooks (M, K, g); got {tuple(self.codes.shape)} "
+                f"and {tuple(self.codebooks.shape)}"
+            )
+        M, K, g = self.codebooks.shape
+        numel = 1
+        for s in self.shape:
+            numel *= int(s)
+        if self.codes.shape[1] != M or self.codes.shape[0] * g != numel or self.shape[-1] % g:
+            raise ValueError(
+                f"codes {tuple(self.codes.shape)} and codebooks {tuple(self.codebooks.shape)} "
+                f"do not describe a tensor of shape {tuple(self.shape)}"
+            )
+        if self.scales is not None and self.scales.shape != (self.shape[0],):
+            raise ValueError(f"scales must have shape ({self.shape[0]},), got {tuple(self.scales.shape)}")
+
+    # --- sizes ---------------------------------------------------------------------------
+    @property
+    def num_codebooks(self) -> int:
+        """M, the number of additive codebooks."""
+        return self.codebooks.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        """K = 2^B, the entries per codebook (c, the number of values, in the scalar case)."""
+        return self.codebooks.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        """g, the coordinates that share one code."""
+        return self.codebooks.shape[2]
+
+    @property
+    def num_groups(self) -> int:
+        return self.codes.shape[0]
+
+    def group_coordinates(self, groups: Tensor) -> Tensor:
+        """Flat coordinate indices of the given groups (what a subspace S of groups spans)."""
+        g = self.group_size
+        return (groups.reshape(-1, 1) * g + torch.arange(g, device=groups.device)).reshape(-1)
+
+    # --- decode / update -----------------------------------------------------------------
+    def decode(self, codebooks: Optional[Tensor] = None, scales: Optional[Tensor] = None) -> Tensor:
+        """x = decode(P, V); pass codebooks/scales to decode with other (e.g. autograd) values."""
+        cb = self.codebooks if codebooks is None else codebooks
+        sc = self.scales if scales is None else scales
+        return decode(self.codes, cb, self.shape, sc)
+
+    def with_codes(self, codes: Tensor) -> "Codebooks":
+        return replace(self, codes=codes)
+
+    def with_values(self, codebooks: Tensor, scales: Optional[Tensor] = None) -> "Codebooks":
+        return replace(self, codebooks=codebooks, scales=self.scales if scales is None else scales)
+
+    def distinct_values(self) -> int:
+        """Number of distinct coordinate values of decode(P, V) (at most c in the scalar case)."""
+        return int(torch.unique(self.decode()).numel())
+
+    def used_entries(self) -> Tensor:
+        """Boolean (M, K): which codebook entries some group uses."""
+        M, K = self.num_codebooks, self.codebook_size
+        used = torch.zeros(M, K, dtype=torch.bool, device=self.codes.device)
+        for m in range(M):
+            used[m, self.codes[:, m]] = True
+        return used
+
+    def value_jacobian(self) -> Tensor:
+        """D (sparse, numel x M*K*g) with decode(P, V).flatten() = D @ codebooks.flatten() (+ scales).
+
+        Decode is linear in the codebooks for fixed codes and scales; exact V steps solve in it.
+        """
+        M, K, g = self.codebooks.shape
+        n = self.num_groups
+        dev = self.codes.device
+        rows = (torch.arange(n, device=dev).reshape(n, 1, 1) * g + torch.arange(g, device=dev)).expand(n, M, g)
+        cols = (torch.arange(M, device=dev).reshape(1, M, 1) * K * g
+                + self.codes.reshape(n, M, 1) * g + torch.arange(g, device=dev))
+        vals = torch.ones(n, M, g, dtype=self.codebooks.dtype, device=dev)
+        if self.scales is not None:
+            row_of_group = torch.arange(n, device=dev) * g // self.shape[-1]
+            vals = vals * self.scales[row_of_group].reshape(n, 1, 1).to(vals.dtype)
+        idx = torch.stack([rows.reshape(-1), cols.reshape(-1)])
+        numel = n * g
+        return torch.sparse_coo_tensor(idx, vals.reshape(-1), (numel, M * K * g), check_invariants=False).coalesce()
+
+    # --- encode: the projection used by every P step ---------------------------------------
+    def encode(
+        self,
+        target: Tensor,
+        groups: Optional[Tensor] = None,
+        weights: Optional[Tensor] = None,
+        beam_width: int = 4,
+        chunk: int = 65536,
+    ) -> Tensor:
+        """Codes whose decoding is nearest to `target` in the groups `groups` (all if None).
+
+        Minimizes sum_i w_i (decode_i - target_i)^2 per group, w = `weights` (1 if None). Groups
+        outside `groups` keep their codes. M = 1: exact nearest entry. M > 1: beam search over the
+        codebooks started from the current codes, so a group's error never increases.
+        """
+        if target.shape != tuple(self.shape):
+            raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(self.shape)}")
+        check_finite("target", target)
+        g = self.group_size
+        cb = self.codebooks
+        t = target.reshape(-1, g).to(cb.dtype)
+        w = None if weights is None else weights.reshape(-1, g).to(cb.dtype)
+        if self.scales is not None:
+            # ||s c - t||_w^2 = s^2 ||c - t/s||_w^2: encode against t/s, weights scaled by s^2.
+            s = self.scales.to(cb.dtype)[torch.arange(self.num_groups, device=t.device) * g // self.shape[-1]]
+            s = torch.where(s == 0, torch.ones_like(s), s).reshape(-1, 1)
+            t = t / s
+            w = (s * s).expand_as(t) if w is None else w * s * s
+        codes = self.codes.clone()
+        idx = torch.arange(self.num_groups, device=codes.device) if groups is None else groups.reshape(-1)
+        if self.num_codebooks > 1:  # beam search holds (chunk, beam, K) candidates at once
+            chunk = max(1, min(chunk, (1 << 22) // (beam_width * self.codebook_size)))
+        for start in range(0, idx.numel(), chunk):
+            sel = idx[start:start + chunk]
+            wsel = None if w is None else w[sel]
+            if self.num_codebooks == 1:
+                codes[sel, 0] = nearest_entry(t[sel], cb[0], wsel)
+            else:
+                codes[sel] = beam_search(t[sel], cb, codes[sel], wsel, beam_width)
+        return codes
+
+
+def weighted_sq_distances(t: Tensor, entries: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """(n, K) matrix of sum_j w_j (entries[k, j] - t[i, j])^2 (without the constant sum w t^2)."""
+    if w is None:
+        return (entries * entries).sum(-1) - 2.0 * t @ entries.T
+    return w @ (entries * entries).T - 2.0 * (w * t) @ entries.T
+
+
+def nearest_entry(t: Tensor, entries: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """Index of the nearest codebook entry (K, g) to each row of t (n, g); exact."""
+    if entries.shape[1] == 1 and w is None:
+        # scalar case: bucketize against midpoints of the sorted values, O(n log K) memory-light
+        vals, order = torch.sort(entries[:, 0])
+        mids = (vals[1:] + vals[:-1]) / 2
+        pos = torch.bucketize(t[:, 0].contiguous(), mids.contiguous())
+        return order[pos]
+    return weighted_sq_distances(t, entries, w).argmin(dim=1)
+
+
+def beam_search(t: Tensor, codebooks: Tensor, start: Tensor, w: Optional[Tensor], beam_width: int) -> Tensor:
+    """Additive codes for targets t (n, g) over codebooks (M, K, g), started from `start` (n, M).
+
+    One sweep over the codebooks: at codebook m every beam candidate tries all K entries for that
+    codebook, and the best `beam_width` distinct candidates survive. The start is always in the
+    beam, so the returned codes are never worse than `start`.
+    """
+    check_positive_int("beam_width", beam_width)
+    M, K, g = codebooks.shape
+    n = t.shape[0]
+    ww = torch.ones_like(t) if w is None else w
+
+    def error(codes: Tensor) -> Tensor:  # codes (n, B, M) -> (n, B)
+        rec = sum(codebooks[m][codes[..., m]] for m in range(M))
+        return (ww.unsqueeze(1) * (rec - t.unsqueeze(1)) ** 2).sum(-1)
+
+    beam = start.unsqueeze(1)  # (n, B, M)
+    for m in range(M):
+        B = beam.shape[1]
+        others = sum(codebooks[j][beam[..., j]] for j in range(M) if j != m) if M > 1 else 0.0
+        resid = t.unsqueeze(1) - others  # (n, B, g): what codebook m should reproduce
+        c = codebooks[m]  # (K, g); ||c - r||_w^2 = w.c^2 - 2 (w r).c + const(r)
+        d = (ww @ (c * c).T).unsqueeze(1) - 2.0 * (ww.unsqueeze(1) * resid) @ c.T  # (n, B, K)
+        cand = beam.unsqueeze(2).expand(n, B, K, M).clone()
+        cand[..., m] = torch.arange(K, device=t.device).reshape(1, 1, K)
+        d = d.reshape(n, B * K)
+        cand = cand.reshape(n, B * K, M)
+        # duplicates (same code tuple reached from two beams) would crowd the beam: push them back
+        key = (cand * (K ** torch.arange(M, device=t.device))).sum(-1)
+        key_sorted, order = torch.sort(key, dim=1)
+        dup = torch.zeros_like(key, dtype=torch.bool)
+        dup_sorted = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=t.device),
+                                key_sorted[:, 1:] == key_sorted[:, :-1]], dim=1)
+        dup.scatter_(1, order, dup_sorted)
+        d = torch.where(dup, torch.full_like(d, float("inf")), d)
+        keep = min(beam_width, B * K)
+        top = torch.topk(d, keep, dim=1, largest=False).indices
+        beam = torch.gather(cand, 1, top.unsqueeze(-1).expand(n, keep, M))
+    best = beam[:, 0]
+    better = error(best.unsqueeze(1))[:, 0] < error(start.unsqueeze(1))[:, 0]
+    return torch.where(better.unsqueeze(1), best, start)
+
+
+def scalar(codes: Tensor, values: Tensor) -> Codebooks:
+    """The paper's R^d_c: x_i = values[codes[i]], c = len(values)."""
+    if values.dim() != 1 or codes.dim() != 1:
+        raise ValueError("scalar codes and values must be 1-D")
+    return Codebooks(codes.reshape(-1, 1).long(), values.reshape(1, -1, 1), (codes.numel(),))

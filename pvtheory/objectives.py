@@ -1,0 +1,236 @@
+"""Objectives phi: R^d -> R with value, gradient and smoothness constants L and L_S.
+
+value and grad accept a batch of points (..., d). Quadratic objectives (least squares, quadratics,
+separable quadratics) also expose their quadratic form, which the exact V step and the exact
+P step solvers use; every convex objective can write itself in cvxpy.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pvtheory.checks import as_tensor, check_shape
+
+
+class Objective(ABC):
+    """A smooth phi on R^d. Subclasses define value and grad; L and L_S where they are known."""
+
+    d: int
+    separable: bool = False  # phi = sum_i phi_i(x_i): the exact P step is coordinate-wise
+
+    @abstractmethod
+    def value(self, x: Tensor) -> Tensor:
+        """phi(x) for x of shape (..., d); returns shape (...)."""
+
+    @abstractmethod
+    def grad(self, x: Tensor) -> Tensor:
+        """grad phi(x), same shape as x."""
+
+    @property
+    def L(self) -> float:
+        """Smoothness constant: ||grad phi(x) - grad phi(y)|| <= L ||x - y||."""
+        raise NotImplementedError(f"{type(self).__name__} has no known smoothness constant L")
+
+    def L_subspace(self, S: Tensor) -> float:
+        """Smoothness constant of phi restricted to the coordinates S (the paper's L_S <= L)."""
+        return self.L
+
+    def quadratic(self) -> Optional[tuple[Tensor, Tensor, float]]:
+        """(Q, q, const) with phi(x) = 1/2 x'Qx - q'x + const, or None if phi is not quadratic."""
+        return None
+
+    def cvxpy(self, x):  # x: a cvxpy expression of size d
+        """phi as a cvxpy expression, for exact V steps of general convex phi."""
+        raise NotImplementedError(f"{type(self).__name__} has no cvxpy form")
+
+    def check_point(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"x has {x.shape[-1]} coordinates, phi expects d = {self.d}")
+        return x
+
+
+def _lambda_max(M: Tensor) -> float:
+    return float(torch.linalg.eigvalsh(M)[-1]) if M.numel() else 0.0
+
+
+class LeastSquares(Objective):
+    """phi(x) = ||A x - b||^2."""
+
+    def __init__(self, A, b) -> None:
+        self.A = as_tensor("A", A)
+        self.b = as_tensor("b", b)
+        check_shape("A", self.A, (None, None))
+        check_shape("b", self.b, (self.A.shape[0],))
+        self.d = self.A.shape[1]
+        self._L: Optional[float] = None
+
+    def value(self, x: Tensor) -> Tensor:
+        r = self.check_point(x) @ self.A.T - self.b
+        return (r * r).sum(-1)
+
+    def grad(self, x: Tensor) -> Tensor:
+        return 2.0 * (self.check_point(x) @ self.A.T - self.b) @ self.A
+
+    @property
+    def L(self) -> float:
+        if self._L is None:
+            self._L = 2.0 * float(torch.linalg.matrix_norm(self.A, ord=2)) ** 2
+        return self._L
+
+    def L_subspace(self, S: Tensor) -> float:
+        return 2.0 * float(torch.linalg.matrix_norm(self.A[:, S], ord=2)) ** 2 if S.numel() else 0.0
+
+    def quadratic(self) -> tuple[Tensor, Tensor, float]:
+        return 2.0 * self.A.T @ self.A, 2.0 * self.A.T @ self.b, float(self.b @ self.b)
+
+    def cvxpy(self, x):
+        import cvxpy as cp
+
+        return cp.sum_squares(self.A.numpy() @ x - self.b.numpy())
+
+
+class Quadratic(Objective):
+    """phi(x) = 1/2 x'Qx - b'x with Q symmetric positive semidefinite."""
+
+    def __init__(self, Q, b) -> None:
+        self.Q = as_tensor("Q", Q)
+        self.b = as_tensor("b", b)
+        check_shape("Q", self.Q, (None, None))
+        self.d = self.Q.shape[0]
+        check_shape("Q", self.Q, (self.d, self.d))
+        check_shape("b", self.b, (self.d,))
+        scale = float(self.Q.abs().max()) if self.Q.numel() else 0.0
+        if not torch.allclose(self.Q, self.Q.T, atol=1e-10 * max(scale, 1.0)):
+            raise ValueError("Q must be symmetric")
+        self.eigenvalues = torch.linalg.eigvalsh(self.Q)
+        if self.d and float(self.eigenvalues[0]) < -1e-9 * max(scale, 1.0):
+            raise ValueError(f"Q must be positive semidefinite (smallest eigenvalue {float(self.eigenvalues[0]):.3g})")
+
+    def value(self, x: Tensor) -> Tensor:
+        x = self.check_point(x)
+        return 0.5 * ((x @ self.Q) * x).sum(-1) - x @ self.b
+
+    def grad(self, x: Tensor) -> Tensor:
+        return self.check_point(x) @ self.Q - self.b
+
+    @property
+    def L(self) -> float:
+        return float(self.eigenvalues[-1])
+
+    def L_subspace(self, S: Tensor) -> float:
+        return _lambda_max(self.Q[S][:, S])
+
+    def quadratic(self) -> tuple[Tensor, Tensor, float]:
+        return self.Q, self.b, 0.0
+
+    def cvxpy(self, x):
+        import cvxpy as cp
+
+        Qs = 0.5 * (self.Q + self.Q.T).numpy()
+        return 0.5 * cp.quad_form(x, cp.psd_wrap(Qs)) - self.b.numpy() @ x
+
+
+class SeparableQuadratic(Objective):
+    """phi(x) = 1/2 sum_i w_i (x_i - t_i)^2 with w_i > 0: weighted 1-D k-means when x is in R^d_c."""
+
+    separable = True
+
+    def __init__(self, w, t) -> None:
+        self.w = as_tensor("w", w)
+        self.t = as_tensor("t", t)
+        check_shape("w", self.w, (None,))
+        check_shape("t", self.t, (self.w.shape[0],))
+        if self.w.numel() and float(self.w.min()) <= 0:
+            raise ValueError("separable quadratic weights w must be positive")
+        self.d = self.w.shape[0]
+
+    def value(self, x: Tensor) -> Tensor:
+        r = self.check_point(x) - self.t
+        return 0.5 * (self.w * r * r).sum(-1)
+
+    def grad(self, x: Tensor) -> Tensor:
+        return self.w * (self.check_point(x) - self.t)
+
+    @property
+    def L(self) -> float:
+        return float(self.w.max())
+
+    def L_subspace(self, S: Tensor) -> float:
+        return float(self.w[S].max()) if S.numel() else 0.0
+
+    def quadratic(self) -> tuple[Tensor, Tensor, float]:
+        return torch.diag(self.w), self.w * self.t, 0.5 * float((self.w * self.t * self.t).sum())
+
+    def cvxpy(self, x):
+        import cvxpy as cp
+
+        return 0.5 * cp.sum(cp.multiply(self.w.numpy(), cp.square(x - self.t.numpy())))
+
+
+class Logistic(Objective):
+    """phi(x) = sum_i log(1 + exp(-y_i a_i'x)) + reg/2 ||x||^2, labels y in {-1, +1}."""
+
+    def __init__(self, A, y, reg: float = 0.0) -> None:
+        self.A = as_tensor("A", A)
+        self.y = as_tensor("y", y)
+        check_shape("A", self.A, (None, None))
+        check_shape("y", self.y, (self.A.shape[0],))
+        if not bool(((self.y == 1) | (self.y == -1)).all()):
+            raise ValueError("logistic labels y must be -1 or +1")
+        if not np.isfinite(reg) or reg < 0:
+            raise ValueError(f"reg must be finite and >= 0, got {reg}")
+        self.reg = float(reg)
+        self.d = self.A.shape[1]
+
+    def value(self, x: Tensor) -> Tensor:
+        x = self.check_point(x)
+        margins = (x @ self.A.T) * self.y
+        return torch.nn.functional.softplus(-margins).sum(-1) + 0.5 * self.reg * (x * x).sum(-1)
+
+    def grad(self, x: Tensor) -> Tensor:
+        x = self.check_point(x)
+        margins = (x @ self.A.T) * self.y
+        return (-self.y * torch.sigmoid(-margins)) @ self.A + self.reg * x
+
+    @property
+    def L(self) -> float:
+        return 0.25 * float(torch.linalg.matrix_norm(self.A, ord=2)) ** 2 + self.reg
+
+    def L_subspace(self, S: Tensor) -> float:
+        if not S.numel():
+            return 0.0
+        return 0.25 * float(torch.linalg.matrix_norm(self.A[:, S], ord=2)) ** 2 + self.reg
+
+    def cvxpy(self, x):
+        import cvxpy as cp
+
+        margins = cp.multiply(self.y.numpy(), self.A.numpy() @ x)
+        return cp.sum(cp.logistic(-margins)) + 0.5 * self.reg * cp.sum_squares(x)
+
+
+class Autograd(Objective):
+    """Any differentiable torch function phi(x) (x of shape (..., d)); gradient by autograd."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], d: int, L: Optional[float] = None) -> None:
+        self.fn = fn
+        self.d = int(d)
+        self._L = L
+
+    def value(self, x: Tensor) -> Tensor:
+        return self.fn(self.check_point(x))
+
+    def grad(self, x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x = self.check_point(x).detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.fn(x).sum(), x)
+        return g
+
+    @property
+    def L(self) -> float:
+        if self._L is None:
+            raise NotImplementedError("this Autograd objective was built without L")
+        return self._L

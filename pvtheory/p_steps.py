@@ -1,0 +1,215 @@
+"""P steps: change the codes (which value / codebook entries each group uses) with V fixed.
+
+- exact_p_step: P = argmin phi(decode(P, V)): coordinate-wise for separable phi, enumeration or a
+  mixed-integer solver (cvxpy + SCIP) for small problems, block-coordinate descent otherwise;
+- linearized_p_step: round x - grad phi(x) / L to the nearest codes (never increases phi);
+- subspace_p_step: the same restricted to a subspace S of tau groups (random, or greedy: the
+  groups with the largest gradient), with the longer step 1 / L_S.
+
+Every solver keeps a group's current code unless another is strictly better, so "nothing changed"
+is a well-defined fixed point.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from pvtheory.checks import check_positive_int
+from pvtheory.codes import Codebooks
+from pvtheory.objectives import Objective
+from pvtheory.steps import Step, point, stateless
+
+ENUMERATION_LIMIT = 1 << 20  # assignments the exact P step may enumerate
+
+
+# --- linearized steps -------------------------------------------------------------------------
+def linearized_p_step(L: Optional[float] = None) -> Step:
+    """y = nearest codes to x - grad phi(x) / L (the paper's linearized P step)."""
+
+    def update(param: Codebooks, objective: Objective) -> Codebooks:
+        x = point(param)
+        step = 1.0 / (L if L is not None else objective.L)
+        target = (x - step * objective.grad(x)).reshape(param.shape)
+        return param.with_codes(param.encode(target))
+
+    return stateless("linearized P", update)
+
+
+def group_scores(param: Codebooks, grad: Tensor) -> Tensor:
+    """Greedy selection score of each group: the norm of its gradient block (its proposed change)."""
+    return grad.reshape(param.num_groups, param.group_size).norm(dim=1)
+
+
+def subspace_size(tau: Union[int, float], num_groups: int) -> int:
+    """tau as a count of groups: an int is a count, a float in (0, 1] a fraction of the groups."""
+    if isinstance(tau, float):
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau as a fraction must lie in (0, 1], got {tau}")
+        return max(1, int(round(tau * num_groups)))
+    return min(check_positive_int("tau", tau), num_groups)
+
+
+def subspace_p_step(tau: Union[int, float], select: str = "greedy", seed: int = 0, L_S: Optional[float] = None) -> Step:
+    """Linearized P step on a subspace S of tau groups, step 1 / L_S (L_S = phi's constant on S).
+
+    select="greedy": the tau groups with the largest gradient norm; "random": uniform without
+    replacement (the setting of the paper's convergence theorem).
+    """
+    if select not in ("greedy", "random"):
+        raise ValueError(f"select must be 'greedy' or 'random', got {select!r}")
+
+    def init(param: Codebooks, objective: Objective):
+        return torch.Generator().manual_seed(seed)
+
+    def update(param: Codebooks, objective: Objective, gen):
+        x = point(param)
+        grad = objective.grad(x)
+        k = subspace_size(tau, param.num_groups)
+        if select == "greedy":
+            S = torch.topk(group_scores(param, grad), k).indices
+        else:
+            S = torch.randperm(param.num_groups, generator=gen)[:k]
+        coords = param.group_coordinates(S)
+        LS = L_S if L_S is not None else objective.L_subspace(coords)
+        if LS <= 0:  # phi is constant on S: nothing to gain
+            return param, gen
+        target = x.clone()
+        target[coords] = x[coords] - grad[coords] / LS
+        return param.with_codes(param.encode(target.reshape(param.shape), groups=S)), gen
+
+    return Step(f"subspace P ({select}, tau={tau})", init, update, deterministic=(select == "greedy"))
+
+
+# --- exact steps --------------------------------------------------------------------------------
+def group_candidates(param: Codebooks) -> tuple[Tensor, Tensor]:
+    """All K^M code tuples (C, M) and their decoded group vectors (C, g)."""
+    M, K, _ = param.codebooks.shape
+    tuples = torch.tensor(list(itertools.product(range(K), repeat=M)), dtype=torch.long).reshape(-1, M)
+    vectors = sum(param.codebooks[m][tuples[:, m]] for m in range(M))
+    return tuples, vectors
+
+
+def _current_choice(param: Codebooks, tuples: Tensor) -> Tensor:
+    K = param.codebook_size
+    radix = K ** torch.arange(param.num_codebooks - 1, -1, -1)
+    return (param.codes * radix).sum(1)  # position of each group's tuple in itertools.product order
+
+
+def exact_p_by_separable(param: Codebooks, objective: Objective) -> Codebooks:
+    """Separable quadratic phi: the weighted nearest codes to phi's minimizer t = q / w."""
+    form = objective.quadratic()
+    if not objective.separable or form is None:
+        raise ValueError("the separable exact P step needs a separable quadratic phi")
+    Q, q, _ = form
+    w = torch.diagonal(Q)
+    target = (q / w).reshape(param.shape)
+    return param.with_codes(param.encode(target, weights=w.reshape(param.shape)))
+
+
+def exact_p_by_enumeration(param: Codebooks, objective: Objective, chunk: int = 1 << 15) -> Codebooks:
+    """Try every assignment of code tuples to groups ((K^M)^n_groups of them); keep the best."""
+    tuples, vectors = group_candidates(param)
+    C, n = tuples.shape[0], param.num_groups
+    total = C ** n
+    if total > ENUMERATION_LIMIT:
+        raise ValueError(f"enumeration needs {total} assignments (limit {ENUMERATION_LIMIT})")
+    radix = C ** torch.arange(n - 1, -1, -1)
+    best_val = objective.value(point(param))
+    best_choice = _current_choice(param, tuples)
+    for start in range(0, total, chunk):
+        ids = torch.arange(start, min(start + chunk, total))
+        choice = (ids.unsqueeze(1) // radix) % C  # (N, n) digits in base C
+        X = vectors[choice].reshape(len(ids), -1)
+        vals = objective.value(X)
+        i = int(torch.argmin(vals))
+        if vals[i] < best_val:  # strict: ties keep the current codes
+            best_val, best_choice = vals[i], choice[i]
+    return param.with_codes(tuples[best_choice])
+
+
+def exact_p_by_miqp(param: Codebooks, objective: Objective, solver: str = "SCIP") -> Codebooks:
+    """The exact P step as a mixed-integer program: one-hot z (n_groups, K^M), x = z @ candidates."""
+    import cvxpy as cp
+
+    tuples, vectors = group_candidates(param)
+    z = cp.Variable((param.num_groups, tuples.shape[0]), boolean=True)
+    x = cp.vec(z @ vectors.numpy(), order="C")
+    problem = cp.Problem(cp.Minimize(objective.cvxpy(x)), [cp.sum(z, axis=1) == 1])
+    problem.solve(solver=solver)
+    if z.value is None:
+        raise RuntimeError(f"mixed-integer P step failed: {problem.status}")
+    new = param.with_codes(tuples[torch.as_tensor(z.value).argmax(1)])
+    # the solver's tolerance may return an assignment no better than the current one
+    return new if objective.value(point(new)) < objective.value(point(param)) else param
+
+
+def exact_p_by_coordinate_descent(param: Codebooks, objective: Objective, max_sweeps: int = 100) -> Codebooks:
+    """Block-coordinate exact P step: each group in turn takes its best code tuple, others fixed.
+
+    Sweeps until no group changes: the result is optimal in every single group (exact when phi
+    is separable over groups). Quadratic phi updates its gradient incrementally.
+    """
+    tuples, vectors = group_candidates(param)
+    g = param.group_size
+    choice = _current_choice(param, tuples).clone()
+    x = point(param).clone()
+    form = objective.quadratic()
+    grad = objective.grad(x) if form is not None else None
+    for _ in range(max_sweeps):
+        changed = 0
+        for j in range(param.num_groups):
+            sl = slice(j * g, (j + 1) * g)
+            delta = vectors - x[sl]  # (C, g)
+            if form is not None:
+                Q = form[0]
+                Qjj = Q[sl, sl]
+                gain = delta @ grad[sl] + 0.5 * ((delta @ Qjj) * delta).sum(1)
+            else:
+                X = x.unsqueeze(0).repeat(len(vectors), 1)
+                X[:, sl] = vectors
+                gain = objective.value(X) - objective.value(x)
+            k = int(torch.argmin(gain))
+            if gain[k] < -1e-14 * (1.0 + abs(float(objective.value(x)))) and k != int(choice[j]):
+                if form is not None:
+                    grad = grad + form[0][:, sl] @ delta[k]
+                x[sl] = vectors[k]
+                choice[j] = k
+                changed += 1
+        if not changed:
+            break
+    return param.with_codes(tuples[choice])
+
+
+def exact_p_step(method: str = "auto") -> Step:
+    """The paper's exact P step. method: auto | separable | enumerate | miqp | coordinate.
+
+    auto: separable when phi is separable, enumeration when it needs at most 2^16 assignments,
+    block-coordinate descent otherwise.
+    """
+    methods = {
+        "separable": exact_p_by_separable,
+        "enumerate": exact_p_by_enumeration,
+        "miqp": exact_p_by_miqp,
+        "coordinate": exact_p_by_coordinate_descent,
+    }
+    if method != "auto" and method not in methods:
+        raise ValueError(f"unknown exact P method {method!r}; choose auto or one of {sorted(methods)}")
+
+    def update(param: Codebooks, objective: Objective) -> Codebooks:
+        if param.scales is not None:
+            raise NotImplementedError("the exact P step supports codebooks without row scales")
+        name = method
+        if name == "auto":
+            C = param.codebook_size ** param.num_codebooks
+            if objective.separable and objective.quadratic() is not None:
+                name = "separable"
+            elif param.num_groups * torch.log2(torch.tensor(float(C))) <= 16:
+                name = "enumerate"
+            else:
+                name = "coordinate"
+        return methods[name](param, objective)
+
+    return stateless(f"exact P ({method})", update)
