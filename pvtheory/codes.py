@@ -219,8 +219,9 @@ def beam_search(t: Tensor, codebooks: Tensor, start: Tensor, w: Optional[Tensor]
         B = beam.shape[1]
         others = sum(codebooks[j][beam[..., j]] for j in range(M) if j != m) if M > 1 else 0.0
         resid = t.unsqueeze(1) - others  # (n, B, g): what codebook m should reproduce
-        c = codebooks[m]  # (K, g); ||c - r||_w^2 = w.c^2 - 2 (w r).c + const(r)
-        d = (ww @ (c * c).T).unsqueeze(1) - 2.0 * (ww.unsqueeze(1) * resid) @ c.T  # (n, B, K)
+        c = codebooks[m]  # (K, g); ||c - r||_w^2 = w.c^2 - 2 (w r).c + w.r^2
+        wr = ww.unsqueeze(1) * resid
+        d = (ww @ (c * c).T).unsqueeze(1) - 2.0 * wr @ c.T + (wr * resid).sum(-1, keepdim=True)  # (n, B, K)
         cand = beam.unsqueeze(2).expand(n, B, K, M).clone()
         cand[..., m] = torch.arange(K, device=t.device).reshape(1, 1, K)
         d = d.reshape(n, B * K)

@@ -1,0 +1,29 @@
+"""Shared fixtures: hypothesis profiles, and the optimality-gap report printed after the run."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, settings
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+settings.register_profile("ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from strategies import OPTIMALITY_GAPS  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not OPTIMALITY_GAPS:
+        return
+    terminalreporter.section("PV optimality gap vs global optimum (tiny instances)")
+    by_label: dict = {}
+    for label, gap in OPTIMALITY_GAPS:
+        by_label.setdefault(label, []).append(gap)
+    for label, gaps in sorted(by_label.items()):
+        g = np.array(gaps)
+        terminalreporter.write_line(
+            f"{label:32s} n={len(g):3d}  optimal {np.mean(g <= 1e-6):5.0%}  "
+            f"median gap {np.median(g):.2e}  max gap {g.max():.2e}")

@@ -1,0 +1,68 @@
+"""The discrete-continuous parameter: decode/encode, beam search, the value Jacobian."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from pvtheory import Codebooks, residual_kmeans, scalar
+from pvtheory.codes import beam_search, nearest_entry
+
+
+def random_codebooks(seed, M, K, g, rows, cols, scales=False):
+    gen = torch.Generator().manual_seed(seed)
+    cb = torch.randn(M, K, g, generator=gen, dtype=torch.float64)
+    codes = torch.randint(K, (rows * cols // g, M), generator=gen)
+    sc = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5 if scales else None
+    return Codebooks(codes, cb, (rows, cols), sc)
+
+
+@given(st.integers(0, 999), st.integers(1, 3), st.sampled_from([2, 4, 8]), st.sampled_from([1, 2, 4]), st.booleans())
+def test_encode_of_a_decoded_parameter_recovers_its_point(seed, M, K, g, scales):
+    p = random_codebooks(seed, M, K, g, 3, 8, scales)
+    codes = p.encode(p.decode(), beam_width=8)
+    assert torch.allclose(p.with_codes(codes).decode(), p.decode(), atol=1e-10)
+
+
+@given(st.integers(0, 999), st.sampled_from([2, 3, 5]), st.sampled_from([1, 3]))
+def test_nearest_entry_is_the_brute_force_nearest(seed, K, g):
+    gen = torch.Generator().manual_seed(seed)
+    t, entries = torch.randn(50, g, generator=gen, dtype=torch.float64), torch.randn(K, g, generator=gen, dtype=torch.float64)
+    w = torch.rand(50, g, generator=gen, dtype=torch.float64) + 0.1
+    brute = ((t.unsqueeze(1) - entries) ** 2 * w.unsqueeze(1)).sum(-1).argmin(1)
+    assert torch.equal(nearest_entry(t, entries, w), brute)
+    assert torch.equal(nearest_entry(t, entries), ((t.unsqueeze(1) - entries) ** 2).sum(-1).argmin(1))
+
+
+@given(st.integers(0, 999), st.integers(1, 4))
+def test_beam_search_never_worsens_a_group_and_wide_beams_find_the_optimum(seed, beam):
+    gen = torch.Generator().manual_seed(seed)
+    M, K, g = 2, 4, 3
+    cb = torch.randn(M, K, g, generator=gen, dtype=torch.float64)
+    t = torch.randn(30, g, generator=gen, dtype=torch.float64)
+    start = torch.randint(K, (30, M), generator=gen)
+    err = lambda c: ((cb[0][c[:, 0]] + cb[1][c[:, 1]] - t) ** 2).sum(1)  # noqa: E731
+    out = beam_search(t, cb, start, None, beam)
+    assert bool((err(out) <= err(start) + 1e-12).all())
+    full = beam_search(t, cb, start, None, K * K)  # beam = all K^M tuples: exhaustive
+    brute = torch.stack([err(torch.tensor([pair] * 30)) for pair in itertools.product(range(K), repeat=2)]).min(0).values
+    assert torch.allclose(err(full), brute)
+
+
+@given(st.integers(0, 999), st.integers(1, 2), st.booleans())
+def test_decode_is_linear_in_the_codebooks_through_the_value_jacobian(seed, M, scales):
+    p = random_codebooks(seed, M, 4, 2, 3, 6, scales)
+    D = p.value_jacobian()
+    assert torch.allclose(D @ p.codebooks.reshape(-1), p.decode().reshape(-1))
+
+
+def test_scalar_parameter_has_at_most_c_distinct_values():
+    p = scalar(torch.tensor([0, 2, 2, 1, 0]), torch.tensor([0.5, -1.0, 3.0], dtype=torch.float64))
+    assert p.decode().tolist() == [0.5, 3.0, 3.0, -1.0, 0.5] and p.distinct_values() == 3
+
+
+def test_residual_kmeans_error_falls_with_each_codebook():
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 32, generator=gen, dtype=torch.float64)
+    errs = [float(((residual_kmeans(W, W.shape, M, 16, 4).decode() - W) ** 2).sum()) for M in (1, 2, 3)]
+    assert errs[0] > errs[1] > errs[2]

@@ -1,0 +1,89 @@
+"""P steps: the descent lemma for linearized and subspace steps; the exact solvers agree."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from pvtheory import (exact_p_step, exact_v_step, linearized_p_step, pv, random_problem,
+                      continuous_optimum, init_scalar, subspace_p_step)
+from pvtheory.p_steps import (exact_p_by_coordinate_descent, exact_p_by_enumeration, exact_p_by_miqp,
+                              exact_p_by_separable)
+from pvtheory.pv import STOP_FIXED_POINT
+from strategies import QUADRATIC_KINDS, problems
+
+
+def phi_at(phi, param) -> float:
+    return float(phi.value(param.decode().reshape(-1)))
+
+
+def tol(v: float) -> float:
+    return 1e-10 * (1.0 + abs(v))
+
+
+@given(problems(d=(2, 30), c=(1, 6)))
+def test_linearized_p_step_with_step_1_over_L_never_increases_phi(case):
+    phi, x0, c = case
+    after, _ = linearized_p_step().update(x0, phi, None)
+    assert phi_at(phi, after) <= phi_at(phi, x0) + tol(phi_at(phi, x0))
+
+
+@given(problems(d=(2, 30), c=(1, 6)), st.sampled_from(["greedy", "random"]), st.integers(1, 8), st.integers(0, 99))
+def test_subspace_p_step_with_step_1_over_L_S_never_increases_phi(case, select, tau, seed):
+    phi, x0, c = case
+    step = subspace_p_step(tau, select, seed=seed)
+    after, _ = step.update(x0, phi, step.init(x0, phi))
+    assert phi_at(phi, after) <= phi_at(phi, x0) + tol(phi_at(phi, x0))
+
+
+@given(problems(kinds=QUADRATIC_KINDS, d=(2, 30), c=(2, 6)), st.integers(1, 6))
+def test_greedy_subspace_pv_converges_monotonically_to_a_fixed_point(case, tau):
+    phi, x0, c = case
+    result = pv(phi, x0, subspace_p_step(tau, "greedy"), exact_v_step(), max_iters=500)
+    phis = result.phis()
+    assert np.all(np.diff(phis) <= 1e-9 * (1 + np.abs(phis).max()))
+    assert result.stop_reason == STOP_FIXED_POINT
+
+
+@given(problems(kinds=QUADRATIC_KINDS, d=(2, 20), c=(2, 5)), st.integers(0, 99))
+def test_random_subspace_pv_never_increases_phi(case, seed):
+    phi, x0, c = case
+    result = pv(phi, x0, subspace_p_step(2, "random", seed=seed), exact_v_step(), max_iters=50)
+    phis = result.phis()
+    assert np.all(np.diff(phis) <= 1e-9 * (1 + np.abs(phis).max()))
+
+
+def test_subspace_step_changes_codes_where_the_full_linearized_step_does_not():
+    """The paper's observation: 1/L is too short to move any code; 1/L_S on a small S is not."""
+    phi = random_problem("quadratic", 40, cond=1e3, seed=0)
+    x0 = init_scalar(continuous_optimum(phi), 4)
+    full, _ = linearized_p_step().update(x0, phi, None)
+    sub = subspace_p_step(1, "greedy")
+    moved, _ = sub.update(x0, phi, sub.init(x0, phi))
+    assert int((full.codes != x0.codes).sum()) == 0
+    assert int((moved.codes != x0.codes).sum()) == 1
+    assert phi_at(phi, moved) < phi_at(phi, x0)
+
+
+@given(problems(kinds=QUADRATIC_KINDS + ("logistic",), d=(2, 9), c=(1, 3)))
+def test_exact_p_step_is_no_worse_than_every_assignment_it_can_see(case):
+    phi, x0, c = case
+    best = exact_p_by_enumeration(x0, phi)
+    cd = exact_p_by_coordinate_descent(x0, phi)
+    assert phi_at(phi, best) <= phi_at(phi, cd) + tol(phi_at(phi, cd))
+    assert phi_at(phi, cd) <= phi_at(phi, x0) + tol(phi_at(phi, x0))
+
+
+@given(problems(kinds=("separable",), d=(2, 9), c=(1, 3)))
+def test_separable_exact_p_step_equals_enumeration(case):
+    phi, x0, c = case
+    a, b = exact_p_by_separable(x0, phi), exact_p_by_enumeration(x0, phi)
+    assert abs(phi_at(phi, a) - phi_at(phi, b)) <= tol(phi_at(phi, b))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_integer_p_step_equals_enumeration(seed):
+    pytest.importorskip("pyscipopt", reason="the mixed-integer P step needs SCIP (pip install pyscipopt)")
+    phi = random_problem("least_squares", 7, cond=10, seed=seed)
+    x0 = init_scalar(continuous_optimum(phi) + 0.3 * torch.randn(7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), 3)
+    a, b = exact_p_by_miqp(x0, phi), exact_p_by_enumeration(x0, phi)
+    assert abs(phi_at(phi, a) - phi_at(phi, b)) <= 1e-6 * (1 + abs(phi_at(phi, b)))
