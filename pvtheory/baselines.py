@@ -74,9 +74,10 @@ def stochastic_rounding_p_step(lr: Optional[float] = None, seed: int = 0) -> Ste
 
 def continuous_optimum(objective: Objective) -> Tensor:
     """argmin_x phi(x) over R^d: least squares / linear solve for quadratics, L-BFGS otherwise."""
-    form = objective.quadratic()
-    if form is not None:
-        Q, q, _ = form
+    if hasattr(objective, "separable_form"):
+        return objective.separable_form()[1].clone()
+    if objective.is_quadratic:
+        Q, q, _ = objective.quadratic()
         return torch.linalg.lstsq(Q, q.unsqueeze(1), driver="gelsd").solution[:, 0]
     x0 = np.zeros(objective.d)
 

@@ -21,6 +21,7 @@ class Objective(ABC):
 
     d: int
     separable: bool = False  # phi = sum_i phi_i(x_i): the exact P step is coordinate-wise
+    is_quadratic: bool = False  # quadratic() returns its form (exact V steps in closed form)
 
     @abstractmethod
     def value(self, x: Tensor) -> Tensor:
@@ -39,8 +40,13 @@ class Objective(ABC):
         """Smoothness constant of phi restricted to the coordinates S (the paper's L_S <= L)."""
         return self.L
 
+    def group_smoothness(self, g: int) -> Tensor:
+        """L_G for each block of g consecutive coordinates (the per-group step of greedy scores)."""
+        return torch.tensor([self.L_subspace(torch.arange(j, j + g)) for j in range(0, self.d, g)],
+                            dtype=torch.float64)
+
     def quadratic(self) -> Optional[tuple[Tensor, Tensor, float]]:
-        """(Q, q, const) with phi(x) = 1/2 x'Qx - q'x + const, or None if phi is not quadratic."""
+        """(Q, q, const) with phi(x) = 1/2 x'Qx - q'x + const (dense Q), or None if phi is not quadratic."""
         return None
 
     def cvxpy(self, x):  # x: a cvxpy expression of size d
@@ -59,6 +65,8 @@ def _lambda_max(M: Tensor) -> float:
 
 class LeastSquares(Objective):
     """phi(x) = ||A x - b||^2."""
+
+    is_quadratic = True
 
     def __init__(self, A, b) -> None:
         self.A = as_tensor("A", A)
@@ -84,6 +92,10 @@ class LeastSquares(Objective):
     def L_subspace(self, S: Tensor) -> float:
         return 2.0 * float(torch.linalg.matrix_norm(self.A[:, S], ord=2)) ** 2 if S.numel() else 0.0
 
+    def group_smoothness(self, g: int) -> Tensor:
+        blocks = self.A.T.reshape(self.d // g, g, -1)
+        return 2.0 * torch.linalg.eigvalsh(blocks @ blocks.transpose(1, 2))[:, -1]
+
     def quadratic(self) -> tuple[Tensor, Tensor, float]:
         return 2.0 * self.A.T @ self.A, 2.0 * self.A.T @ self.b, float(self.b @ self.b)
 
@@ -95,6 +107,8 @@ class LeastSquares(Objective):
 
 class Quadratic(Objective):
     """phi(x) = 1/2 x'Qx - b'x with Q symmetric positive semidefinite."""
+
+    is_quadratic = True
 
     def __init__(self, Q, b) -> None:
         self.Q = as_tensor("Q", Q)
@@ -124,6 +138,11 @@ class Quadratic(Objective):
     def L_subspace(self, S: Tensor) -> float:
         return _lambda_max(self.Q[S][:, S])
 
+    def group_smoothness(self, g: int) -> Tensor:
+        n = self.d // g
+        blocks = self.Q.reshape(n, g, n, g)[torch.arange(n), :, torch.arange(n), :]
+        return torch.linalg.eigvalsh(blocks)[:, -1]
+
     def quadratic(self) -> tuple[Tensor, Tensor, float]:
         return self.Q, self.b, 0.0
 
@@ -138,6 +157,7 @@ class SeparableQuadratic(Objective):
     """phi(x) = 1/2 sum_i w_i (x_i - t_i)^2 with w_i > 0: weighted 1-D k-means when x is in R^d_c."""
 
     separable = True
+    is_quadratic = True
 
     def __init__(self, w, t) -> None:
         self.w = as_tensor("w", w)
@@ -161,6 +181,13 @@ class SeparableQuadratic(Objective):
 
     def L_subspace(self, S: Tensor) -> float:
         return float(self.w[S].max()) if S.numel() else 0.0
+
+    def group_smoothness(self, g: int) -> Tensor:
+        return self.w.reshape(-1, g).max(1).values
+
+    def separable_form(self) -> tuple[Tensor, Tensor]:
+        """(w, t): phi = 1/2 sum w (x - t)^2, without forming a d x d matrix."""
+        return self.w, self.t
 
     def quadratic(self) -> tuple[Tensor, Tensor, float]:
         return torch.diag(self.w), self.w * self.t, 0.5 * float((self.w * self.t * self.t).sum())

@@ -64,7 +64,7 @@ def global_optimum(objective: Objective, c: int, batch: int = 4096) -> Optimum:
     total = count_partitions(d, c)
     if total > ENUMERATION_LIMIT:
         raise ValueError(f"d = {d}, c = {c} has {total} partitions (limit {ENUMERATION_LIMIT})")
-    form = objective.quadratic()
+    form = objective.quadratic() if objective.is_quadratic else None
     best_phi, best = float("inf"), None
     labels_iter = restricted_growth_strings(d, c)
     while True:

@@ -38,9 +38,20 @@ def linearized_p_step(L: Optional[float] = None) -> Step:
     return stateless("linearized P", update)
 
 
-def group_scores(param: Codebooks, grad: Tensor) -> Tensor:
-    """Greedy selection score of each group: the norm of its gradient block (its proposed change)."""
-    return grad.reshape(param.num_groups, param.group_size).norm(dim=1)
+def group_scores(param: Codebooks, objective: Objective, x: Tensor, grad: Tensor, score: str) -> Tensor:
+    """Greedy selection score of each group.
+
+    "change": how far the group's decoded value would move if it alone were re-encoded with its
+    own step 1 / L_G (zero for groups whose rounding snaps back: they cannot gain);
+    "gradient": the norm of the group's gradient block.
+    """
+    g = param.group_size
+    if score == "gradient":
+        return grad.reshape(-1, g).norm(dim=1)
+    L_G = objective.group_smoothness(g).to(x.dtype).clamp_min(1e-300)
+    proposal = (x.reshape(-1, g) - grad.reshape(-1, g) / L_G.unsqueeze(1)).reshape(param.shape)
+    moved = param.with_codes(param.encode(proposal)).decode().reshape(-1, g)
+    return (moved - x.reshape(-1, g)).norm(dim=1)
 
 
 def subspace_size(tau: Union[int, float], num_groups: int) -> int:
@@ -52,14 +63,19 @@ def subspace_size(tau: Union[int, float], num_groups: int) -> int:
     return min(check_positive_int("tau", tau), num_groups)
 
 
-def subspace_p_step(tau: Union[int, float], select: str = "greedy", seed: int = 0, L_S: Optional[float] = None) -> Step:
+def subspace_p_step(
+    tau: Union[int, float], select: str = "greedy", seed: int = 0, L_S: Optional[float] = None, score: str = "change"
+) -> Step:
     """Linearized P step on a subspace S of tau groups, step 1 / L_S (L_S = phi's constant on S).
 
-    select="greedy": the tau groups with the largest gradient norm; "random": uniform without
-    replacement (the setting of the paper's convergence theorem).
+    select="greedy": the tau groups with the largest proposed change (see group_scores; score=
+    "gradient" ranks by gradient norm instead); "random": uniform without replacement (the
+    setting of the paper's convergence theorem). Either way phi never increases.
     """
     if select not in ("greedy", "random"):
         raise ValueError(f"select must be 'greedy' or 'random', got {select!r}")
+    if score not in ("change", "gradient"):
+        raise ValueError(f"score must be 'change' or 'gradient', got {score!r}")
 
     def init(param: Codebooks, objective: Objective):
         return torch.Generator().manual_seed(seed)
@@ -69,7 +85,7 @@ def subspace_p_step(tau: Union[int, float], select: str = "greedy", seed: int = 
         grad = objective.grad(x)
         k = subspace_size(tau, param.num_groups)
         if select == "greedy":
-            S = torch.topk(group_scores(param, grad), k).indices
+            S = torch.topk(group_scores(param, objective, x, grad, score), k).indices
         else:
             S = torch.randperm(param.num_groups, generator=gen)[:k]
         coords = param.group_coordinates(S)
@@ -99,14 +115,11 @@ def _current_choice(param: Codebooks, tuples: Tensor) -> Tensor:
 
 
 def exact_p_by_separable(param: Codebooks, objective: Objective) -> Codebooks:
-    """Separable quadratic phi: the weighted nearest codes to phi's minimizer t = q / w."""
-    form = objective.quadratic()
-    if not objective.separable or form is None:
+    """Separable quadratic phi = 1/2 sum w (x - t)^2: the w-weighted nearest codes to t."""
+    if not hasattr(objective, "separable_form"):
         raise ValueError("the separable exact P step needs a separable quadratic phi")
-    Q, q, _ = form
-    w = torch.diagonal(Q)
-    target = (q / w).reshape(param.shape)
-    return param.with_codes(param.encode(target, weights=w.reshape(param.shape)))
+    w, t = objective.separable_form()
+    return param.with_codes(param.encode(t.reshape(param.shape), weights=w.reshape(param.shape)))
 
 
 def exact_p_by_enumeration(param: Codebooks, objective: Objective, chunk: int = 1 << 15) -> Codebooks:
@@ -156,7 +169,7 @@ def exact_p_by_coordinate_descent(param: Codebooks, objective: Objective, max_sw
     g = param.group_size
     choice = _current_choice(param, tuples).clone()
     x = point(param).clone()
-    form = objective.quadratic()
+    form = objective.quadratic() if objective.is_quadratic else None
     grad = objective.grad(x) if form is not None else None
     for _ in range(max_sweeps):
         changed = 0
@@ -204,7 +217,7 @@ def exact_p_step(method: str = "auto") -> Step:
         name = method
         if name == "auto":
             C = param.codebook_size ** param.num_codebooks
-            if objective.separable and objective.quadratic() is not None:
+            if hasattr(objective, "separable_form"):
                 name = "separable"
             elif param.num_groups * torch.log2(torch.tensor(float(C))) <= 16:
                 name = "enumerate"

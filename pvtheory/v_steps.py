@@ -37,9 +37,10 @@ def solve_values_exactly(param: Codebooks, objective: Objective) -> Codebooks:
     Quadratic phi: normal equations of the restricted problem (minimum-norm solution where the
     restriction is only positive semidefinite); other convex phi: cvxpy.
     """
-    form = objective.quadratic()
-    if form is None:
+    if not objective.is_quadratic:
         return solve_values_cvxpy(param, objective)
+    if hasattr(objective, "separable_form") and param.num_codebooks == 1 and param.scales is None:
+        return _weighted_means(param, *objective.separable_form())
     D = param.value_jacobian().coalesce()
     used = _used_columns(D)
     v = param.codebooks.reshape(-1).clone()
@@ -50,11 +51,12 @@ def solve_values_exactly(param: Codebooks, objective: Objective) -> Codebooks:
     else:
         if isinstance(objective, SeparableQuadratic):
             idx = Du.indices()
-            Dw = torch.sparse_coo_tensor(idx, Du.values() * objective.w[idx[0]], Du.shape, check_invariants=False)
-            H = (Du.t() @ Dw.to_dense())
-            r = Du.t() @ (objective.w * objective.t).unsqueeze(1)
+            w, t = objective.separable_form()
+            Dw = torch.sparse_coo_tensor(idx, Du.values() * w[idx[0]], Du.shape, check_invariants=False)
+            H = torch.sparse.mm(Du.t().coalesce(), Dw.coalesce()).to_dense()
+            r = Du.t() @ (w * t).unsqueeze(1)
         else:
-            Q, q, _ = form
+            Q, q, _ = objective.quadratic()
             QD = (Du.t() @ Q).T  # Q symmetric: (D'Q)' = Q D
             H = Du.t() @ QD
             r = Du.t() @ q.unsqueeze(1)
@@ -62,6 +64,18 @@ def solve_values_exactly(param: Codebooks, objective: Objective) -> Codebooks:
         sol = torch.linalg.lstsq(H, r, driver="gelsd").solution[:, 0]
     v[used] = sol.to(v.dtype)
     return param.with_values(v.reshape(param.codebooks.shape))
+
+
+def _weighted_means(param: Codebooks, w: Tensor, t: Tensor) -> Codebooks:
+    """Exact V step of phi = 1/2 sum w (x - t)^2 with one codebook: each entry becomes the
+    w-weighted mean of the targets of the groups that use it (O(d), the Lloyd centroid update)."""
+    K, g = param.codebook_size, param.group_size
+    codes = param.codes[:, 0]
+    w, t = w.reshape(-1, g).to(param.codebooks.dtype), t.reshape(-1, g).to(param.codebooks.dtype)
+    num = torch.zeros(K, g, dtype=w.dtype).index_add_(0, codes, w * t)
+    den = torch.zeros(K, g, dtype=w.dtype).index_add_(0, codes, w)
+    values = torch.where(den > 0, num / den.clamp_min(1e-300), param.codebooks[0])
+    return param.with_values(values.unsqueeze(0))
 
 
 def solve_values_cvxpy(
