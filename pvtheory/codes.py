@@ -180,27 +180,37 @@ class Codebooks:
         return codes
 
 
-def weighted_sq_distances(t: Tensor, entries: Tensor, w: Optional[Tensor] = None) -> Tensor:
-    """(n, K) matrix of sum_j w_j (entries[k, j] - t[i, j])^2 (without the constant sum w t^2)."""
+def weighted_sq_distances(t: Tensor, entries: Tensor, w: Optional[Tensor] = None, metric: Optional[Tensor] = None) -> Tensor:
+    """(n, K) squared distances from rows of t (n, g) to entries (K, g), without the term of t alone.
+
+    w (n, g): per-coordinate weights, sum_j w_j (e_j - t_j)^2; metric (g, g): a positive
+    semidefinite matrix A shared by all rows, (e - t)' A (e - t); neither: Euclidean.
+    """
+    if metric is not None:
+        eA = entries @ metric
+        return (eA * entries).sum(-1) - 2.0 * t @ eA.T
     if w is None:
         return (entries * entries).sum(-1) - 2.0 * t @ entries.T
     return w @ (entries * entries).T - 2.0 * (w * t) @ entries.T
 
 
-def nearest_entry(t: Tensor, entries: Tensor, w: Optional[Tensor] = None) -> Tensor:
+def nearest_entry(t: Tensor, entries: Tensor, w: Optional[Tensor] = None, metric: Optional[Tensor] = None) -> Tensor:
     """Index of the nearest codebook entry (K, g) to each row of t (n, g); exact."""
-    if entries.shape[1] == 1 and w is None:
+    if entries.shape[1] == 1 and w is None and metric is None:
         # scalar case: bucketize against midpoints of the sorted values, O(n log K) memory-light
         vals, order = torch.sort(entries[:, 0])
         mids = (vals[1:] + vals[:-1]) / 2
         pos = torch.bucketize(t[:, 0].contiguous(), mids.contiguous())
         return order[pos]
-    return weighted_sq_distances(t, entries, w).argmin(dim=1)
+    return weighted_sq_distances(t, entries, w, metric).argmin(dim=1)
 
 
-def beam_search(t: Tensor, codebooks: Tensor, start: Tensor, w: Optional[Tensor], beam_width: int) -> Tensor:
+def beam_search(
+    t: Tensor, codebooks: Tensor, start: Tensor, w: Optional[Tensor], beam_width: int, metric: Optional[Tensor] = None
+) -> Tensor:
     """Additive codes for targets t (n, g) over codebooks (M, K, g), started from `start` (n, M).
 
+    Error: sum_j w_j (rec_j - t_j)^2 (w: (n, g) or None) or (rec - t)' A (rec - t) (metric A: (g, g)).
     One sweep over the codebooks: at codebook m every beam candidate tries all K entries for that
     codebook, and the best `beam_width` distinct candidates survive. The start is always in the
     beam, so the returned codes are never worse than `start`.
@@ -210,18 +220,23 @@ def beam_search(t: Tensor, codebooks: Tensor, start: Tensor, w: Optional[Tensor]
     n = t.shape[0]
     ww = torch.ones_like(t) if w is None else w
 
+    def apply(r: Tensor) -> Tensor:  # r (n, B, g) -> the metric applied to r
+        return r @ metric if metric is not None else ww.unsqueeze(1) * r
+
     def error(codes: Tensor) -> Tensor:  # codes (n, B, M) -> (n, B)
-        rec = sum(codebooks[m][codes[..., m]] for m in range(M))
-        return (ww.unsqueeze(1) * (rec - t.unsqueeze(1)) ** 2).sum(-1)
+        diff = sum(codebooks[m][codes[..., m]] for m in range(M)) - t.unsqueeze(1)
+        return (apply(diff) * diff).sum(-1)
 
     beam = start.unsqueeze(1)  # (n, B, M)
     for m in range(M):
         B = beam.shape[1]
         others = sum(codebooks[j][beam[..., j]] for j in range(M) if j != m) if M > 1 else 0.0
         resid = t.unsqueeze(1) - others  # (n, B, g): what codebook m should reproduce
-        c = codebooks[m]  # (K, g); ||c - r||_w^2 = w.c^2 - 2 (w r).c + w.r^2
-        wr = ww.unsqueeze(1) * resid
-        d = (ww @ (c * c).T).unsqueeze(1) - 2.0 * wr @ c.T + (wr * resid).sum(-1, keepdim=True)  # (n, B, K)
+        c = codebooks[m]  # (K, g); ||c - r||_A^2 = c'Ac - 2 (A r).c + r'Ar
+        Ar = apply(resid)
+        cAc = ((c @ metric) * c).sum(-1) if metric is not None else None
+        cc = (cAc.reshape(1, 1, K) if metric is not None else (ww @ (c * c).T).unsqueeze(1))
+        d = cc - 2.0 * Ar @ c.T + (Ar * resid).sum(-1, keepdim=True)  # (n, B, K)
         cand = beam.unsqueeze(2).expand(n, B, K, M).clone()
         cand[..., m] = torch.arange(K, device=t.device).reshape(1, 1, K)
         d = d.reshape(n, B * K)

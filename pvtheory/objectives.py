@@ -53,7 +53,10 @@ class Objective(ABC):
         """phi as a cvxpy expression, for exact V steps of general convex phi."""
         raise NotImplementedError(f"{type(self).__name__} has no cvxpy form")
 
-    def check_point(self, x: Tensor) -> Tensor:
+    def check_point(self, x) -> Tensor:
+        """x as a float64 tensor (numpy accepted) with d coordinates in its last dimension."""
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64))
         if x.shape[-1] != self.d:
             raise ValueError(f"x has {x.shape[-1]} coordinates, phi expects d = {self.d}")
         return x

@@ -66,3 +66,23 @@ def test_residual_kmeans_error_falls_with_each_codebook():
     W = torch.randn(16, 32, generator=gen, dtype=torch.float64)
     errs = [float(((residual_kmeans(W, W.shape, M, 16, 4).decode() - W) ** 2).sum()) for M in (1, 2, 3)]
     assert errs[0] > errs[1] > errs[2]
+
+
+@given(st.integers(0, 999), st.integers(1, 2))
+def test_search_under_a_metric_matches_brute_force(seed, M):
+    gen = torch.Generator().manual_seed(seed)
+    K, g = 4, 3
+    cb = torch.randn(M, K, g, generator=gen, dtype=torch.float64)
+    R = torch.randn(g, g, generator=gen, dtype=torch.float64)
+    A = R @ R.T + 0.1 * torch.eye(g, dtype=torch.float64)
+    t = torch.randn(20, g, generator=gen, dtype=torch.float64)
+    tuples = list(itertools.product(range(K), repeat=M))
+    recs = torch.stack([sum(cb[m][k[m]] for m in range(M)) for k in tuples])  # (C, g)
+    diff = recs.unsqueeze(0) - t.unsqueeze(1)
+    errs = ((diff @ A) * diff).sum(-1)  # (20, C)
+    start = torch.zeros(20, M, dtype=torch.long)
+    got = beam_search(t, cb, start, None, K ** M, metric=A)
+    got_err = torch.stack([errs[i, tuples.index(tuple(got[i].tolist()))] for i in range(20)])
+    assert torch.allclose(got_err, errs.min(1).values)
+    if M == 1:
+        assert torch.equal(nearest_entry(t, cb[0], metric=A), errs.argmin(1))

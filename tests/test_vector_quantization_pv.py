@@ -44,3 +44,10 @@ def test_stochastic_rounding_is_unbiased():
     codes = stochastic_round(y, values, torch.Generator().manual_seed(0))
     assert set(codes.unique().tolist()) == {1, 2}  # only the two neighbours 1 and 3
     assert abs(float(values[codes].mean()) - 1.5) < 0.01
+
+
+def test_objectives_accept_numpy_points():
+    phi = random_problem("logistic", 5, seed=0)
+    x = np.linspace(-1, 1, 5)
+    assert torch.allclose(phi.value(x), phi.value(torch.as_tensor(x)))
+    assert torch.allclose(phi.grad(x), phi.grad(torch.as_tensor(x)))
