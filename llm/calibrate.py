@@ -1,0 +1,320 @@
+"""One-shot calibration, block by block: each linear layer minimizes its output error on calibration data.
+
+Per linear layer with weight W and input Hessian H = X'X / n (X: the layer's calibration inputs),
+the objective is the quadratic f(W^) = tr((W^ - W) H (W^ - W)'), i.e. ||X W^' - X W'||^2 / n.
+That is a pvtheory objective over a discrete-continuous parameter, and calibration is PV on it:
+
+- AQLM / VQ: residual k-means initialization (weighted by diag H), then `rounds` alternations of
+  a P step, an exact block-coordinate sweep over the column groups (each group's codes by beam
+  search under the metric H_jj, all rows at once, started from the current codes so f never
+  increases), and a V step, Adam on codebooks and scales;
+- scalar: GPTQ (column by column with inverse-Hessian error feedback), then the same Adam V step.
+
+Optionally each block's continuous parameters are then tuned to reproduce the original block's
+outputs. Only the block being calibrated sits on the device; the rest of the model stays where it is.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from llm.formats import AQLMLinear, QuantFormat, ScalarLinear, make_quantized
+from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, set_module
+from pvtheory.codes import beam_search, nearest_entry
+from pvtheory.init import residual_kmeans
+
+
+@dataclass
+class CalibrationConfig:
+    fmt: str = "2x8g8"
+    rounds: int = 3  # P/V alternations per layer
+    beam_width: int = 4
+    v_steps: int = 100  # Adam steps on codebooks and scales per round
+    v_lr: float = 1e-3
+    kmeans_iters: int = 20
+    damping: float = 1e-2  # H + damping * mean(diag H) * I
+    block_tune_steps: int = 0  # Adam steps on each block's continuous parameters (0: off)
+    block_tune_lr: float = 1e-4
+    batch_size: int = 16
+    linears: tuple = BLOCK_LINEARS
+    seed: int = 0
+
+
+@dataclass
+class LayerReport:
+    name: str
+    relative_error: list = field(default_factory=list)  # f / tr(W H W') after init and each half-step
+    seconds: float = 0.0
+
+
+def relative_error(W_hat: Tensor, W: Tensor, H: Tensor) -> Tensor:
+    """tr((W^ - W) H (W^ - W)') / tr(W H W'): the layer's relative output error."""
+    D = W_hat - W
+    return ((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-30)
+
+
+def damped(H: Tensor, damping: float) -> Tensor:
+    return H + damping * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+
+
+# --- P step: exact block-coordinate sweep under the Hessian metric --------------------------------
+@torch.no_grad()
+def hessian_code_sweep(layer: AQLMLinear, W: Tensor, H: Tensor, beam_width: int) -> int:
+    """Each column group j in turn takes, in every row at once, the code tuple minimizing f with the
+    other groups fixed: f changes by (c - t)' H_jj (c - t) - const with t = w^_j - H_jj^-1 g_j, where
+    g = (W^ - W) H. Beam search starts from the current codes, so f never increases.
+    Returns the number of groups whose codes changed."""
+    g, M = layer.fmt.group_size, layer.fmt.num_codebooks
+    n_cols = layer.in_features // g
+    cb = layer.codebooks.detach().float()
+    s = layer.scales.detach().float().unsqueeze(1)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    codes = layer.codes.long().clone()  # (out, n_cols, M)
+    W_hat = layer.weight().detach().float()
+    G = (W_hat - W) @ H
+    blocks = H.reshape(n_cols, g, n_cols, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n_cols, g, g)
+    inv_blocks = torch.linalg.inv(blocks)
+    changed = 0
+    for j in range(n_cols):
+        sl = slice(j * g, (j + 1) * g)
+        target = (W_hat[:, sl] - G[:, sl] @ inv_blocks[j]) / s  # per row, in codebook units
+        if M == 1:
+            new = nearest_entry(target, cb[0], metric=blocks[j]).unsqueeze(1)
+            old_err = _metric_err(cb[0][codes[:, j, 0]] - target, blocks[j])
+            new_err = _metric_err(cb[0][new[:, 0]] - target, blocks[j])
+            new = torch.where((new_err < old_err).unsqueeze(1), new, codes[:, j])
+        else:
+            new = beam_search(target, cb, codes[:, j], None, beam_width, metric=blocks[j])
+        moved = (new != codes[:, j]).any(1)
+        if moved.any():
+            changed += int(moved.sum())
+            codes[:, j] = new
+            block = s * sum(cb[m][new[:, m]] for m in range(M))
+            delta = block - W_hat[:, sl]
+            W_hat[:, sl] = block
+            G += delta @ H[sl, :]
+    layer.set_codes(codes)
+    return changed
+
+
+def _metric_err(diff: Tensor, A: Tensor) -> Tensor:
+    return ((diff @ A) * diff).sum(-1)
+
+
+# --- V step: Adam on the continuous parameters ---------------------------------------------------
+def adam_v_steps(layer: nn.Module, W: Tensor, H: Tensor, steps: int, lr: float) -> None:
+    """`steps` Adam steps on the layer's codebooks/scales (scales/zeros) minimizing f."""
+    if steps <= 0:
+        return
+    params = [p for p in layer.continuous_parameters() if p is not getattr(layer, "bias", None)]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+    norm = ((W @ H) * W).sum().clamp_min(1e-30)
+    with torch.enable_grad():
+        for _ in range(steps):
+            D = layer.weight().float() - W
+            loss = ((D @ H) * D).sum() / norm
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+# --- layer quantizers -----------------------------------------------------------------------------
+def quantize_aqlm(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: CalibrationConfig) -> tuple[AQLMLinear, list]:
+    """AQLM/VQ layer: weighted residual k-means, then `rounds` x (Hessian code sweep, Adam V steps)."""
+    W = linear.weight.detach().float()
+    layer = make_quantized(linear, fmt).to(W.device)
+    if linear.bias is not None:
+        layer.bias.data.copy_(linear.bias.detach().float())
+    scales = W.norm(dim=1) / W.shape[1] ** 0.5
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    importance = H.diagonal().clamp_min(1e-12).unsqueeze(0).expand_as(W)
+    init = residual_kmeans(W, W.shape, fmt.num_codebooks, 1 << fmt.bits, fmt.group_size, cfg.kmeans_iters,
+                           cfg.seed, scales=scales, weights=importance / importance.mean())
+    with torch.no_grad():
+        layer.codebooks.copy_(init.codebooks)
+        layer.scales.copy_(scales)
+        layer.set_codes(init.codes)
+    errs = [float(relative_error(layer.weight().detach(), W, H))]
+    for _ in range(cfg.rounds):
+        hessian_code_sweep(layer, W, H, cfg.beam_width)
+        errs.append(float(relative_error(layer.weight().detach(), W, H)))
+        adam_v_steps(layer, W, H, cfg.v_steps, cfg.v_lr)
+        errs.append(float(relative_error(layer.weight().detach(), W, H)))
+    return layer, errs
+
+
+@torch.no_grad()
+def quantize_gptq(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: CalibrationConfig) -> tuple[ScalarLinear, list]:
+    """Scalar layer by GPTQ: columns in order, each group's scale/zero from its (updated) min/max,
+    the rounding error spread over the later columns through the Cholesky factor of H^-1."""
+    W0 = linear.weight.detach().float()
+    W = W0.clone()
+    layer = make_quantized(linear, fmt).to(W.device)
+    if linear.bias is not None:
+        layer.bias.data.copy_(linear.bias.detach().float())
+    out, n = W.shape
+    g, qmax = fmt.group_size, (1 << fmt.bits) - 1
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W, dtype=torch.long)
+    scales = torch.zeros(out, n // g, device=W.device)
+    zeros = torch.zeros(out, n // g, device=W.device)
+    for i in range(n):
+        if i % g == 0:
+            grp = W[:, i:i + g]
+            lo, hi = grp.min(1).values.clamp(max=0), grp.max(1).values.clamp(min=0)
+            sc = ((hi - lo) / qmax).clamp_min(1e-8)
+            scales[:, i // g], zeros[:, i // g] = sc, torch.round(-lo / sc)
+        sc, z = scales[:, i // g], zeros[:, i // g]
+        q = torch.clamp(torch.round(W[:, i] / sc + z), 0, qmax)
+        codes[:, i] = q.long()
+        err = (W[:, i] - sc * (q - z)) / Hinv[i, i]
+        W[:, i + 1:] -= err.unsqueeze(1) * Hinv[i, i + 1:].unsqueeze(0)
+    layer.scales.data.copy_(scales)
+    layer.zeros.data.copy_(zeros)
+    layer.set_codes(codes)
+    errs = [float(relative_error(layer.weight().detach(), W0, H))]
+    adam_v_steps(layer, W0, H, cfg.v_steps, cfg.v_lr)
+    errs.append(float(relative_error(layer.weight().detach(), W0, H)))
+    return layer, errs
+
+
+def quantize_linear(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: CalibrationConfig):
+    """A calibrated quantized replacement of `linear` given its input Hessian H (damped here)."""
+    Hd = damped(H.float(), cfg.damping)
+    return (quantize_aqlm if fmt.kind == "aqlm" else quantize_gptq)(linear, Hd, fmt, cfg)
+
+
+# --- block-by-block driver ------------------------------------------------------------------------
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, sequences: Tensor, batch_size: int, device) -> tuple[list, dict]:
+    """Hidden states entering the first block for each batch, and the keyword arguments the model
+    passes to its blocks (attention mask, rotary embeddings, ...), captured by a hook."""
+    layers = decoder_layers(model)
+    inputs, kwargs = [], {}
+
+    def hook(module, args, kw):
+        inputs.append(args[0].detach() if args else kw["hidden_states"].detach())
+        kwargs.clear()
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(sequences), batch_size):
+            try:
+                model(input_ids=sequences[i:i + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    return inputs, kwargs
+
+
+def _block_kwargs(kwargs: dict, batch: int) -> dict:
+    """The captured kwargs, with a batch-shaped attention mask cut to this batch's size."""
+    out = dict(kwargs)
+    mask = out.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() >= 1 and mask.shape[0] > batch:
+        out["attention_mask"] = mask[:batch]
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, inputs: list, kwargs: dict, names) -> tuple[dict, list]:
+    """H = X'X / n for the input X of every named linear, and the block's outputs."""
+    linears = block_linears(block, names)
+    H = {n: None for n in names}
+    counts = {n: 0 for n in names}
+    handles = []
+    for n, mod in linears.items():
+        def hook(module, args, out, n=n):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            H[n] = x.T @ x if H[n] is None else H[n] + x.T @ x
+            counts[n] += x.shape[0]
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        outputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in inputs]
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: H[n] / counts[n] for n in names}, outputs
+
+
+def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, steps: int, lr: float) -> list:
+    """Adam on the block's continuous parameters (codebooks, scales, norms) to match `targets`."""
+    params = [p for n, p in block.named_parameters() if p.requires_grad and p.is_floating_point()]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+    losses = []
+    with torch.enable_grad():
+        for step in range(steps):
+            i = step % len(inputs)
+            out = block(inputs[i], **_block_kwargs(kwargs, inputs[i].shape[0]))
+            loss = F.mse_loss(out.float(), targets[i].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, device=None,
+              progress: bool = True, on_block: Optional[Callable[[int], None]] = None) -> dict:
+    """Quantize every listed linear of every block of `model` in place; returns a report.
+
+    The model may live on the CPU: each block is moved to `device` while it is calibrated
+    (embeddings too, for the first forward), then moved back.
+    """
+    fmt = QuantFormat.parse(cfg.fmt)
+    home = next(model.parameters()).device
+    device = torch.device(device or home)
+    t0 = time.time()
+    emb = model.get_input_embeddings()
+    rotary = getattr(model.model, "rotary_emb", None)
+    for m in (emb, rotary):
+        if m is not None:
+            m.to(device)
+    layers = decoder_layers(model)
+    layers[0].to(device)
+    for name in cfg.linears:  # fail before any work if a format does not divide a layer
+        for i, blk in enumerate(layers):
+            fmt.check_divides(block_linears(blk, [name])[name].in_features, f"model.layers.{i}.{name}")
+    inputs, kwargs = capture_block_inputs(model, sequences, cfg.batch_size, device)
+    layers[0].to(home)
+    for m in (emb, rotary):
+        if m is not None:
+            m.to(home)
+    report = {"config": asdict(cfg), "format": str(fmt), "layers": [], "blocks": []}
+    for i, block in enumerate(tqdm(layers, desc=f"calibrate {fmt}", disable=not progress)):
+        tb = time.time()
+        block.to(device)
+        H, targets = collect_hessians(block, inputs, kwargs, cfg.linears)
+        for name, linear in block_linears(block, cfg.linears).items():
+            tl = time.time()
+            qlayer, errs = quantize_linear(linear, H[name], fmt, cfg)
+            set_module(block, name, qlayer.to(device))
+            report["layers"].append(asdict(LayerReport(f"model.layers.{i}.{name}", errs, round(time.time() - tl, 3))))
+        del H
+        losses = tune_block(block, inputs, targets, kwargs, cfg.block_tune_steps, cfg.block_tune_lr) if cfg.block_tune_steps else []
+        with torch.no_grad():
+            outputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in inputs]
+            mse = sum(float(F.mse_loss(o.float(), t.float())) for o, t in zip(outputs, targets)) / len(inputs)
+        report["blocks"].append({"block": i, "output_mse": mse, "tune_losses_first_last": losses[:1] + losses[-1:],
+                                 "seconds": round(time.time() - tb, 2)})
+        inputs = outputs
+        block.to(home)
+        if on_block is not None:
+            on_block(i)
+    report["seconds"] = round(time.time() - t0, 2)
+    return report
