@@ -35,7 +35,8 @@ class CalibrationConfig:
     fmt: str = "2x8g8"
     rounds: int = 3  # P/V alternations per layer
     beam_width: int = 4
-    v_steps: int = 100  # Adam steps on codebooks and scales per round
+    exact_v: bool = True  # closed-form codebooks + scales where M*K*g <= 8192, else Adam
+    v_steps: int = 100  # Adam steps on codebooks and scales per round (when not exact)
     v_lr: float = 1e-3
     kmeans_iters: int = 20
     damping: float = 1e-2  # H + damping * mean(diag H) * I
@@ -107,6 +108,70 @@ def _metric_err(diff: Tensor, A: Tensor) -> Tensor:
     return ((diff @ A) * diff).sum(-1)
 
 
+# --- V step: exact (closed form) for codebooks and scales, or Adam -------------------------------
+EXACT_V_LIMIT = 8192  # M * K * g unknowns: the normal matrix is (M K g)^2
+
+
+@torch.no_grad()
+def exact_codebooks(layer: AQLMLinear, W: Tensor, H: Tensor) -> None:
+    """Codebooks = argmin f with codes and scales fixed: the normal equations of the least-squares
+    problem in the M*K*g codebook entries, assembled column group by column group:
+    A += s_o^2 H[j-block, j'-block] at (code(o,j), code(o,j')), r += s_o (H w_o)[j-block] at code(o,j)."""
+    M, K, g = layer.codebooks.shape
+    n_cols = layer.in_features // g
+    codes = layer.codes.long()  # (out, n_cols, M)
+    s = layer.scales.detach().float()
+    idx = codes + (torch.arange(M, device=codes.device) * K)  # (out, n_cols, M) -> row of A in units of g
+    Hb = H.reshape(n_cols, g, n_cols, g)
+    A = torch.zeros(M * K, M * K, g, g, device=W.device)  # [row entry, column entry, a, b]
+    s2 = (s * s).reshape(-1, 1, 1, 1, 1)
+    for j in range(n_cols):
+        # contributions of group j paired with every group j' for every row o: (out, M, n_cols, M, g, g)
+        blocks = Hb[j].permute(1, 0, 2).reshape(1, 1, n_cols, 1, g, g)  # (g, n_cols, g) -> (n_cols, g, g)
+        contrib = (s2.unsqueeze(-1) * blocks).expand(len(s), M, n_cols, M, g, g)
+        rows = idx[:, j, :].reshape(-1, M, 1, 1).expand(-1, M, n_cols, M)
+        cols = idx.reshape(-1, 1, n_cols, M).expand(-1, M, n_cols, M)
+        flat = (rows * (M * K) + cols).reshape(-1)
+        A.view(M * K * M * K, g, g).index_add_(0, flat, contrib.reshape(-1, g, g).contiguous())
+    HW = W @ H  # (out, in): rows are H w_o
+    r = torch.zeros(M * K, g, device=W.device)
+    for m in range(M):
+        r.index_add_(0, idx[:, :, m].reshape(-1), (s.unsqueeze(1) * HW).reshape(-1, g))
+    A = A.permute(0, 2, 1, 3).reshape(M * K * g, M * K * g)
+    used = A.diagonal() > 0
+    sol = torch.linalg.lstsq(A[used][:, used].double(), r.reshape(-1)[used].double().unsqueeze(1)).solution[:, 0]
+    flat_cb = layer.codebooks.data.reshape(-1).clone()
+    flat_cb[used] = sol.float()
+    layer.codebooks.data.copy_(flat_cb.reshape(M, K, g))
+
+
+@torch.no_grad()
+def exact_scales(layer: AQLMLinear, W: Tensor, H: Tensor) -> None:
+    """Scales = argmin f with codes and codebooks fixed: per row s_o = (c_o' H w_o) / (c_o' H c_o)."""
+    C = decode_unscaled(layer)
+    CH = C @ H
+    num, den = (CH * W).sum(1), (CH * C).sum(1)
+    layer.scales.data.copy_(torch.where(den > 0, num / den.clamp_min(1e-30), layer.scales.data))
+
+
+def decode_unscaled(layer: AQLMLinear) -> Tensor:
+    from pvtheory.codes import decode as _decode
+
+    return _decode(layer.codes_view(), layer.codebooks.detach().float(), (layer.out_features, layer.in_features))
+
+
+def exact_v_step(layer: AQLMLinear, W: Tensor, H: Tensor, sweeps: int = 2) -> bool:
+    """Alternate exact codebooks and exact scales (block-coordinate exact V step; f never increases).
+    Returns False (doing nothing) when the codebooks are too large for the closed form."""
+    M, K, g = layer.codebooks.shape
+    if M * K * g > EXACT_V_LIMIT:
+        return False
+    for _ in range(sweeps):
+        exact_codebooks(layer, W, H)
+        exact_scales(layer, W, H)
+    return True
+
+
 # --- V step: Adam on the continuous parameters ---------------------------------------------------
 def adam_v_steps(layer: nn.Module, W: Tensor, H: Tensor, steps: int, lr: float) -> None:
     """`steps` Adam steps on the layer's codebooks/scales (scales/zeros) minimizing f."""
@@ -144,7 +209,8 @@ def quantize_aqlm(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: Calibrati
     for _ in range(cfg.rounds):
         hessian_code_sweep(layer, W, H, cfg.beam_width)
         errs.append(float(relative_error(layer.weight().detach(), W, H)))
-        adam_v_steps(layer, W, H, cfg.v_steps, cfg.v_lr)
+        if not (cfg.exact_v and exact_v_step(layer, W, H)):
+            adam_v_steps(layer, W, H, cfg.v_steps, cfg.v_lr)
         errs.append(float(relative_error(layer.weight().detach(), W, H)))
     return layer, errs
 

@@ -13,7 +13,6 @@ stored (codes, codebooks, scales, zeros).
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -79,7 +78,38 @@ def _code_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else (torch.int16 if bits <= 15 else torch.int32)
 
 
-class AQLMLinear(nn.Module):
+class QuantizedLinearBase(nn.Module):
+    """What every quantized layer shares: forward through the decoded weight, the gradient of the
+    loss with respect to that weight (captured for P steps when `capture_weight_grad` is set),
+    and bits accounting. Subclasses define weight(), encode(), codes_view(), set_codes()."""
+
+    fmt: QuantFormat
+    in_features: int
+    out_features: int
+    bias: Optional[nn.Parameter]
+
+    def _init_capture(self) -> None:
+        self.capture_weight_grad = False
+        self.weight_grad: Optional[Tensor] = None
+
+    def _store_grad(self, grad: Tensor) -> None:
+        g = grad.detach().float()
+        self.weight_grad = g if self.weight_grad is None else self.weight_grad + g
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = self.weight()
+        if self.capture_weight_grad and W.requires_grad:
+            W.register_hook(self._store_grad)
+        return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def bits_per_weight(self) -> float:
+        return self.fmt.bits_per_weight(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.fmt}, bits/w={self.bits_per_weight():.3f}"
+
+
+class AQLMLinear(QuantizedLinearBase):
     """y = x W' + b with W[o, j*g:(j+1)*g] = scales[o] * sum_m codebooks[m, codes[o, j, m]]."""
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
@@ -92,6 +122,7 @@ class AQLMLinear(nn.Module):
         self.codebooks = nn.Parameter(torch.zeros(M, K, g, device=device, dtype=dtype))
         self.scales = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._init_capture()
 
     # the discrete-continuous parameter ---------------------------------------------------------
     @property
@@ -120,20 +151,37 @@ class AQLMLinear(nn.Module):
             cb = cb.with_values(cb.codebooks.detach().float(), cb.scales.detach().float())
             return cb.encode(target.detach().float(), groups=groups, beam_width=beam_width)
 
+    @torch.no_grad()
+    def nearest_other_codes(self, target: Tensor) -> Tensor:
+        """Per group, the nearest code tuple to the target among those that differ from the current
+        one in exactly one codebook (for M = 1: the nearest other entry). Used by stochastic rounding."""
+        M, K, g = self.codebooks.shape
+        cb = self.codebooks.detach().float()
+        s = self.scales.detach().float()
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        t = (target.float() / s.unsqueeze(1)).reshape(-1, g)
+        codes = self.codes_view()
+        total = sum(cb[m][codes[:, m]] for m in range(M))
+        best_d = torch.full((t.shape[0],), float("inf"), device=t.device)
+        best = codes.clone()
+        for m in range(M):
+            resid = t - (total - cb[m][codes[:, m]])  # what codebook m alone should reproduce
+            d = (cb[m] * cb[m]).sum(1).unsqueeze(0) - 2.0 * resid @ cb[m].T  # (n, K)
+            d.scatter_(1, codes[:, m:m + 1], float("inf"))
+            dm, km = d.min(1)
+            better = dm < best_d
+            best_d = torch.where(better, dm, best_d)
+            cand = codes.clone()
+            cand[:, m] = km
+            best = torch.where(better.unsqueeze(1), cand, best)
+        return best
+
     def continuous_parameters(self) -> list:
         return [p for p in (self.codebooks, self.scales, self.bias) if p is not None]
 
-    def bits_per_weight(self) -> float:
-        return self.fmt.bits_per_weight(self.out_features, self.in_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, format={self.fmt}, bits/w={self.bits_per_weight():.3f}"
 
 
-class ScalarLinear(nn.Module):
+class ScalarLinear(QuantizedLinearBase):
     """y = x W' + b with W[o, i] = scale[o, i // g] * (codes[o, i] - zero[o, i // g]), codes in [0, 2^b)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
@@ -146,6 +194,7 @@ class ScalarLinear(nn.Module):
         self.scales = nn.Parameter(torch.ones(out_features, ng, device=device, dtype=dtype))
         self.zeros = nn.Parameter(torch.zeros(out_features, ng, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._init_capture()
 
     @property
     def group_size(self) -> int:
@@ -175,20 +224,19 @@ class ScalarLinear(nn.Module):
             codes[groups] = new[groups]
             return codes
 
+    @torch.no_grad()
+    def nearest_other_codes(self, target: Tensor) -> Tensor:
+        """The neighbouring grid point (code +- 1) on the target's side of the current one."""
+        codes = self.codes.long()
+        up = target.float() > self.weight().detach().float()
+        return torch.clamp(codes + torch.where(up, 1, -1), 0, (1 << self.fmt.bits) - 1).reshape(-1, 1)
+
     def continuous_parameters(self) -> list:
         return [p for p in (self.scales, self.zeros, self.bias) if p is not None]
 
-    def bits_per_weight(self) -> float:
-        return self.fmt.bits_per_weight(self.out_features, self.in_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, format={self.fmt}, bits/w={self.bits_per_weight():.3f}"
 
 
-QuantizedLinear = (AQLMLinear, ScalarLinear)
+QuantizedLinear = QuantizedLinearBase
 
 
 def make_quantized(linear: nn.Linear, fmt: QuantFormat) -> nn.Module:
@@ -217,7 +265,3 @@ def model_bits(model: nn.Module) -> dict:
         "bits_per_parameter_total": (q_bits + 16 * other) / max(q_params + other, 1),
         "megabytes": (q_bits + 16 * other) / 8 / 2**20,
     }
-
-
-def log2_int(n: int) -> int:
-    return int(math.log2(n))

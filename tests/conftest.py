@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 
+# aqlm 1.1.7's CPU kernel accumulates into shared outputs inside numba's prange: with more than one
+# thread its results are wrong. numba reads this at import, so it is set before anything imports it.
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
 import numpy as np
 import torch
 from hypothesis import HealthCheck, settings

@@ -1,0 +1,202 @@
+"""pvtuning: compress a Hugging Face Llama/Mistral model to 1-2 bits and fine-tune it with PV-Tuning.
+
+    pvtuning pipeline MODEL_DIR --train TRAIN --validation VAL --out DIR [--format 2x8g8] [--strategies pv,ste]
+    pvtuning calibrate MODEL_DIR --train TRAIN --out CKPT [--format 2x8g8]
+    pvtuning finetune CKPT --train TRAIN --out CKPT2 [--strategy pv] [--steps 200]
+    pvtuning eval MODEL_DIR_OR_CKPT --validation VAL
+    pvtuning export CKPT --out HF_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llm.calibrate import CalibrationConfig
+from llm.finetune import STRATEGIES, FinetuneConfig
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
+def _device(arg):
+    return torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _calib_cfg(a) -> CalibrationConfig:
+    from llm.formats import QuantFormat
+
+    QuantFormat.parse(a.format)
+    return CalibrationConfig(fmt=a.format, rounds=a.rounds, beam_width=a.beam_width, block_tune_steps=a.block_tune_steps,
+                             batch_size=a.batch_size, seed=a.seed)
+
+
+def _ft_cfg(a, strategy: str) -> FinetuneConfig:
+    return FinetuneConfig(strategy=strategy, steps=a.steps, batch_size=a.ft_batch_size, lr=a.lr, p_lr=a.p_lr, tau=a.tau,
+                          trust_ratio=a.trust_ratio, beam_width=a.beam_width, train_other=a.train_other,
+                          grad_checkpointing=a.grad_checkpointing, seed=a.seed).validate()
+
+
+def cmd_pipeline(a) -> None:
+    from llm.pipeline import format_summary, run_pipeline
+
+    from llm.model import read_config
+
+    read_config(a.model)
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    for s in strategies:
+        _ft_cfg(a, s)
+    summary = run_pipeline(a.model, a.train, a.validation, a.out, _calib_cfg(a), _ft_cfg(a, strategies[0]), strategies,
+                           a.seq_len, a.nsamples, a.eval_windows, _device(a.device))
+    print(format_summary(summary))
+    print(f"summary: {Path(a.out) / 'summary.json'}")
+
+
+def cmd_calibrate(a) -> None:
+    from llm.calibrate import calibrate
+    from llm.checkpoint import save_checkpoint
+    from llm.formats import model_bits
+    from llm.model import load_model
+    from llm.pipeline import load_data
+
+    from llm.model import read_config
+
+    read_config(a.model)
+    cfg = _calib_cfg(a)
+    seqs, _ = load_data(a.model, a.train, a.train, a.seq_len, a.nsamples, max_eval_windows=1)
+    model = load_model(a.model, torch.float32, "cpu")
+    report = calibrate(model, seqs, cfg, device=_device(a.device))
+    save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report})
+    print(f"calibrated {a.model} to {a.format} ({model_bits(model)['bits_per_quantized_weight']:.3f} bits per "
+          f"quantized weight) in {report['seconds']} s: {a.out}")
+
+
+def cmd_finetune(a) -> None:
+    from llm.checkpoint import load_checkpoint, save_checkpoint
+    from llm.finetune import finetune
+    from llm.model import load_model
+    from llm.pipeline import load_data
+
+    dev = _device(a.device)
+    student, meta, _ = load_checkpoint(a.checkpoint, a.model, dev)
+    base = a.model or meta["base_model"]
+    seqs, _ = load_data(base, a.train, a.train, a.seq_len, a.nsamples, max_eval_windows=1)
+    teacher = load_model(base, torch.float32, dev)
+    rep = finetune(student, teacher, seqs, _ft_cfg(a, a.strategy), device=dev, checkpoint_dir=a.out,
+                   meta={"base_model": str(Path(base).resolve())})
+    print(f"{a.strategy}: KL {rep['losses'][0]:.4f} -> {rep['losses'][-1]:.4f} in {rep['steps']} steps "
+          f"({rep['seconds']} s), {sum(rep['codes_changed'])} code changes: {a.out}")
+
+
+def cmd_eval(a) -> None:
+    from llm.checkpoint import load_checkpoint
+    from llm.data import load_tokenizer, tokenize, windows
+    from llm.evaluate import perplexity
+    from llm.model import load_model
+
+    dev = _device(a.device)
+    path = Path(a.model)
+    if (path / "meta.json").exists():
+        model, meta, _ = load_checkpoint(path, a.base, dev)
+        tok_dir = a.base or meta["base_model"]
+    else:
+        model, tok_dir = load_model(path, torch.float32, dev), path
+    val = windows(tokenize(a.validation, load_tokenizer(tok_dir)), a.seq_len, a.eval_windows)
+    dtype = torch.bfloat16 if a.bf16 and dev.type == "cuda" else None
+    ppl = perplexity(model, val, batch_size=a.batch_size, device=dev, dtype=dtype)
+    print(json.dumps({"model": str(path), "perplexity": ppl, "seq_len": a.seq_len, "windows": len(val)}))
+
+
+def cmd_export(a) -> None:
+    from llm.checkpoint import load_checkpoint
+    from llm.export import export_aqlm
+
+    model, meta, _ = load_checkpoint(a.checkpoint, a.model, "cpu")
+    out = export_aqlm(model, a.model or meta["base_model"], a.out)
+    print(f"exported to {out} (Hugging Face AQLM format)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pvtuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, data=True):
+        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+        p.add_argument("--seed", type=int, default=0)
+        if data:
+            p.add_argument("--seq-len", type=int, default=512)
+            p.add_argument("--nsamples", type=int, default=256, help="calibration sequences")
+
+    def calib_args(p):
+        p.add_argument("--format", default="2x8g8", help="MxBgG (AQLM), vqBgG, intBgG (scalar)")
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--beam-width", type=int, default=4)
+        p.add_argument("--block-tune-steps", type=int, default=0)
+        p.add_argument("--batch-size", type=int, default=16)
+
+    def ft_args(p):
+        p.add_argument("--steps", type=int, default=200)
+        p.add_argument("--ft-batch-size", type=int, default=16)
+        p.add_argument("--lr", type=float, default=3e-4)
+        p.add_argument("--p-lr", type=float, default=1e-2)
+        p.add_argument("--tau", type=float, default=0.01)
+        p.add_argument("--trust-ratio", type=float, default=None)
+        p.add_argument("--train-other", action="store_true", help="also tune embeddings and head")
+        p.add_argument("--grad-checkpointing", action="store_true")
+
+    p = sub.add_parser("pipeline", help="calibrate, fine-tune with each strategy, evaluate")
+    p.add_argument("model"), p.add_argument("--train", required=True), p.add_argument("--validation", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--strategies", default="pv", help=f"comma-separated, of {', '.join(STRATEGIES)}")
+    p.add_argument("--eval-windows", type=int, default=None)
+    common(p), calib_args(p), ft_args(p)
+    p.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("calibrate", help="one-shot block-by-block calibration")
+    p.add_argument("model"), p.add_argument("--train", required=True), p.add_argument("--out", required=True)
+    common(p), calib_args(p)
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("finetune", help="KL fine-tuning of a calibrated checkpoint")
+    p.add_argument("checkpoint"), p.add_argument("--train", required=True), p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="the original model (default: the checkpoint's base_model)")
+    p.add_argument("--strategy", default="pv", choices=STRATEGIES)
+    p.add_argument("--beam-width", type=int, default=4)
+    common(p), ft_args(p)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("eval", help="validation perplexity of a model directory or checkpoint")
+    p.add_argument("model"), p.add_argument("--validation", required=True)
+    p.add_argument("--base", default=None, help="base model directory of a checkpoint")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("export", help="write the Hugging Face AQLM format")
+    p.add_argument("checkpoint"), p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="base model directory (default: from the checkpoint)")
+    p.set_defaults(fn=cmd_export)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"pvtuning: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

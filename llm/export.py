@@ -1,0 +1,83 @@
+"""Export to the Hugging Face AQLM format (transformers + the `aqlm` package load it).
+
+config.json gains quantization_config = {quant_method: "aqlm", in_group_size: g, out_group_size: 1,
+num_codebooks: M, nbits_per_codebook: B, linear_weights_not_to_quantize: [module names]}; for each
+quantized layer P the safetensors hold P.codes (int8 for B = 8, int16 for B = 16, shape
+(out, in/g, M)), P.codebooks (M, 2^B, 1, g) and P.scales (out, 1, 1, 1).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from llm.formats import AQLMLinear, quantized_layers
+from pvtheory.io import atomic_path
+
+
+class ExportError(ValueError):
+    """A model that the Hugging Face AQLM format cannot hold."""
+
+
+def _hf_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """AQLM stores codes as signed ints of B bits (value mod 2^B read as unsigned)."""
+    c = codes.long()
+    if bits <= 8:
+        return ((c + 128) % 256 - 128).to(torch.int8)
+    if bits <= 16:
+        return ((c + 32768) % 65536 - 32768).to(torch.int16)
+    raise ExportError(f"AQLM codes of {bits} bits are not supported")
+
+
+def export_aqlm(model: nn.Module, base_model_dir, out_dir) -> Path:
+    """Write an AQLM-format Hugging Face directory for a model whose quantized layers are all
+    AQLMLinear of one format; copies the tokenizer files of the base model directory."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ExportError("the model has no quantized layers")
+    if any(not isinstance(m, AQLMLinear) for m in layers.values()):
+        raise ExportError("only AQLM/VQ layers can be exported to the AQLM format (scalar layers cannot)")
+    fmts = {str(m.fmt) for m in layers.values()}
+    if len(fmts) != 1:
+        raise ExportError(f"the AQLM format needs one format for all layers, found {sorted(fmts)}")
+    fmt = next(iter(layers.values())).fmt
+    base, out = Path(base_model_dir), Path(out_dir)
+    tensors = {}
+    quantized_params = set()
+    for name, m in layers.items():
+        tensors[f"{name}.codes"] = _hf_codes(m.codes, fmt.bits).contiguous()
+        tensors[f"{name}.codebooks"] = m.codebooks.detach().float().unsqueeze(2).contiguous()
+        tensors[f"{name}.scales"] = m.scales.detach().float().reshape(-1, 1, 1, 1).contiguous()
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().float().contiguous()
+        quantized_params.update(f"{name}.{p}" for p in ("codes", "codebooks", "scales", "bias"))
+    seen = set()
+    for k, v in model.state_dict().items():
+        if k in quantized_params or k in tensors or "rotary_emb" in k:
+            continue
+        ptr = (v.data_ptr(), tuple(v.shape))
+        if ptr in seen:  # tied weights: the config's tie_word_embeddings restores them
+            continue
+        seen.add(ptr)
+        tensors[k] = v.detach().contiguous()
+    config = json.loads((base / "config.json").read_text())
+    skip = [n for n, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, nn.Embedding)) and n not in layers]
+    config["quantization_config"] = {
+        "quant_method": "aqlm", "in_group_size": fmt.group_size, "out_group_size": 1,
+        "num_codebooks": fmt.num_codebooks, "nbits_per_codebook": fmt.bits,
+        "linear_weights_not_to_quantize": skip,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) and f.is_file():
+            shutil.copy(f, out / f.name)
+    return out

@@ -1,0 +1,266 @@
+"""End-to-end fine-tuning of a quantized model by KL divergence to the original model.
+
+Loss: KL(teacher || student) of the next-token distributions, averaged over tokens. Every
+strategy runs the same loop on the same batches (batch k depends only on the seed and k), so
+strategies compare at equal steps and data, and a resumed run equals an uninterrupted one:
+
+    continuous     V step only: Adam on codebooks, scales, norms (optionally embeddings and head)
+    ste            straight-through: a shadow copy U of each weight moves by the update, codes = encode(U)
+    stochastic     stochastic rounding: each group moves to its nearest other code with the probability
+                   that the target W - update has moved along the segment towards it
+    linearized_pv  naive linearized PV: every group re-encoded against W - update
+    pv             PV-Tuning: only the fraction tau of groups with the largest update are re-encoded
+
+The update of the dequantized weights W is Adam-like with beta1 = 0 (the official PV-Tuning
+setting): u = p_lr * g / (sqrt(v) + eps), v = EMA of g^2 with p_beta2. The V step is Adam on the
+continuous parameters; the P step reuses the layer's encode (beam search for AQLM, nearest grid
+point for scalar), as pvtheory's subspace P step does on toy problems.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from llm.checkpoint import load_file, read_meta, save_checkpoint
+from llm.formats import quantized_layers
+
+STRATEGIES = ("continuous", "ste", "stochastic", "linearized_pv", "pv")
+
+
+class FinetuneError(RuntimeError):
+    """Fine-tuning stopped (non-finite loss, bad configuration); the message says what to do."""
+
+
+@dataclass
+class FinetuneConfig:
+    strategy: str = "pv"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-4  # V step (Adam on continuous parameters)
+    betas: tuple = (0.9, 0.95)
+    p_lr: float = 1e-2  # the update of the dequantized weights proposed to the P step
+    p_beta2: float = 0.95
+    tau: float = 0.01  # fraction of code groups the pv strategy may change per step
+    trust_ratio: Optional[float] = None  # reject code changes with ||dw|| > trust_ratio * ||w|| per group
+    beam_width: int = 4
+    train_norms: bool = True
+    train_other: bool = False  # embeddings and head too
+    amp: bool = True  # bf16 autocast on CUDA
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> "FinetuneConfig":
+        if self.strategy not in STRATEGIES:
+            raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not 0 < self.tau <= 1:
+            raise FinetuneError(f"tau must lie in (0, 1], got {self.tau}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise FinetuneError("steps must be >= 0 and batch_size >= 1")
+        return self
+
+
+def kl_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over tokens of KL(teacher || student) = sum_v p_t (log p_t - log p_s)."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def batch_for_step(sequences: Tensor, step: int, batch_size: int, seed: int) -> Tensor:
+    """The batch of step `step`: a function of (seed, step) alone, so runs can be resumed exactly."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return sequences[torch.randint(len(sequences), (batch_size,), generator=gen)]
+
+
+def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list:
+    """Continuous parameters the V step optimizes; everything else is frozen."""
+    layers = quantized_layers(model)
+    chosen = {id(p) for m in layers.values() for p in m.continuous_parameters()}
+    for name, p in model.named_parameters():
+        if cfg.train_norms and "norm" in name.split(".")[-2]:
+            chosen.add(id(p))
+        if cfg.train_other and ("embed_tokens" in name or "lm_head" in name):
+            chosen.add(id(p))
+    params = []
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+        if id(p) in chosen:
+            params.append(p)
+    return params
+
+
+class CodeStep:
+    """The P-step half of a fine-tuning step for every quantized layer of a model."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        self.layers = quantized_layers(model)
+        self.v: dict = {}  # second moments of the weight gradients
+        self.t = 0
+        self.shadow: dict = {}  # STE's continuous copies
+        if cfg.strategy == "ste":
+            with torch.no_grad():
+                self.shadow = {n: m.weight().detach().float().clone() for n, m in self.layers.items()}
+
+    def state_dict(self) -> dict:
+        out = {f"p.v.{n}": v for n, v in self.v.items()}
+        out.update({f"p.shadow.{n}": u for n, u in self.shadow.items()})
+        out["p.t"] = torch.tensor(self.t)
+        return out
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.t = int(state.get("p.t", torch.tensor(0)))
+        self.v = {k[4:]: v.to(device) for k, v in state.items() if k.startswith("p.v.")}
+        shadow = {k[9:]: v.to(device) for k, v in state.items() if k.startswith("p.shadow.")}
+        if shadow:
+            self.shadow = shadow
+
+    @torch.no_grad()
+    def step(self, step: int) -> int:
+        """Apply the strategy's code update to every layer from its captured weight gradient."""
+        cfg = self.cfg
+        self.t += 1
+        changed = 0
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        for name, layer in self.layers.items():
+            g = layer.weight_grad
+            layer.weight_grad = None
+            if g is None:
+                continue
+            v = self.v.get(name)
+            v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v + (1 - cfg.p_beta2) * g * g
+            self.v[name] = v
+            update = cfg.p_lr * g / ((v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8)
+            W = layer.weight().detach().float()
+            old = layer.codes_view()
+            gs = layer.group_size
+            if cfg.strategy == "ste":
+                self.shadow[name] -= update
+                target, groups = self.shadow[name], None
+            else:
+                target = W - update
+                groups = None
+                if cfg.strategy == "pv":
+                    scores = update.reshape(-1, gs).norm(dim=1)
+                    k = max(1, int(math.ceil(cfg.tau * scores.numel())))
+                    groups = torch.topk(scores, k).indices
+            if cfg.strategy == "stochastic":
+                new = layer.nearest_other_codes(target)
+            else:
+                new = layer.encode(target, groups=groups, beam_width=cfg.beam_width)
+            moved = (new != old).any(1)
+            if moved.any() and (cfg.strategy == "stochastic" or cfg.trust_ratio is not None):
+                layer.set_codes(new)
+                W_new = layer.weight().detach().float().reshape(-1, gs)
+                layer.set_codes(old)
+                w_old, t = W.reshape(-1, gs), target.reshape(-1, gs)
+                delta = W_new - w_old
+                keep = moved.clone()
+                if cfg.strategy == "stochastic":
+                    # stochastic rounding between the current code and its nearest neighbour towards the
+                    # target: move with probability = how far the target went along w_old -> w_new
+                    lam = ((t - w_old) * delta).sum(1) / (delta * delta).sum(1).clamp_min(1e-30)
+                    keep &= torch.rand(lam.shape, generator=gen).to(lam.device) < lam.clamp(0, 1)
+                if cfg.trust_ratio is not None:
+                    keep &= delta.norm(dim=1) <= cfg.trust_ratio * w_old.norm(dim=1).clamp_min(1e-12)
+                new = torch.where(keep.unsqueeze(1), new, old)
+                moved = keep
+            layer.set_codes(new)
+            changed += int(moved.sum())
+        return changed
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    return out
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, device) -> None:
+    sd = opt.state_dict()
+    new_state: dict = {}
+    for key, v in state.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            new_state.setdefault(int(i), {})[k] = v.to(device) if k != "step" else v
+    sd["state"] = new_state
+    opt.load_state_dict(sd)
+
+
+def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: FinetuneConfig, device=None,
+             checkpoint_dir=None, resume: bool = True, meta: Optional[dict] = None, progress: bool = True) -> dict:
+    """Fine-tune `student` (quantized) towards `teacher` on `sequences` (n, T); returns a report.
+
+    With checkpoint_dir, writes a checkpoint every cfg.checkpoint_every steps and at the end, and
+    (resume=True) continues from the checkpoint found there. A non-finite loss stops the run with
+    FinetuneError, leaving the last good checkpoint in place.
+    """
+    cfg.validate()
+    device = torch.device(device or next(student.parameters()).device)
+    student.to(device).train()
+    teacher.to(device).eval()
+    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = trainable_parameters(student, cfg)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+    code_step = CodeStep(student, cfg)
+    capture = cfg.strategy != "continuous"
+    for layer in quantized_layers(student).values():
+        layer.capture_weight_grad = capture
+    losses, changed, start = [], [], 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and resume and (ckpt / "meta.json").exists():
+        m = read_meta(ckpt)
+        if m.get("finetune", {}).get("strategy") != cfg.strategy:
+            raise FinetuneError(f"{ckpt} holds a {m.get('finetune', {}).get('strategy')!r} run, not {cfg.strategy!r}")
+        sd = load_file(ckpt / "model.safetensors")
+        for k, src in m.get("tied", {}).items():
+            sd[k] = sd[src]
+        student.load_state_dict(sd, strict=False)
+        state = load_file(ckpt / "state.safetensors")
+        _load_optimizer_state(opt, state, device)
+        code_step.load_state_dict(state, device)
+        start, losses, changed = m["step"], m["losses"], m["codes_changed"]
+    amp = cfg.amp and device.type == "cuda"
+
+    def save(step: int) -> None:
+        if ckpt is not None:
+            info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg))
+            save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **code_step.state_dict()})
+
+    t0 = time.time()
+    for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})", disable=not progress,
+                     initial=start, total=cfg.steps):
+        batch = batch_for_step(sequences, step, cfg.batch_size, cfg.seed).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch).logits
+            loss = kl_loss(student(input_ids=batch).logits, teacher_logits)
+        if not torch.isfinite(loss):
+            where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
+            raise FinetuneError(f"loss became {loss.item()} at step {step}: stopped{where}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        changed.append(code_step.step(step) if capture else 0)  # P step from the gradient at W
+        opt.step()  # V step
+        losses.append(loss.item())
+        if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+    seconds = time.time() - t0
+    save(cfg.steps)
+    student.eval()
+    for layer in quantized_layers(student).values():
+        layer.capture_weight_grad = False
+    return {"strategy": cfg.strategy, "steps": cfg.steps, "losses": losses, "codes_changed": changed,
+            "seconds": round(seconds, 2), "config": asdict(cfg)}

@@ -1,0 +1,90 @@
+"""The whole pipeline as one library call: calibrate, evaluate, fine-tune with each strategy, evaluate."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from llm.calibrate import CalibrationConfig, calibrate
+from llm.checkpoint import load_checkpoint, save_checkpoint
+from llm.data import calibration_sequences, load_tokenizer, tokenize, windows
+from llm.evaluate import perplexity
+from llm.finetune import FinetuneConfig, finetune
+from llm.formats import model_bits
+from llm.model import load_model, read_config
+from pvtheory.io import write_json
+
+
+def load_data(model_dir, train, validation, seq_len: int, nsamples: int, max_eval_windows: Optional[int] = None,
+              seed: int = 0, train_chars: int = 20_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration sequences (nsamples, seq_len), validation windows) tokenized with the model's tokenizer."""
+    tok = load_tokenizer(model_dir)
+    train_ids = tokenize(train, tok, max_chars=train_chars)
+    val_ids = tokenize(validation, tok)
+    return calibration_sequences(train_ids, seq_len, nsamples, seed), windows(val_ids, seq_len, max_eval_windows)
+
+
+def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:
+    dtype = torch.bfloat16 if amp and torch.device(device).type == "cuda" else None
+    return perplexity(model.to(device), val, batch_size=32, device=device, dtype=dtype, progress=False)
+
+
+def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,
+                 strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 256,
+                 max_eval_windows: Optional[int] = None, device=None, progress: bool = True) -> dict:
+    """Calibrate `model_dir`, then fine-tune the calibrated model with each strategy at equal steps
+    and data; checkpoints under out_dir/, summary in out_dir/summary.json. Resumes finished parts."""
+    read_config(model_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out_dir)
+    amp = finetune_cfg.amp
+    t0 = time.time()
+    seqs, val = load_data(model_dir, train, validation, seq_len, nsamples, max_eval_windows, calib.seed)
+    teacher = load_model(model_dir, torch.float32, device)
+    summary = {"model": str(model_dir), "format": calib.fmt, "seq_len": seq_len, "nsamples": nsamples,
+               "eval_windows": len(val), "device": str(device), "calibration": asdict(calib),
+               "finetune": asdict(finetune_cfg)}
+    summary["ppl_original"] = evaluate(teacher, val, device, amp)
+    calibrated = out / "calibrated"
+    if (calibrated / "meta.json").exists():
+        student, meta, _ = load_checkpoint(calibrated, model_dir, device)
+        summary["calibration_seconds"] = meta.get("calibration_seconds")
+    else:
+        student = load_model(model_dir, torch.float32, "cpu")
+        tc = time.time()
+        report = calibrate(student, seqs, calib, device=device, progress=progress)
+        summary["calibration_seconds"] = round(time.time() - tc, 1)
+        save_checkpoint(calibrated, student, {"base_model": str(Path(model_dir).resolve()), "calibration": report,
+                                              "calibration_seconds": summary["calibration_seconds"]})
+    summary["bits"] = model_bits(student)
+    summary["ppl_calibrated"] = evaluate(student, val, device, amp)
+    summary["runs"] = {}
+    for strategy in strategies:
+        s = copy.deepcopy(student)
+        cfg = replace(finetune_cfg, strategy=strategy)
+        rep = finetune(s, teacher, seqs, cfg, device=device, checkpoint_dir=out / strategy,
+                       meta={"base_model": str(Path(model_dir).resolve())}, progress=progress)
+        rep["ppl"] = evaluate(s, val, device, amp)
+        rep["loss_first_last"] = [rep["losses"][0], sum(rep["losses"][-10:]) / len(rep["losses"][-10:])] if rep["losses"] else []
+        rep["codes_changed_total"] = int(sum(rep["codes_changed"]))
+        summary["runs"][strategy] = rep
+        del s
+        write_json(out / "summary.json", summary)
+    summary["seconds_total"] = round(time.time() - t0, 1)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"model {summary['model']}, format {summary['format']} "
+             f"({summary['bits']['bits_per_quantized_weight']:.3f} bits per quantized weight)",
+             f"  original        ppl {summary['ppl_original']:8.3f}",
+             f"  calibrated      ppl {summary['ppl_calibrated']:8.3f}   ({summary.get('calibration_seconds')} s)"]
+    for name, r in summary.get("runs", {}).items():
+        lines.append(f"  {name:15s} ppl {r['ppl']:8.3f}   ({r['steps']} steps, {r['seconds']} s, "
+                     f"{r['codes_changed_total']} code changes)")
+    return "\n".join(lines)

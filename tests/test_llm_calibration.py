@@ -1,0 +1,58 @@
+"""Calibration: the P step with an exact V step never increases the layer objective."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+from llm.calibrate import (CalibrationConfig, calibrate, damped, exact_codebooks, exact_v_step, hessian_code_sweep,
+                           quantize_linear, relative_error)
+from llm.formats import QuantFormat
+from tests_llm_common import layer_problem
+from llm_helpers import tiny_model
+
+
+@settings(max_examples=10)
+@given(st.integers(0, 999), st.sampled_from(["1x4g4", "2x4g4", "1x6g8", "2x3g2"]))
+def test_code_sweep_and_exact_v_step_never_increase_the_layer_objective(seed, fmt):
+    linear, H = layer_problem(seed)
+    layer, errs = quantize_linear(linear, H, QuantFormat.parse(fmt), CalibrationConfig(fmt=fmt, rounds=3))
+    assert all(b <= a + 1e-5 * a for a, b in zip(errs, errs[1:])), errs
+    W, Hd = linear.weight.detach(), damped(H, 1e-2)
+    before = float(relative_error(layer.weight().detach(), W, Hd))
+    hessian_code_sweep(layer, W, Hd, beam_width=4)
+    mid = float(relative_error(layer.weight().detach(), W, Hd))
+    exact_v_step(layer, W, Hd)
+    after = float(relative_error(layer.weight().detach(), W, Hd))
+    assert mid <= before * (1 + 1e-5) and after <= mid * (1 + 1e-5)
+
+
+def test_exact_codebooks_leave_zero_gradient():
+    linear, H = layer_problem(3)
+    layer, _ = quantize_linear(linear, H, QuantFormat.parse("2x4g4"), CalibrationConfig(fmt="2x4g4", rounds=1))
+    W, Hd = linear.weight.detach(), damped(H, 1e-2)
+    exact_codebooks(layer, W, Hd)
+    D = layer.weight() - W
+    ((D @ Hd) * D).sum().backward()
+    used = layer.codebooks.grad.abs().sum(-1) > 0
+    scale = float(((W @ Hd) * W).sum())
+    assert float(layer.codebooks.grad.abs().max()) <= 1e-4 * scale
+
+
+def test_gptq_beats_round_to_nearest():
+    linear, H = layer_problem(5)
+    fmt = QuantFormat.parse("int3g16")
+    layer, errs = quantize_linear(linear, H, fmt, CalibrationConfig(fmt="int3g16", v_steps=0))
+    W, Hd = linear.weight.detach(), damped(H, 1e-2)
+    layer.set_codes(layer.encode(W))  # round to nearest on the same grid
+    assert errs[0] < float(relative_error(layer.weight().detach(), W, Hd))
+
+
+def test_calibrated_tiny_llama_and_mistral_stay_close_to_the_original():
+    for arch in ("llama", "mistral"):
+        model = tiny_model(arch, peaky=False)
+        seqs = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(seqs).logits
+        report = calibrate(model, seqs, CalibrationConfig(fmt="2x6g8", rounds=2, batch_size=4), progress=False)
+        with torch.no_grad():
+            out = model(seqs).logits
+        assert float((out - ref).norm() / ref.norm()) < 0.3
+        assert len(report["layers"]) == 2 * 7

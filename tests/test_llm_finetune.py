@@ -1,0 +1,90 @@
+"""Fine-tuning: KL falls for every strategy; a resumed run equals an uninterrupted one."""
+import copy
+
+import pytest
+import torch
+
+from llm.calibrate import CalibrationConfig, calibrate
+from llm.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from llm.finetune import STRATEGIES, FinetuneConfig, FinetuneError, finetune
+from llm_helpers import tiny_model
+
+SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1))
+
+
+def calibrated(arch: str, fmt: str = "1x6g8"):
+    teacher = tiny_model(arch)
+    student = copy.deepcopy(teacher)
+    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, batch_size=8), progress=False)
+    return teacher, student
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("strategy", ["continuous", "pv"])
+def test_kl_falls_during_finetuning(arch, strategy):
+    teacher, student = calibrated(arch)
+    cfg = FinetuneConfig(strategy=strategy, steps=25, batch_size=8, lr=3e-3, p_lr=3e-3, tau=0.02, seed=0)
+    rep = finetune(student, teacher, SEQS, cfg, progress=False)
+    first, last = rep["losses"][0], sum(rep["losses"][-5:]) / 5
+    assert last < 0.8 * first, rep["losses"]
+    if strategy == "pv":
+        assert sum(rep["codes_changed"]) > 0
+
+
+@pytest.mark.parametrize("strategy", ["ste", "stochastic", "linearized_pv"])
+def test_every_code_changing_strategy_runs_and_changes_codes(strategy):
+    teacher, student = calibrated("llama")
+    before = {n: b.clone() for n, b in student.named_buffers() if n.endswith("codes")}
+    rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, batch_size=4, p_lr=3e-2),
+                   progress=False)
+    assert len(rep["losses"]) == 4 and all(torch.isfinite(torch.tensor(rep["losses"])))
+    after = {n: b for n, b in student.named_buffers() if n.endswith("codes")}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("strategy", ["pv", "stochastic"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy):
+    teacher, student = calibrated("llama")
+    cfg = dict(strategy=strategy, batch_size=4, lr=1e-3, p_lr=3e-3, tau=0.05, checkpoint_every=2, seed=3)
+    whole = copy.deepcopy(student)
+    rep_whole = finetune(whole, teacher, SEQS, FinetuneConfig(steps=6, **cfg), progress=False)
+    # "interrupted" after 3 steps: a run that stops there leaves its checkpoint ...
+    part = copy.deepcopy(student)
+    finetune(part, teacher, SEQS, FinetuneConfig(steps=3, **cfg), checkpoint_dir=tmp_path / "ck", progress=False)
+    assert read_meta(tmp_path / "ck")["step"] == 3
+    # ... and a fresh process (a fresh copy of the calibrated model) resumes from it
+    resumed = copy.deepcopy(student)
+    rep = finetune(resumed, teacher, SEQS, FinetuneConfig(steps=6, **cfg), checkpoint_dir=tmp_path / "ck", progress=False)
+    assert rep["losses"] == pytest.approx(rep_whole["losses"], rel=1e-5)
+    for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), n
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    teacher, student = calibrated("llama")
+    cfg = FinetuneConfig(strategy="pv", steps=2, batch_size=4, checkpoint_every=1)
+    finetune(student, teacher, SEQS, cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    good = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(p for n, p in student.named_parameters() if n.endswith("codebooks")).fill_(float("nan"))
+    with pytest.raises(FinetuneError, match="loss became nan at step 0: stopped; the last good checkpoint is kept in"):
+        finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, batch_size=4, checkpoint_every=1),
+                 checkpoint_dir=tmp_path / "ck", resume=False, progress=False)
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == good
+
+
+def test_checkpoint_round_trip_restores_the_same_model(tmp_path):
+    teacher, student = calibrated("mistral", "2x5g4")
+    d = tmp_path / "model"
+    teacher.save_pretrained(d)
+    save_checkpoint(tmp_path / "ck", student, {"base_model": str(d)})
+    loaded, meta, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.allclose(loaded(SEQS[:2]).logits, student(SEQS[:2]).logits, atol=1e-5)
+    assert set(meta["quantized_layers"].values()) == {"2x5g4"}
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(FinetuneError, match="unknown strategy"):
+        FinetuneConfig(strategy="magic").validate()
+    assert set(STRATEGIES) == {"continuous", "ste", "stochastic", "linearized_pv", "pv"}
