@@ -4,14 +4,17 @@ Per linear layer with weight W and input Hessian H = X'X / n (X: the layer's cal
 the objective is the quadratic f(W^) = tr((W^ - W) H (W^ - W)'), i.e. ||X W^' - X W'||^2 / n.
 That is a pvtheory objective over a discrete-continuous parameter, and calibration is PV on it:
 
-- AQLM / VQ: residual k-means initialization (weighted by diag H), then `rounds` alternations of
+- AQLM / VQ: residual k-means initialization (weighted by diag H), then up to `rounds` alternations of
   a P step, an exact block-coordinate sweep over the column groups (each group's codes by beam
   search under the metric H_jj, all rows at once, started from the current codes so f never
-  increases), and a V step, Adam on codebooks and scales;
+  increases), and a V step: exact (closed-form codebooks, then per-row scales) where the codebooks
+  are small enough, otherwise Adam on codebooks and scales;
 - scalar: GPTQ (column by column with inverse-Hessian error feedback), then the same Adam V step.
 
+With true_sequential, a block's linears are quantized in the order they are read (q,k,v; o; gate,up;
+down), each group's Hessian taken from the block with the earlier groups already quantized.
 Optionally each block's continuous parameters are then tuned to reproduce the original block's
-outputs. Only the block being calibrated sits on the device; the rest of the model stays where it is.
+outputs (and, with block_tune_tau > 0, its codes by PV-Tuning's P step). Only the block being calibrated sits on the device; the rest of the model stays where it is.
 """
 from __future__ import annotations
 
@@ -33,17 +36,21 @@ from pvtheory.init import residual_kmeans
 @dataclass
 class CalibrationConfig:
     fmt: str = "2x8g8"
-    rounds: int = 3  # P/V alternations per layer
+    rounds: int = 8  # at most this many P/V alternations per layer
+    tolerance: float = 0.005  # stop a layer's rounds once a round improves its error by less than this (relative)
     beam_width: int = 4
     exact_v: bool = True  # closed-form codebooks + scales where M*K*g <= 8192, else Adam
     v_steps: int = 100  # Adam steps on codebooks and scales per round (when not exact)
     v_lr: float = 1e-3
     kmeans_iters: int = 20
     damping: float = 1e-2  # H + damping * mean(diag H) * I
-    block_tune_steps: int = 0  # Adam steps on each block's continuous parameters (0: off)
-    block_tune_lr: float = 1e-4
+    block_tune_steps: int = 300  # Adam steps on each block's continuous parameters (0: off)
+    block_tune_lr: float = 3e-4
+    block_tune_tau: float = 0.0  # > 0: block tuning is PV (P steps on this fraction of code groups per step)
+    block_tune_p_lr: float = 1e-3  # the P step's Adam-normalized weight update during block tuning
     batch_size: int = 16
     linears: tuple = BLOCK_LINEARS
+    true_sequential: bool = False  # True: Hessians of o_proj / MLP from the block with its earlier linears quantized
     seed: int = 0
 
 
@@ -191,7 +198,8 @@ def adam_v_steps(layer: nn.Module, W: Tensor, H: Tensor, steps: int, lr: float) 
 
 # --- layer quantizers -----------------------------------------------------------------------------
 def quantize_aqlm(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: CalibrationConfig) -> tuple[AQLMLinear, list]:
-    """AQLM/VQ layer: weighted residual k-means, then `rounds` x (Hessian code sweep, Adam V steps)."""
+    """AQLM/VQ layer: weighted residual k-means, then up to `rounds` x (Hessian code sweep, V step),
+    stopping early once a round improves the error by less than cfg.tolerance (relative)."""
     W = linear.weight.detach().float()
     layer = make_quantized(linear, fmt).to(W.device)
     if linear.bias is not None:
@@ -212,6 +220,8 @@ def quantize_aqlm(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: Calibrati
         if not (cfg.exact_v and exact_v_step(layer, W, H)):
             adam_v_steps(layer, W, H, cfg.v_steps, cfg.v_lr)
         errs.append(float(relative_error(layer.weight().detach(), W, H)))
+        if len(errs) > 3 and errs[-3] - errs[-1] < cfg.tolerance * errs[-3]:
+            break
     return layer, errs
 
 
@@ -318,21 +328,50 @@ def collect_hessians(block: nn.Module, inputs: list, kwargs: dict, names) -> tup
     return {n: H[n] / counts[n] for n in names}, outputs
 
 
-def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, steps: int, lr: float) -> list:
-    """Adam on the block's continuous parameters (codebooks, scales, norms) to match `targets`."""
+def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, steps: int, lr: float,
+               tau: float = 0.0, p_lr: float = 1e-3, beam_width: int = 4, seed: int = 0) -> list:
+    """Adam on the block's continuous parameters (codebooks, scales, norms) to match `targets`
+    (the V step); with tau > 0 also a greedy-subspace P step on the codes after each backward pass,
+    the same one PV-Tuning uses end to end. Returns the loss of every step."""
+    from llm.finetune import CodeStep, FinetuneConfig  # fine-tuning's P step, reused at block level
+
     params = [p for n, p in block.named_parameters() if p.requires_grad and p.is_floating_point()]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+    code_step = None
+    if tau > 0:
+        code_step = CodeStep(block, FinetuneConfig(strategy="pv", tau=tau, p_lr=p_lr, beam_width=beam_width, seed=seed))
+    layers = list(code_step.layers.values()) if code_step else []
+    for layer in layers:
+        layer.capture_weight_grad = True
     losses = []
-    with torch.enable_grad():
-        for step in range(steps):
-            i = step % len(inputs)
-            out = block(inputs[i], **_block_kwargs(kwargs, inputs[i].shape[0]))
-            loss = F.mse_loss(out.float(), targets[i].float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                i = step % len(inputs)
+                out = block(inputs[i], **_block_kwargs(kwargs, inputs[i].shape[0]))
+                loss = F.mse_loss(out.float(), targets[i].float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if code_step is not None:
+                    code_step.step(step)
+                opt.step()
+                losses.append(loss.item())
+    finally:
+        for layer in layers:
+            layer.capture_weight_grad = False
+            layer.weight_grad = None
     return losses
+
+
+def sequential_groups(names, true_sequential: bool) -> list:
+    """The order in which a block's linears are quantized: with true_sequential, groups that read the
+    same input (q,k,v; o; gate,up; down), each group's Hessian taken after the earlier ones are quantized."""
+    if not true_sequential:
+        return [list(names)]
+    stages = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    groups = [[n for n in names if n.split(".")[-1] in stage] for stage in stages]
+    rest = [n for n in names if not any(n in g for g in groups)]
+    return [g for g in groups if g] + ([rest] if rest else [])
 
 
 def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, device=None,
@@ -365,14 +404,20 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
     for i, block in enumerate(tqdm(layers, desc=f"calibrate {fmt}", disable=not progress)):
         tb = time.time()
         block.to(device)
-        H, targets = collect_hessians(block, inputs, kwargs, cfg.linears)
-        for name, linear in block_linears(block, cfg.linears).items():
-            tl = time.time()
-            qlayer, errs = quantize_linear(linear, H[name], fmt, cfg)
-            set_module(block, name, qlayer.to(device))
-            report["layers"].append(asdict(LayerReport(f"model.layers.{i}.{name}", errs, round(time.time() - tl, 3))))
-        del H
-        losses = tune_block(block, inputs, targets, kwargs, cfg.block_tune_steps, cfg.block_tune_lr) if cfg.block_tune_steps else []
+        targets = None
+        for group in sequential_groups(cfg.linears, cfg.true_sequential):
+            H, outputs = collect_hessians(block, inputs, kwargs, group)
+            targets = outputs if targets is None else targets  # the original block's outputs
+            for name, linear in block_linears(block, group).items():
+                tl = time.time()
+                qlayer, errs = quantize_linear(linear, H[name], fmt, cfg)
+                set_module(block, name, qlayer.to(device))
+                report["layers"].append(asdict(LayerReport(f"model.layers.{i}.{name}", errs, round(time.time() - tl, 3))))
+            del H, outputs
+        losses = []
+        if cfg.block_tune_steps:
+            losses = tune_block(block, inputs, targets, kwargs, cfg.block_tune_steps, cfg.block_tune_lr,
+                                cfg.block_tune_tau, cfg.block_tune_p_lr, cfg.beam_width, cfg.seed)
         with torch.no_grad():
             outputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in inputs]
             mse = sum(float(F.mse_loss(o.float(), t.float())) for o, t in zip(outputs, targets)) / len(inputs)

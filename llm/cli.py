@@ -29,14 +29,37 @@ def _calib_cfg(a) -> CalibrationConfig:
     from llm.formats import QuantFormat
 
     QuantFormat.parse(a.format)
-    return CalibrationConfig(fmt=a.format, rounds=a.rounds, beam_width=a.beam_width, block_tune_steps=a.block_tune_steps,
+    return CalibrationConfig(fmt=a.format, rounds=a.rounds, tolerance=a.tolerance, beam_width=a.beam_width,
+                             block_tune_steps=a.block_tune_steps, block_tune_lr=a.block_tune_lr,
                              batch_size=a.batch_size, seed=a.seed)
 
 
 def _ft_cfg(a, strategy: str) -> FinetuneConfig:
     return FinetuneConfig(strategy=strategy, steps=a.steps, batch_size=a.ft_batch_size, lr=a.lr, p_lr=a.p_lr, tau=a.tau,
-                          trust_ratio=a.trust_ratio, beam_width=a.beam_width, train_other=a.train_other,
-                          grad_checkpointing=a.grad_checkpointing, seed=a.seed).validate()
+                          p_beta1=a.p_beta1, p_metric=a.p_metric, trust_ratio=a.trust_ratio, beam_width=a.beam_width,
+                          train_other=not a.freeze_other, grad_checkpointing=a.grad_checkpointing, seed=a.seed).validate()
+
+
+def _strategy_settings(a, strategies) -> dict:
+    """Per-strategy FinetuneConfig overrides: the tuned ones unless --untuned, then --strategy-settings."""
+    from llm.pipeline import TUNED_STRATEGY_SETTINGS
+
+    settings = {} if a.untuned else {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
+    if a.strategy_settings:
+        try:
+            extra = json.loads(a.strategy_settings)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--strategy-settings is not valid JSON: {e}") from None
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError('--strategy-settings must look like {"pv": {"tau": 0.01}}')
+        for k, v in extra.items():
+            settings.setdefault(k, {}).update(v)
+    for s in strategies:
+        try:
+            FinetuneConfig(**{**settings.get(s, {}), "strategy": s}).validate()
+        except TypeError as e:
+            raise ValueError(f"--strategy-settings for {s}: {e}") from None
+    return settings
 
 
 def cmd_pipeline(a) -> None:
@@ -48,8 +71,9 @@ def cmd_pipeline(a) -> None:
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     for s in strategies:
         _ft_cfg(a, s)
+    settings = _strategy_settings(a, strategies)
     summary = run_pipeline(a.model, a.train, a.validation, a.out, _calib_cfg(a), _ft_cfg(a, strategies[0]), strategies,
-                           a.seq_len, a.nsamples, a.eval_windows, _device(a.device))
+                           a.seq_len, a.nsamples, a.eval_windows, _device(a.device), strategy_settings=settings)
     print(format_summary(summary))
     print(f"summary: {Path(a.out) / 'summary.json'}")
 
@@ -127,13 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         if data:
             p.add_argument("--seq-len", type=int, default=512)
-            p.add_argument("--nsamples", type=int, default=256, help="calibration sequences")
+            p.add_argument("--nsamples", type=int, default=1024, help="calibration sequences")
 
     def calib_args(p):
         p.add_argument("--format", default="2x8g8", help="MxBgG (AQLM), vqBgG, intBgG (scalar)")
-        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--rounds", type=int, default=8, help="at most this many P/V rounds per layer")
+        p.add_argument("--tolerance", type=float, default=0.005, help="stop a layer's rounds below this relative gain")
         p.add_argument("--beam-width", type=int, default=4)
-        p.add_argument("--block-tune-steps", type=int, default=0)
+        p.add_argument("--block-tune-steps", type=int, default=300)
+        p.add_argument("--block-tune-lr", type=float, default=3e-4)
         p.add_argument("--batch-size", type=int, default=16)
 
     def ft_args(p):
@@ -142,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=3e-4)
         p.add_argument("--p-lr", type=float, default=1e-2)
         p.add_argument("--tau", type=float, default=0.01)
+        p.add_argument("--p-beta1", type=float, default=0.0)
+        p.add_argument("--p-metric", default="euclidean", choices=("euclidean", "adam"))
         p.add_argument("--trust-ratio", type=float, default=None)
-        p.add_argument("--train-other", action="store_true", help="also tune embeddings and head")
+        p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
         p.add_argument("--grad-checkpointing", action="store_true")
 
     p = sub.add_parser("pipeline", help="calibrate, fine-tune with each strategy, evaluate")
@@ -151,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--strategies", default="pv", help=f"comma-separated, of {', '.join(STRATEGIES)}")
     p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--strategy-settings", default=None,
+                   help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
+    p.add_argument("--untuned", action="store_true", help="do not apply the tuned per-strategy settings")
     common(p), calib_args(p), ft_args(p)
     p.set_defaults(fn=cmd_pipeline)
 

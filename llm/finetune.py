@@ -11,8 +11,10 @@ strategies compare at equal steps and data, and a resumed run equals an uninterr
     linearized_pv  naive linearized PV: every group re-encoded against W - update
     pv             PV-Tuning: only the fraction tau of groups with the largest update are re-encoded
 
-The update of the dequantized weights W is Adam-like with beta1 = 0 (the official PV-Tuning
-setting): u = p_lr * g / (sqrt(v) + eps), v = EMA of g^2 with p_beta2. The V step is Adam on the
+The update of the dequantized weights W is Adam-like, by default with beta1 = 0 (the official
+PV-Tuning setting): u = p_lr * m / (sqrt(v) + eps), m and v EMAs of g and g^2 (bias-corrected).
+With p_metric = "adam" the new codes are the nearest to W - u in the metric diag(sqrt v), which
+makes them minimize the preconditioned linear model <m, W' - W> + ||W' - W||^2_{sqrt v} / (2 p_lr). The V step is Adam on the
 continuous parameters; the P step reuses the layer's encode (beam search for AQLM, nearest grid
 point for scalar), as pvtheory's subspace P step does on toy problems.
 """
@@ -47,12 +49,14 @@ class FinetuneConfig:
     lr: float = 3e-4  # V step (Adam on continuous parameters)
     betas: tuple = (0.9, 0.95)
     p_lr: float = 1e-2  # the update of the dequantized weights proposed to the P step
+    p_beta1: float = 0.0  # momentum of that update (official: 0; helps with small, noisy batches)
     p_beta2: float = 0.95
+    p_metric: str = "euclidean"  # re-encode nearest in "euclidean" or the "adam" metric diag(sqrt v)
     tau: float = 0.01  # fraction of code groups the pv strategy may change per step
     trust_ratio: Optional[float] = None  # reject code changes with ||dw|| > trust_ratio * ||w|| per group
     beam_width: int = 4
     train_norms: bool = True
-    train_other: bool = False  # embeddings and head too
+    train_other: bool = True  # embeddings and head too (the official update_non_quantized_parameters)
     amp: bool = True  # bf16 autocast on CUDA
     grad_checkpointing: bool = False
     checkpoint_every: int = 50
@@ -61,6 +65,8 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         if self.strategy not in STRATEGIES:
             raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.p_metric not in ("euclidean", "adam"):
+            raise FinetuneError(f"p_metric must be 'euclidean' or 'adam', got {self.p_metric!r}")
         if not 0 < self.tau <= 1:
             raise FinetuneError(f"tau must lie in (0, 1], got {self.tau}")
         if self.steps < 0 or self.batch_size < 1:
@@ -105,6 +111,7 @@ class CodeStep:
         self.cfg = cfg
         self.layers = quantized_layers(model)
         self.v: dict = {}  # second moments of the weight gradients
+        self.m: dict = {}  # first moments (only with p_beta1 > 0)
         self.t = 0
         self.shadow: dict = {}  # STE's continuous copies
         if cfg.strategy == "ste":
@@ -113,6 +120,7 @@ class CodeStep:
 
     def state_dict(self) -> dict:
         out = {f"p.v.{n}": v for n, v in self.v.items()}
+        out.update({f"p.m.{n}": m for n, m in self.m.items()})
         out.update({f"p.shadow.{n}": u for n, u in self.shadow.items()})
         out["p.t"] = torch.tensor(self.t)
         return out
@@ -120,6 +128,7 @@ class CodeStep:
     def load_state_dict(self, state: dict, device) -> None:
         self.t = int(state.get("p.t", torch.tensor(0)))
         self.v = {k[4:]: v.to(device) for k, v in state.items() if k.startswith("p.v.")}
+        self.m = {k[4:]: v.to(device) for k, v in state.items() if k.startswith("p.m.")}
         shadow = {k[9:]: v.to(device) for k, v in state.items() if k.startswith("p.shadow.")}
         if shadow:
             self.shadow = shadow
@@ -139,7 +148,14 @@ class CodeStep:
             v = self.v.get(name)
             v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v + (1 - cfg.p_beta2) * g * g
             self.v[name] = v
-            update = cfg.p_lr * g / ((v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8)
+            if cfg.p_beta1 > 0:
+                m = self.m.get(name)
+                m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m + (1 - cfg.p_beta1) * g
+                self.m[name] = m
+                g = m / (1 - cfg.p_beta1 ** self.t)
+            precond = (v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8
+            update = cfg.p_lr * g / precond
+            metric = precond if cfg.p_metric == "adam" else None
             W = layer.weight().detach().float()
             old = layer.codes_view()
             gs = layer.group_size
@@ -156,7 +172,7 @@ class CodeStep:
             if cfg.strategy == "stochastic":
                 new = layer.nearest_other_codes(target)
             else:
-                new = layer.encode(target, groups=groups, beam_width=cfg.beam_width)
+                new = layer.encode(target, groups=groups, beam_width=cfg.beam_width, weights=metric)
             moved = (new != old).any(1)
             if moved.any() and (cfg.strategy == "stochastic" or cfg.trust_ratio is not None):
                 layer.set_codes(new)

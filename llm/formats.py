@@ -144,12 +144,17 @@ class AQLMLinear(QuantizedLinearBase):
         """The dequantized weight (out, in), differentiable in codebooks and scales."""
         return decode(self.codes_view(), self.codebooks, (self.out_features, self.in_features), self.scales)
 
-    def encode(self, target: Tensor, groups: Optional[Tensor] = None, beam_width: int = 4) -> Tensor:
-        """Codes (n_groups, M) nearest to the target weight in the given groups (beam search for M > 1)."""
+    def encode(self, target: Tensor, groups: Optional[Tensor] = None, beam_width: int = 4,
+               weights: Optional[Tensor] = None) -> Tensor:
+        """Codes (n_groups, M) nearest to the target weight in the given groups (beam search for M > 1),
+        in the metric sum_i weights_i (w_i - target_i)^2 (Euclidean if weights is None)."""
         with torch.no_grad():
             cb = self.as_codebooks()
             cb = cb.with_values(cb.codebooks.detach().float(), cb.scales.detach().float())
-            return cb.encode(target.detach().float(), groups=groups, beam_width=beam_width)
+            cuda = target.is_cuda  # bigger chunks there: fewer kernel launches, memory to spare
+            return cb.encode(target.detach().float(), groups=groups, beam_width=beam_width,
+                             chunk=1 << 20 if cuda else 1 << 16, candidate_budget=1 << 25 if cuda else 1 << 22,
+                             weights=None if weights is None else weights.detach().float())
 
     @torch.no_grad()
     def nearest_other_codes(self, target: Tensor) -> Tensor:
@@ -212,8 +217,10 @@ class ScalarLinear(QuantizedLinearBase):
     def weight(self) -> Tensor:
         return self._expand(self.scales) * (self.codes.to(self.scales.dtype) - self._expand(self.zeros))
 
-    def encode(self, target: Tensor, groups: Optional[Tensor] = None, beam_width: int = 1) -> Tensor:
-        """Nearest grid point: clamp(round(target / scale + zero), 0, 2^b - 1), only in `groups`."""
+    def encode(self, target: Tensor, groups: Optional[Tensor] = None, beam_width: int = 1,
+               weights: Optional[Tensor] = None) -> Tensor:
+        """Nearest grid point: clamp(round(target / scale + zero), 0, 2^b - 1), only in `groups`.
+        Groups are single weights here, so a diagonal metric (`weights`) does not change the answer."""
         with torch.no_grad():
             s, z = self._expand(self.scales.detach().float()), self._expand(self.zeros.detach().float())
             s = torch.where(s == 0, torch.ones_like(s), s)

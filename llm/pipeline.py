@@ -33,11 +33,25 @@ def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:
     return perplexity(model.to(device), val, batch_size=32, device=device, dtype=dtype, progress=False)
 
 
+# Per-strategy settings found by the sweeps in experiments/results/sweeps (ref-llama, 2x8g8 and 1x8g8):
+# PV-Tuning moves few codes per step (tau = 0.1%), with momentum and the Adam metric against noisy
+# small-batch gradients; STE and stochastic rounding need small steps or they wreck the model.
+TUNED_STRATEGY_SETTINGS = {
+    "pv": {"p_lr": 1e-2, "tau": 1e-3, "p_beta1": 0.9, "p_metric": "adam"},
+    "linearized_pv": {"p_lr": 1e-2, "p_beta1": 0.9, "p_metric": "adam"},
+    "ste": {"p_lr": 3e-4},
+    "stochastic": {"p_lr": 1e-4},
+}
+
+
 def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,
                  strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 256,
-                 max_eval_windows: Optional[int] = None, device=None, progress: bool = True) -> dict:
+                 max_eval_windows: Optional[int] = None, device=None, progress: bool = True,
+                 strategy_settings: Optional[dict] = None) -> dict:
     """Calibrate `model_dir`, then fine-tune the calibrated model with each strategy at equal steps
-    and data; checkpoints under out_dir/, summary in out_dir/summary.json. Resumes finished parts."""
+    and data; checkpoints under out_dir/, summary in out_dir/summary.json. Resumes finished parts.
+    strategy_settings: {strategy: {FinetuneConfig field: value}} applied over finetune_cfg for that
+    strategy only (e.g. TUNED_STRATEGY_SETTINGS)."""
     read_config(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out_dir)
@@ -47,7 +61,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     teacher = load_model(model_dir, torch.float32, device)
     summary = {"model": str(model_dir), "format": calib.fmt, "seq_len": seq_len, "nsamples": nsamples,
                "eval_windows": len(val), "device": str(device), "calibration": asdict(calib),
-               "finetune": asdict(finetune_cfg)}
+               "finetune": asdict(finetune_cfg), "strategy_settings": strategy_settings or {}}
     summary["ppl_original"] = evaluate(teacher, val, device, amp)
     calibrated = out / "calibrated"
     if (calibrated / "meta.json").exists():
@@ -65,7 +79,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     summary["runs"] = {}
     for strategy in strategies:
         s = copy.deepcopy(student)
-        cfg = replace(finetune_cfg, strategy=strategy)
+        cfg = replace(finetune_cfg, strategy=strategy, **(strategy_settings or {}).get(strategy, {})).validate()
         rep = finetune(s, teacher, seqs, cfg, device=device, checkpoint_dir=out / strategy,
                        meta={"base_model": str(Path(model_dir).resolve())}, progress=progress)
         rep["ppl"] = evaluate(s, val, device, amp)

@@ -146,12 +146,14 @@ class Codebooks:
         weights: Optional[Tensor] = None,
         beam_width: int = 4,
         chunk: int = 65536,
+        candidate_budget: int = 1 << 22,
     ) -> Tensor:
         """Codes whose decoding is nearest to `target` in the groups `groups` (all if None).
 
         Minimizes sum_i w_i (decode_i - target_i)^2 per group, w = `weights` (1 if None). Groups
         outside `groups` keep their codes. M = 1: exact nearest entry. M > 1: beam search over the
-        codebooks started from the current codes, so a group's error never increases.
+        codebooks started from the current codes, so a group's error never increases. Groups are
+        processed `chunk` at a time, at most `candidate_budget` beam candidates at once (memory).
         """
         if target.shape != tuple(self.shape):
             raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(self.shape)}")
@@ -169,7 +171,7 @@ class Codebooks:
         codes = self.codes.clone()
         idx = torch.arange(self.num_groups, device=codes.device) if groups is None else groups.reshape(-1)
         if self.num_codebooks > 1:  # beam search holds (chunk, beam, K) candidates at once
-            chunk = max(1, min(chunk, (1 << 22) // (beam_width * self.codebook_size)))
+            chunk = max(1, min(chunk, candidate_budget // (beam_width * self.codebook_size)))
         for start in range(0, idx.numel(), chunk):
             sel = idx[start:start + chunk]
             wsel = None if w is None else w[sel]

@@ -51,8 +51,34 @@ def test_calibrated_tiny_llama_and_mistral_stay_close_to_the_original():
         seqs = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = model(seqs).logits
-        report = calibrate(model, seqs, CalibrationConfig(fmt="2x6g8", rounds=2, batch_size=4), progress=False)
+        report = calibrate(model, seqs, CalibrationConfig(fmt="2x6g8", rounds=2, batch_size=4, block_tune_steps=0), progress=False)
         with torch.no_grad():
             out = model(seqs).logits
         assert float((out - ref).norm() / ref.norm()) < 0.3
         assert len(report["layers"]) == 2 * 7
+
+
+def _tuning_report(**kw) -> dict:
+    model = tiny_model("llama", peaky=False)
+    seqs = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    cfg = CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=4, block_tune_lr=1e-3, **kw)
+    return calibrate(model, seqs, cfg, progress=False)
+
+
+def test_block_tuning_lowers_the_block_output_error():
+    for tau in (0.0, 0.05):  # continuous only, and PV (codes move too)
+        report = _tuning_report(block_tune_steps=30, block_tune_tau=tau)
+        for block in report["blocks"]:
+            first, last = block["tune_losses_first_last"]
+            assert last < first
+
+
+def test_true_sequential_quantizes_in_reading_order():
+    from llm.calibrate import sequential_groups
+    from llm.model import BLOCK_LINEARS
+
+    groups = sequential_groups(BLOCK_LINEARS, True)
+    assert [len(g) for g in groups] == [3, 1, 2, 1] and sorted(sum(groups, [])) == sorted(BLOCK_LINEARS)
+    assert sequential_groups(BLOCK_LINEARS, False) == [list(BLOCK_LINEARS)]
+    report = _tuning_report(block_tune_steps=0, true_sequential=True)
+    assert [l["name"].split(".", 3)[-1] for l in report["layers"][:7]] == sum(groups, [])

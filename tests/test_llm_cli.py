@@ -24,7 +24,7 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path):
     model = tiny_model_dir(tmp_path)
     train, val = tiny_corpus(tmp_path)
     args = ["pipeline", model, "--train", train, "--validation", val, "--out", tmp_path / "run", "--format", "1x6g8",
-            "--strategies", "continuous,pv", "--steps", "3", "--nsamples", "8", "--seq-len", "32", "--rounds", "1",
+            "--strategies", "continuous,pv", "--steps", "3", "--nsamples", "8", "--seq-len", "32", "--rounds", "1", "--block-tune-steps", "2",
             "--ft-batch-size", "4", "--eval-windows", "4", "--device", "cpu"]
     assert main(list(map(str, args))) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -15,7 +15,7 @@ SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1
 def calibrated(arch: str, fmt: str = "1x6g8"):
     teacher = tiny_model(arch)
     student = copy.deepcopy(teacher)
-    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, batch_size=8), progress=False)
+    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, batch_size=8, block_tune_steps=0), progress=False)
     return teacher, student
 
 
