@@ -52,6 +52,7 @@ class FinetuneConfig:
     p_beta1: float = 0.0  # momentum of that update (official: 0; helps with small, noisy batches)
     p_beta2: float = 0.95
     p_metric: str = "euclidean"  # re-encode nearest in "euclidean" or the "adam" metric diag(sqrt v)
+    p_state_dtype: str = "float32"  # the P step's per-weight moments; "bfloat16" halves their memory (7B scale)
     tau: float = 0.01  # fraction of code groups the pv strategy may change per step
     trust_ratio: Optional[float] = None  # reject code changes with ||dw|| > trust_ratio * ||w|| per group
     beam_width: int = 4
@@ -65,6 +66,8 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         if self.strategy not in STRATEGIES:
             raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.p_state_dtype not in ("float32", "bfloat16"):
+            raise FinetuneError(f"p_state_dtype must be 'float32' or 'bfloat16', got {self.p_state_dtype!r}")
         if self.p_metric not in ("euclidean", "adam"):
             raise FinetuneError(f"p_metric must be 'euclidean' or 'adam', got {self.p_metric!r}")
         if not 0 < self.tau <= 1:
@@ -145,13 +148,14 @@ class CodeStep:
             layer.weight_grad = None
             if g is None:
                 continue
+            dtype = getattr(torch, cfg.p_state_dtype)
             v = self.v.get(name)
-            v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v + (1 - cfg.p_beta2) * g * g
-            self.v[name] = v
+            v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v.float() + (1 - cfg.p_beta2) * g * g
+            self.v[name] = v.to(dtype)
             if cfg.p_beta1 > 0:
                 m = self.m.get(name)
-                m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m + (1 - cfg.p_beta1) * g
-                self.m[name] = m
+                m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m.float() + (1 - cfg.p_beta1) * g
+                self.m[name] = m.to(dtype)
                 g = m / (1 - cfg.p_beta1 ** self.t)
             precond = (v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8
             update = cfg.p_lr * g / precond

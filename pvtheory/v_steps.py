@@ -107,7 +107,13 @@ def solve_values_cvxpy(
         raise RuntimeError(f"cvxpy V step failed: {problem.status}")
     v = param.codebooks.reshape(-1).clone()
     v[used] = torch.as_tensor(free.value, dtype=v.dtype)
-    return param.with_values(v.reshape(param.codebooks.shape))
+    new = param.with_values(v.reshape(param.codebooks.shape))
+    # the solver stops within its tolerance: where that lands above the start (a start already at
+    # the optimum), keep the start, so the step never increases phi
+    old_feasible = bounds is None or bool(((v_old >= bounds[0]) & (v_old <= bounds[1])).all())
+    if old_feasible and float(objective.value(new.decode())) > float(objective.value(param.decode())):
+        return param
+    return new
 
 
 def exact_v_step() -> Step:
