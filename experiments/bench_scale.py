@@ -21,28 +21,23 @@ import torch
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.finetune import FinetuneConfig, finetune
 from llm.formats import QuantFormat, make_quantized
-from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, set_module
+from llm.model import block_linears, decoder_layers, set_module, tiny_config
 from pvtheory.io import write_json
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                 vocab_size=32000, num_hidden_layers=32, max_position_embeddings=4096)
-SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
-             vocab_size=1000, num_hidden_layers=32, max_position_embeddings=4096)
-
-
-def llama_config(shape: dict, layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**dict(shape, num_hidden_layers=layers), bos_token_id=0, eos_token_id=1, pad_token_id=None)
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000,
+                 num_hidden_layers=32)
+SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, vocab_size=1000, num_hidden_layers=32)
 
 
 def random_model(shape: dict, layers: int, dtype: torch.dtype, device) -> torch.nn.Module:
     """A Llama model of the given shape with `layers` blocks and random weights, built on `device`."""
     from transformers import LlamaForCausalLM
 
+    config = tiny_config("llama", hidden=shape["hidden_size"], layers=layers, heads=shape["num_attention_heads"],
+                         intermediate=shape["intermediate_size"], vocab=shape["vocab_size"])
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(llama_config(shape, layers)).to(dtype)
+        model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
 
 

@@ -14,11 +14,13 @@ That is a pvtheory objective over a discrete-continuous parameter, and calibrati
 With true_sequential, a block's linears are quantized in the order they are read (q,k,v; o; gate,up;
 down), each group's Hessian taken from the block with the earlier groups already quantized.
 Optionally each block's continuous parameters are then tuned to reproduce the original block's
-outputs (and, with block_tune_tau > 0, its codes by PV-Tuning's P step). Only the block being calibrated sits on the device; the rest of the model stays where it is.
+outputs (and, with block_tune_tau > 0, its codes by PV-Tuning's P step). Only the block being
+calibrated sits on the device; the rest of the model stays where it is.
 """
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -340,26 +342,18 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
     code_step = None
     if tau > 0:
         code_step = CodeStep(block, FinetuneConfig(strategy="pv", tau=tau, p_lr=p_lr, beam_width=beam_width, seed=seed))
-    layers = list(code_step.layers.values()) if code_step else []
-    for layer in layers:
-        layer.capture_weight_grad = True
     losses = []
-    try:
-        with torch.enable_grad():
-            for step in range(steps):
-                i = step % len(inputs)
-                out = block(inputs[i], **_block_kwargs(kwargs, inputs[i].shape[0]))
-                loss = F.mse_loss(out.float(), targets[i].float())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if code_step is not None:
-                    code_step.step(step)
-                opt.step()
-                losses.append(loss.item())
-    finally:
-        for layer in layers:
-            layer.capture_weight_grad = False
-            layer.weight_grad = None
+    with torch.enable_grad(), (code_step.capturing() if code_step else nullcontext()):
+        for step in range(steps):
+            i = step % len(inputs)
+            out = block(inputs[i], **_block_kwargs(kwargs, inputs[i].shape[0]))
+            loss = F.mse_loss(out.float(), targets[i].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if code_step is not None:
+                code_step.step(step)
+            opt.step()
+            losses.append(loss.item())
     return losses
 
 

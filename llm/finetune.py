@@ -14,17 +14,18 @@ strategies compare at equal steps and data, and a resumed run equals an uninterr
 The update of the dequantized weights W is Adam-like, by default with beta1 = 0 (the official
 PV-Tuning setting): u = p_lr * m / (sqrt(v) + eps), m and v EMAs of g and g^2 (bias-corrected).
 With p_metric = "adam" the new codes are the nearest to W - u in the metric diag(sqrt v), which
-makes them minimize the preconditioned linear model <m, W' - W> + ||W' - W||^2_{sqrt v} / (2 p_lr). The V step is Adam on the
-continuous parameters; the P step reuses the layer's encode (beam search for AQLM, nearest grid
+makes them minimize the preconditioned linear model <m, W' - W> + ||W' - W||^2_{sqrt v} / (2 p_lr).
+The V step is Adam on the continuous parameters; the P step reuses the layer's encode (beam search for AQLM, nearest grid
 point for scalar), as pvtheory's subspace P step does on toy problems.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,19 @@ class CodeStep:
         if shadow:
             self.shadow = shadow
 
+    @contextmanager
+    def capturing(self, enabled: bool = True) -> Iterator["CodeStep"]:
+        """Inside, every layer captures dL/dW in backward (what step() reads); on exit, even by an
+        error, capture is off and nothing captured is left behind."""
+        for layer in self.layers.values():
+            layer.capture_weight_grad = enabled
+        try:
+            yield self
+        finally:
+            for layer in self.layers.values():
+                layer.capture_weight_grad = False
+                layer.weight_grad = None
+
     @torch.no_grad()
     def step(self, step: int) -> int:
         """Apply the strategy's code update to every layer from its captured weight gradient."""
@@ -143,12 +157,12 @@ class CodeStep:
         self.t += 1
         changed = 0
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        dtype = getattr(torch, cfg.p_state_dtype)
         for name, layer in self.layers.items():
             g = layer.weight_grad
             layer.weight_grad = None
             if g is None:
                 continue
-            dtype = getattr(torch, cfg.p_state_dtype)
             v = self.v.get(name)
             v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v.float() + (1 - cfg.p_beta2) * g * g
             self.v[name] = v.to(dtype)
@@ -236,8 +250,6 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
     code_step = CodeStep(student, cfg)
     capture = cfg.strategy != "continuous"
-    for layer in quantized_layers(student).values():
-        layer.capture_weight_grad = capture
     losses, changed, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and resume and (ckpt / "meta.json").exists():
@@ -260,27 +272,26 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
             save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **code_step.state_dict()})
 
     t0 = time.time()
-    for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})", disable=not progress,
-                     initial=start, total=cfg.steps):
-        batch = batch_for_step(sequences, step, cfg.batch_size, cfg.seed).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch).logits
-            loss = kl_loss(student(input_ids=batch).logits, teacher_logits)
-        if not torch.isfinite(loss):
-            where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
-            raise FinetuneError(f"loss became {loss.item()} at step {step}: stopped{where}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        changed.append(code_step.step(step) if capture else 0)  # P step from the gradient at W
-        opt.step()  # V step
-        losses.append(loss.item())
-        if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
+    with code_step.capturing(capture):
+        for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})", disable=not progress,
+                         initial=start, total=cfg.steps):
+            batch = batch_for_step(sequences, step, cfg.batch_size, cfg.seed).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch).logits
+                loss = kl_loss(student(input_ids=batch).logits, teacher_logits)
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
+                raise FinetuneError(f"loss became {loss.item()} at step {step}: stopped{where}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            changed.append(code_step.step(step) if capture else 0)  # P step from the gradient at W
+            opt.step()  # V step
+            losses.append(loss.item())
+            if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save(step + 1)
     seconds = time.time() - t0
     save(cfg.steps)
     student.eval()
-    for layer in quantized_layers(student).values():
-        layer.capture_weight_grad = False
     return {"strategy": cfg.strategy, "steps": cfg.steps, "losses": losses, "codes_changed": changed,
             "seconds": round(seconds, 2), "config": asdict(cfg)}

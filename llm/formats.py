@@ -88,7 +88,10 @@ class QuantizedLinearBase(nn.Module):
     out_features: int
     bias: Optional[nn.Parameter]
 
-    def _init_capture(self) -> None:
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat) -> None:
+        super().__init__()
+        fmt.check_divides(in_features)
+        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
         self.capture_weight_grad = False
         self.weight_grad: Optional[Tensor] = None
 
@@ -114,15 +117,12 @@ class AQLMLinear(QuantizedLinearBase):
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        fmt.check_divides(in_features)
-        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+        super().__init__(in_features, out_features, fmt)
         M, K, g = fmt.num_codebooks, 1 << fmt.bits, fmt.group_size
         self.register_buffer("codes", torch.zeros(out_features, in_features // g, M, dtype=_code_dtype(fmt.bits), device=device))
         self.codebooks = nn.Parameter(torch.zeros(M, K, g, device=device, dtype=dtype))
         self.scales = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self._init_capture()
 
     # the discrete-continuous parameter ---------------------------------------------------------
     @property
@@ -191,15 +191,12 @@ class ScalarLinear(QuantizedLinearBase):
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        fmt.check_divides(in_features)
-        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+        super().__init__(in_features, out_features, fmt)
         ng = in_features // fmt.group_size
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.scales = nn.Parameter(torch.ones(out_features, ng, device=device, dtype=dtype))
         self.zeros = nn.Parameter(torch.zeros(out_features, ng, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self._init_capture()
 
     @property
     def group_size(self) -> int:

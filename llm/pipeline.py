@@ -13,7 +13,7 @@ from llm.calibrate import CalibrationConfig, calibrate
 from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.data import calibration_sequences, load_tokenizer, tokenize, windows
 from llm.evaluate import perplexity
-from llm.finetune import FinetuneConfig, finetune
+from llm.finetune import FinetuneConfig, FinetuneError, finetune
 from llm.formats import model_bits
 from llm.model import load_model, read_config
 from pvtheory.io import write_json
@@ -44,6 +44,15 @@ TUNED_STRATEGY_SETTINGS = {
 }
 
 
+def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict] = None) -> FinetuneConfig:
+    """`base` for `strategy`, with that strategy's entry of `settings` ({strategy: {field: value}}) applied."""
+    overrides = (settings or {}).get(strategy, {})
+    try:
+        return replace(base, strategy=strategy, **overrides).validate()
+    except TypeError as e:  # an unknown field name
+        raise FinetuneError(f"settings for {strategy}: {e}") from None
+
+
 def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,
                  strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 256,
                  max_eval_windows: Optional[int] = None, device=None, progress: bool = True,
@@ -53,6 +62,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     strategy_settings: {strategy: {FinetuneConfig field: value}} applied over finetune_cfg for that
     strategy only (e.g. TUNED_STRATEGY_SETTINGS)."""
     read_config(model_dir)
+    configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}  # fail before any work
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out_dir)
     amp = finetune_cfg.amp
@@ -79,8 +89,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     summary["runs"] = {}
     for strategy in strategies:
         s = copy.deepcopy(student)
-        cfg = replace(finetune_cfg, strategy=strategy, **(strategy_settings or {}).get(strategy, {})).validate()
-        rep = finetune(s, teacher, seqs, cfg, device=device, checkpoint_dir=out / strategy,
+        rep = finetune(s, teacher, seqs, configs[strategy], device=device, checkpoint_dir=out / strategy,
                        meta={"base_model": str(Path(model_dir).resolve())}, progress=progress)
         rep["ppl"] = evaluate(s, val, device, amp)
         rep["loss_first_last"] = [rep["losses"][0], sum(rep["losses"][-10:]) / len(rep["losses"][-10:])] if rep["losses"] else []
