@@ -3,6 +3,7 @@
     pvtuning pipeline MODEL_DIR --train TRAIN --validation VAL --out DIR [--format 2x8g8] [--strategies pv,ste]
     pvtuning calibrate MODEL_DIR --train TRAIN --out CKPT [--format 2x8g8]
     pvtuning finetune CKPT --train TRAIN --out CKPT2 [--strategy pv] [--steps 200]
+    torchrun --nproc-per-node 2 -m llm.cli finetune ...   (data parallel over 2 GPUs, same result)
     pvtuning eval MODEL_DIR_OR_CKPT --validation VAL
     pvtuning export CKPT --out HF_DIR
 """
@@ -35,7 +36,8 @@ def _calib_cfg(a) -> CalibrationConfig:
 
 
 def _ft_cfg(a, strategy: str) -> FinetuneConfig:
-    return FinetuneConfig(strategy=strategy, steps=a.steps, batch_size=a.ft_batch_size, lr=a.lr, p_lr=a.p_lr, tau=a.tau,
+    return FinetuneConfig(strategy=strategy, steps=a.steps, batch_size=a.ft_batch_size,
+                          micro_batch_size=a.micro_batch_size, lr=a.lr, p_lr=a.p_lr, tau=a.tau,
                           p_beta1=a.p_beta1, p_metric=a.p_metric, trust_ratio=a.trust_ratio, beam_width=a.beam_width,
                           train_other=not a.freeze_other, grad_checkpointing=a.grad_checkpointing, seed=a.seed).validate()
 
@@ -91,20 +93,22 @@ def cmd_calibrate(a) -> None:
 
 
 def cmd_finetune(a) -> None:
-    from llm.checkpoint import load_checkpoint, save_checkpoint
+    from llm import distributed as D
+    from llm.checkpoint import load_checkpoint
     from llm.finetune import finetune
     from llm.model import load_model
     from llm.pipeline import load_data
 
-    dev = _device(a.device)
+    dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     student, meta, _ = load_checkpoint(a.checkpoint, a.model, dev)
     base = a.model or meta["base_model"]
     seqs, _ = load_data(base, a.train, a.train, a.seq_len, a.nsamples, max_eval_windows=1)
     teacher = load_model(base, torch.float32, dev)
     rep = finetune(student, teacher, seqs, _ft_cfg(a, a.strategy), device=dev, checkpoint_dir=a.out,
                    meta={"base_model": str(Path(base).resolve())})
-    print(f"{a.strategy}: KL {rep['losses'][0]:.4f} -> {rep['losses'][-1]:.4f} in {rep['steps']} steps "
-          f"({rep['seconds']} s), {sum(rep['codes_changed'])} code changes: {a.out}")
+    if D.rank() == 0:
+        print(f"{a.strategy}: KL {rep['losses'][0]:.4f} -> {rep['losses'][-1]:.4f} in {rep['steps']} steps "
+              f"({rep['seconds']} s), {sum(rep['codes_changed'])} code changes: {a.out}")
 
 
 def cmd_eval(a) -> None:
@@ -157,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ft_args(p):
         p.add_argument("--steps", type=int, default=200)
-        p.add_argument("--ft-batch-size", type=int, default=16)
+        p.add_argument("--ft-batch-size", type=int, default=16, help="sequences per step, over all processes")
+        p.add_argument("--micro-batch-size", type=int, default=None,
+                       help="sequences per forward pass and process (gradients accumulate)")
         p.add_argument("--lr", type=float, default=3e-4)
         p.add_argument("--p-lr", type=float, default=1e-2)
         p.add_argument("--tau", type=float, default=0.01)

@@ -17,6 +17,10 @@ With p_metric = "adam" the new codes are the nearest to W - u in the metric diag
 makes them minimize the preconditioned linear model <m, W' - W> + ||W' - W||^2_{sqrt v} / (2 p_lr).
 The V step is Adam on the continuous parameters; the P step reuses the layer's encode (beam search for AQLM, nearest grid
 point for scalar), as pvtheory's subspace P step does on toy problems.
+
+A step's global batch (batch_size sequences) may be split over processes (llm.distributed: data
+parallel, each layer's P step on one owner rank) and, within a process, into micro-batches whose
+gradients accumulate: the step is the same at any split.
 """
 from __future__ import annotations
 
@@ -25,13 +29,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from llm import distributed as D
 from llm.checkpoint import load_file, read_meta, save_checkpoint
 from llm.formats import quantized_layers
 
@@ -46,7 +51,8 @@ class FinetuneError(RuntimeError):
 class FinetuneConfig:
     strategy: str = "pv"
     steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch of a step, over all processes
+    micro_batch_size: Optional[int] = None  # per process and forward pass (gradients accumulate); None: all at once
     lr: float = 3e-4  # V step (Adam on continuous parameters)
     betas: tuple = (0.9, 0.95)
     p_lr: float = 1e-2  # the update of the dequantized weights proposed to the P step
@@ -75,6 +81,8 @@ class FinetuneConfig:
             raise FinetuneError(f"tau must lie in (0, 1], got {self.tau}")
         if self.steps < 0 or self.batch_size < 1:
             raise FinetuneError("steps must be >= 0 and batch_size >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise FinetuneError("micro_batch_size must be >= 1")
         return self
 
 
@@ -109,20 +117,26 @@ def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list:
 
 
 class CodeStep:
-    """The P-step half of a fine-tuning step for every quantized layer of a model."""
+    """The P-step half of a fine-tuning step for every quantized layer of a model. Under
+    torch.distributed each layer's P step runs on its owner rank, which alone keeps its state."""
 
     def __init__(self, model: nn.Module, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         self.layers = quantized_layers(model)
+        self.owner = D.layer_owners({n: m.out_features * m.in_features for n, m in self.layers.items()})
         self.v: dict = {}  # second moments of the weight gradients
         self.m: dict = {}  # first moments (only with p_beta1 > 0)
         self.t = 0
         self.shadow: dict = {}  # STE's continuous copies
         if cfg.strategy == "ste":
             with torch.no_grad():
-                self.shadow = {n: m.weight().detach().float().clone() for n, m in self.layers.items()}
+                self.shadow = {n: m.weight().detach().float().clone() for n, m in self.layers.items() if self.owns(n)}
+
+    def owns(self, name: str) -> bool:
+        return self.owner[name] == D.rank()
 
     def state_dict(self) -> dict:
+        """This rank's P-step state (under torch.distributed, the layers it owns)."""
         out = {f"p.v.{n}": v for n, v in self.v.items()}
         out.update({f"p.m.{n}": m for n, m in self.m.items()})
         out.update({f"p.shadow.{n}": u for n, u in self.shadow.items()})
@@ -130,10 +144,14 @@ class CodeStep:
         return out
 
     def load_state_dict(self, state: dict, device) -> None:
+        """Restore from a (whole-model) state; each rank keeps the layers it owns."""
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v.to(device) for k, v in state.items()
+                    if k.startswith(prefix) and self.owns(k[len(prefix):])}
+
         self.t = int(state.get("p.t", torch.tensor(0)))
-        self.v = {k[4:]: v.to(device) for k, v in state.items() if k.startswith("p.v.")}
-        self.m = {k[4:]: v.to(device) for k, v in state.items() if k.startswith("p.m.")}
-        shadow = {k[9:]: v.to(device) for k, v in state.items() if k.startswith("p.shadow.")}
+        self.v, self.m = part("p.v."), part("p.m.")
+        shadow = part("p.shadow.")
         if shadow:
             self.shadow = shadow
 
@@ -152,65 +170,78 @@ class CodeStep:
 
     @torch.no_grad()
     def step(self, step: int) -> int:
-        """Apply the strategy's code update to every layer from its captured weight gradient."""
-        cfg = self.cfg
+        """Apply the strategy's code update to every layer from its captured weight gradient
+        (summed over processes onto the layer's owner, whose new codes every rank then receives).
+        Returns the number of code groups changed."""
         self.t += 1
         changed = 0
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        dtype = getattr(torch, cfg.p_state_dtype)
-        for name, layer in self.layers.items():
+        for index, (name, layer) in enumerate(self.layers.items()):
             g = layer.weight_grad
             layer.weight_grad = None
             if g is None:
                 continue
-            v = self.v.get(name)
-            v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v.float() + (1 - cfg.p_beta2) * g * g
-            self.v[name] = v.to(dtype)
-            if cfg.p_beta1 > 0:
-                m = self.m.get(name)
-                m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m.float() + (1 - cfg.p_beta1) * g
-                self.m[name] = m.to(dtype)
-                g = m / (1 - cfg.p_beta1 ** self.t)
-            precond = (v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8
-            update = cfg.p_lr * g / precond
-            metric = precond if cfg.p_metric == "adam" else None
-            W = layer.weight().detach().float()
-            old = layer.codes_view()
-            gs = layer.group_size
-            if cfg.strategy == "ste":
-                self.shadow[name] -= update
-                target, groups = self.shadow[name], None
-            else:
-                target = W - update
-                groups = None
-                if cfg.strategy == "pv":
-                    scores = update.reshape(-1, gs).norm(dim=1)
-                    k = max(1, int(math.ceil(cfg.tau * scores.numel())))
-                    groups = torch.topk(scores, k).indices
-            if cfg.strategy == "stochastic":
-                new = layer.nearest_other_codes(target)
-            else:
-                new = layer.encode(target, groups=groups, beam_width=cfg.beam_width, weights=metric)
-            moved = (new != old).any(1)
-            if moved.any() and (cfg.strategy == "stochastic" or cfg.trust_ratio is not None):
-                layer.set_codes(new)
-                W_new = layer.weight().detach().float().reshape(-1, gs)
-                layer.set_codes(old)
-                w_old, t = W.reshape(-1, gs), target.reshape(-1, gs)
-                delta = W_new - w_old
-                keep = moved.clone()
-                if cfg.strategy == "stochastic":
-                    # stochastic rounding between the current code and its nearest neighbour towards the
-                    # target: move with probability = how far the target went along w_old -> w_new
-                    lam = ((t - w_old) * delta).sum(1) / (delta * delta).sum(1).clamp_min(1e-30)
-                    keep &= torch.rand(lam.shape, generator=gen).to(lam.device) < lam.clamp(0, 1)
-                if cfg.trust_ratio is not None:
-                    keep &= delta.norm(dim=1) <= cfg.trust_ratio * w_old.norm(dim=1).clamp_min(1e-12)
-                new = torch.where(keep.unsqueeze(1), new, old)
-                moved = keep
-            layer.set_codes(new)
-            changed += int(moved.sum())
+            D.reduce_sum_to(g, self.owner[name])
+            if self.owns(name):
+                gen = torch.Generator().manual_seed((self.cfg.seed * 7_919 + step) * 100_003 + index)
+                changed += self._update_layer(name, layer, g, gen)
+            D.broadcast_from(layer.codes, self.owner[name])
+        if D.is_distributed():
+            total = torch.tensor(float(changed), device=next(iter(self.layers.values())).codes.device)
+            D.all_reduce_sum_([total])
+            changed = int(total.item())
         return changed
+
+    def _update_layer(self, name: str, layer: nn.Module, g: Tensor, gen: torch.Generator) -> int:
+        """One layer's P step from its weight gradient g; returns the number of groups changed."""
+        cfg = self.cfg
+        dtype = getattr(torch, cfg.p_state_dtype)
+        v = self.v.get(name)
+        v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v.float() + (1 - cfg.p_beta2) * g * g
+        self.v[name] = v.to(dtype)
+        if cfg.p_beta1 > 0:
+            m = self.m.get(name)
+            m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m.float() + (1 - cfg.p_beta1) * g
+            self.m[name] = m.to(dtype)
+            g = m / (1 - cfg.p_beta1 ** self.t)
+        precond = (v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8
+        update = cfg.p_lr * g / precond
+        metric = precond if cfg.p_metric == "adam" else None
+        W = layer.weight().detach().float()
+        old = layer.codes_view()
+        gs = layer.group_size
+        if cfg.strategy == "ste":
+            self.shadow[name] -= update
+            target, groups = self.shadow[name], None
+        else:
+            target = W - update
+            groups = None
+            if cfg.strategy == "pv":
+                scores = update.reshape(-1, gs).norm(dim=1)
+                k = max(1, int(math.ceil(cfg.tau * scores.numel())))
+                groups = torch.topk(scores, k).indices
+        if cfg.strategy == "stochastic":
+            new = layer.nearest_other_codes(target)
+        else:
+            new = layer.encode(target, groups=groups, beam_width=cfg.beam_width, weights=metric)
+        moved = (new != old).any(1)
+        if moved.any() and (cfg.strategy == "stochastic" or cfg.trust_ratio is not None):
+            layer.set_codes(new)
+            W_new = layer.weight().detach().float().reshape(-1, gs)
+            layer.set_codes(old)
+            w_old, t = W.reshape(-1, gs), target.reshape(-1, gs)
+            delta = W_new - w_old
+            keep = moved.clone()
+            if cfg.strategy == "stochastic":
+                # stochastic rounding between the current code and its nearest neighbour towards the
+                # target: move with probability = how far the target went along w_old -> w_new
+                lam = ((t - w_old) * delta).sum(1) / (delta * delta).sum(1).clamp_min(1e-30)
+                keep &= torch.rand(lam.shape, generator=gen).to(lam.device) < lam.clamp(0, 1)
+            if cfg.trust_ratio is not None:
+                keep &= delta.norm(dim=1) <= cfg.trust_ratio * w_old.norm(dim=1).clamp_min(1e-12)
+            new = torch.where(keep.unsqueeze(1), new, old)
+            moved = keep
+        layer.set_codes(new)
+        return int(moved.sum())
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
@@ -233,12 +264,15 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, device) -> No
 
 
 def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: FinetuneConfig, device=None,
-             checkpoint_dir=None, resume: bool = True, meta: Optional[dict] = None, progress: bool = True) -> dict:
+             checkpoint_dir=None, resume: bool = True, meta: Optional[dict] = None, progress: bool = True,
+             on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Fine-tune `student` (quantized) towards `teacher` on `sequences` (n, T); returns a report.
 
     With checkpoint_dir, writes a checkpoint every cfg.checkpoint_every steps and at the end, and
     (resume=True) continues from the checkpoint found there. A non-finite loss stops the run with
-    FinetuneError, leaving the last good checkpoint in place.
+    FinetuneError, leaving the last good checkpoint in place. on_step(step, loss) is called after
+    every step (timing, logging). Under torch.distributed (see
+    llm.distributed) every rank calls this with the same arguments; rank 0 writes the checkpoints.
     """
     cfg.validate()
     device = torch.device(device or next(student.parameters()).device)
@@ -267,31 +301,54 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     amp = cfg.amp and device.type == "cuda"
 
     def save(step: int) -> None:
-        if ckpt is not None:
+        if ckpt is None:
+            return
+        p_state = D.gather_to_first(code_step.state_dict())  # every rank takes part
+        if D.rank() == 0:
             info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg))
-            save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **code_step.state_dict()})
+            save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **p_state})
+        D.barrier()
 
     t0 = time.time()
     with code_step.capturing(capture):
-        for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})", disable=not progress,
-                         initial=start, total=cfg.steps):
-            batch = batch_for_step(sequences, step, cfg.batch_size, cfg.seed).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch).logits
-                loss = kl_loss(student(input_ids=batch).logits, teacher_logits)
-            if not torch.isfinite(loss):
+        for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})",
+                         disable=not progress or D.rank() > 0, initial=start, total=cfg.steps):
+            loss = accumulate_gradients(student, teacher, opt,
+                                        D.local_slice(batch_for_step(sequences, step, cfg.batch_size, cfg.seed)),
+                                        cfg, device, amp)
+            if not math.isfinite(loss):  # before any step: the model is still the last good one
                 where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
-                raise FinetuneError(f"loss became {loss.item()} at step {step}: stopped{where}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                raise FinetuneError(f"loss became {loss} at step {step}: stopped{where}")
+            D.all_reduce_sum_(p.grad for p in params)
             changed.append(code_step.step(step) if capture else 0)  # P step from the gradient at W
             opt.step()  # V step
-            losses.append(loss.item())
+            losses.append(loss)
+            if on_step is not None:
+                on_step(step, loss)
             if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save(step + 1)
     seconds = time.time() - t0
     save(cfg.steps)
     student.eval()
     return {"strategy": cfg.strategy, "steps": cfg.steps, "losses": losses, "codes_changed": changed,
-            "seconds": round(seconds, 2), "config": asdict(cfg)}
+            "seconds": round(seconds, 2), "world_size": D.world_size(), "config": asdict(cfg)}
+
+
+def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, batch: Tensor,
+                         cfg: FinetuneConfig, device: torch.device, amp: bool) -> float:
+    """Gradients of this process's share of the step's loss on `batch` (its rows of the global
+    batch), micro-batch by micro-batch; returns the global batch's loss (summed over processes).
+    Each micro-batch's mean-token KL is weighted by its share of the global batch, so the sum over
+    micro-batches and processes is the global batch's mean."""
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for micro in batch.split(cfg.micro_batch_size or len(batch)):
+        micro = micro.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=micro).logits
+            loss = kl_loss(student(input_ids=micro).logits, teacher_logits) * (len(micro) / cfg.batch_size)
+        loss.backward()
+        total += loss.detach()
+    D.all_reduce_sum_([total])
+    return total.item()

@@ -1,0 +1,139 @@
+"""PV-Tuning on one or several processes (GPUs) at the same global batch: loss curve, time, memory.
+
+    torchrun --nproc-per-node 2 -m experiments.dist_finetune --out r2.json \
+        --checkpoint CKPT --model MODEL_DIR --train train.txt.xz --steps 100 --batch-size 32
+    torchrun --nproc-per-node 2 -m experiments.dist_finetune --out s2.json --random 7b --steps 3 --batch-size 2
+
+The first form fine-tunes a calibrated checkpoint of a reference model; the second a Llama-2-7B-shaped
+model with random weights and random 2x8g8 codes (built on the GPU, no download), one sequence of
+4096 tokens per GPU, gradient checkpointing and bf16 P-step moments. Rank 0 writes the loss of every
+step, the seconds of every step, tokens/s, and every rank's peak GPU memory. Run the same command
+with --nproc-per-node 1 and 2 and compare with `--compare a.json b.json` (no torchrun).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from llm import distributed as D
+from llm.finetune import FinetuneConfig, finetune
+from llm.pipeline import TUNED_STRATEGY_SETTINGS
+from pvtheory.io import write_json
+
+
+def random_models(shape: dict, device: torch.device, layers: int, fmt: str = "2x8g8"):
+    """(teacher bf16, quantized student) of the given shape with random weights and codes, built on
+    `device` with seeded generators, so that every rank builds the same models."""
+    from experiments.bench_scale import random_model
+    from llm.formats import QuantFormat, make_quantized
+    from llm.model import block_linears, decoder_layers, set_module
+
+    teacher = random_model(shape, layers, torch.bfloat16, device)
+    student = random_model(shape, layers, torch.bfloat16, device)  # same seed: same weights
+    q = QuantFormat.parse(fmt)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for block in decoder_layers(student):
+        for name, linear in block_linears(block).items():
+            layer = make_quantized(linear, q)
+            with torch.no_grad():
+                layer.set_codes(torch.randint(0, 1 << q.bits, layer.codes.shape, generator=gen, device=device))
+                layer.codebooks.normal_(0, 0.01, generator=gen)
+            set_module(block, name, layer)
+    for name, p in student.named_parameters():  # the parameters left unquantized train in fp32
+        if not any(k in name for k in ("codebooks", "scales")):
+            p.data = p.data.float()
+    return teacher, student
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--model", help="the checkpoint's base model directory")
+    ap.add_argument("--train")
+    ap.add_argument("--random", choices=("7b", "small"), help="a random Llama-2-7B-shaped model (small: CPU smoke test)")
+    ap.add_argument("--layers", type=int, default=32, help="blocks of the random 7B-shaped model")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step, all GPUs)")
+    ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 512, or 4096 with --random 7b")
+    ap.add_argument("--nsamples", type=int, default=1024)
+    ap.add_argument("--compare", nargs=2, metavar="JSON", help="compare two results files and exit")
+    a = ap.parse_args(argv)
+    if a.compare:
+        print(json.dumps(compare(*a.compare), indent=1))
+        return
+    device = D.init_from_env()
+    seq_len = a.seq_len or (4096 if a.random else 512)
+    cfg_kw = dict(strategy="pv", steps=a.steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+                  checkpoint_every=10**9, **TUNED_STRATEGY_SETTINGS["pv"])
+    if a.random:
+        from experiments.bench_scale import LLAMA2_7B, SMALL
+
+        teacher, student = random_models(LLAMA2_7B if a.random == "7b" else SMALL, device, a.layers)
+        vocab = teacher.config.vocab_size
+        seqs = torch.randint(0, vocab, (max(a.batch_size, 8), seq_len), generator=torch.Generator().manual_seed(0))
+        cfg_kw.update(grad_checkpointing=True, p_state_dtype="bfloat16")
+        source = f"random Llama-2-7B shape ({a.random}), {a.layers} blocks, 2x8g8"
+    else:
+        from llm.checkpoint import load_checkpoint
+        from llm.model import load_model
+        from llm.pipeline import load_data
+
+        student, meta, _ = load_checkpoint(a.checkpoint, a.model, device)
+        teacher = load_model(a.model, torch.float32, device)
+        seqs, _ = load_data(a.model, a.train, a.train, seq_len, a.nsamples, max_eval_windows=1)
+        source = f"{a.checkpoint} ({a.model})"
+    cfg = FinetuneConfig(**cfg_kw)
+    times = []
+
+    def on_step(step: int, loss: float) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    rep = finetune(student, teacher, seqs, cfg, device=device, progress=D.rank() == 0, on_step=on_step)
+    step_seconds = [round(b - a_, 4) for a_, b in zip([t0] + times[:-1], times)]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peaks = [None] * D.world_size()
+    if D.is_distributed():
+        torch.distributed.all_gather_object(peaks, peak)
+    else:
+        peaks = [peak]
+    if D.rank() == 0:
+        steady = step_seconds[1:] or step_seconds
+        res = {"source": source, "world_size": D.world_size(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "seq_len": seq_len, "global_batch": a.batch_size,
+               "micro_batch_size": a.micro_batch_size, "config": rep["config"], "losses": rep["losses"],
+               "codes_changed": rep["codes_changed"], "step_seconds": step_seconds,
+               "seconds_per_step_after_first": round(sum(steady) / len(steady), 4),
+               "tokens_per_second": round(a.batch_size * seq_len * len(steady) / sum(steady), 1),
+               "peak_gib_per_rank": [None if p is None else round(p, 2) for p in peaks]}
+        write_json(a.out, res)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("losses", "codes_changed", "step_seconds", "config")}))
+    D.barrier()
+    if D.is_distributed():
+        torch.distributed.destroy_process_group()
+
+
+def compare(path_a: str, path_b: str) -> dict:
+    """Largest relative difference of the two loss curves, and throughput/memory side by side."""
+    ra, rb = (json.loads(Path(p).read_text()) for p in (path_a, path_b))
+    la, lb = ra["losses"], rb["losses"]
+    rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)]
+    return {"world_sizes": [ra["world_size"], rb["world_size"]], "steps_compared": len(rel),
+            "max_relative_loss_difference": max(rel), "mean_relative_loss_difference": sum(rel) / len(rel),
+            "final_losses": [la[-1], lb[-1]], "codes_changed_total": [sum(ra["codes_changed"]), sum(rb["codes_changed"])],
+            "tokens_per_second": [ra["tokens_per_second"], rb["tokens_per_second"]],
+            "peak_gib_per_rank": [ra["peak_gib_per_rank"], rb["peak_gib_per_rank"]]}
+
+
+if __name__ == "__main__":
+    main()

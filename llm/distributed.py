@@ -1,0 +1,124 @@
+"""Fine-tuning on several processes (GPUs) with torch.distributed: data parallel, P step sharded.
+
+Every rank holds the quantized student (2 bits a weight: small) and the teacher, and computes the
+loss on its own slice of the global batch. Then:
+
+- V step: the gradients of the continuous parameters are summed over ranks (all-reduce), so every
+  rank takes the same Adam step and the replicas stay identical;
+- P step: each quantized layer has one owner rank (layers are dealt out by size). The weight
+  gradients dL/dW are summed onto the owner (reduce), only the owner keeps that layer's P-step
+  state (the per-weight moments, the largest state of PV-Tuning: ZeRO-style sharding) and
+  computes its new codes, and the owner broadcasts the codes.
+
+With equal slices the summed gradients are those of the global batch, so W ranks give the loss
+curve of one process at the same global batch (up to the order of floating-point sums).
+Without an initialized process group every function here is the identity of one process.
+Launch with torchrun (`torchrun --nproc-per-node 2 -m llm.cli finetune ...`); gloo runs on CPUs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(backend: Optional[str] = None) -> torch.device:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...);
+    NCCL and one GPU per process where CUDA is available, else gloo on the CPU. Returns the device."""
+    if not launched_by_torchrun():
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+                                **({"device_id": device} if cuda else {}))
+    return device
+
+
+def local_slice(batch: Tensor) -> Tensor:
+    """This rank's rows of the global batch (contiguous, equal shares)."""
+    w, r = world_size(), rank()
+    if len(batch) % w:
+        raise ValueError(f"global batch of {len(batch)} does not split over {w} processes")
+    n = len(batch) // w
+    return batch[r * n:(r + 1) * n]
+
+
+def all_reduce_sum_(tensors: Iterable[Optional[Tensor]], bucket_numel: int = 1 << 26) -> None:
+    """Sum each tensor over ranks, in place, in flat buckets (few collective calls)."""
+    if not is_distributed():
+        return
+    buckets: list = []
+    for t in tensors:
+        if t is None:
+            continue
+        last = buckets[-1] if buckets else None
+        if last and last[0].dtype == t.dtype and sum(x.numel() for x in last) + t.numel() <= bucket_numel:
+            last.append(t)
+        else:
+            buckets.append([t])
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(part.view_as(t))
+
+
+def layer_owners(sizes: dict) -> dict:
+    """name -> owning rank, greedy by size (largest first to the least loaded rank): balanced P-step
+    work and state. Deterministic, so every rank computes the same map."""
+    load = [0] * world_size()
+    owners = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(len(load)), key=lambda i: (load[i], i))
+        owners[name] = r
+        load[r] += sizes[name]
+    return owners
+
+
+def reduce_sum_to(t: Tensor, owner: int) -> None:
+    """Sum `t` over ranks onto rank `owner` (others' copies are left undefined)."""
+    if is_distributed():
+        dist.reduce(t, dst=owner)
+
+
+def broadcast_from(t: Tensor, owner: int) -> None:
+    """Overwrite `t` on every rank with rank `owner`'s."""
+    if is_distributed():
+        dist.broadcast(t, src=owner)
+
+
+def gather_to_first(state: dict) -> dict:
+    """Rank 0 gets the union of every rank's dict of tensors (moved to the CPU); others get {}."""
+    if not is_distributed():
+        return state
+    parts = [None] * world_size() if rank() == 0 else None
+    dist.gather_object({k: v.detach().cpu() for k, v in state.items()}, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if rank() == 0 else {}
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
