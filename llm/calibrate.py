@@ -7,8 +7,8 @@ That is a pvtheory objective over a discrete-continuous parameter, and calibrati
 - AQLM / VQ: residual k-means initialization (weighted by diag H), then up to `rounds` alternations of
   a P step, an exact block-coordinate sweep over the column groups (each group's codes by beam
   search under the metric H_jj, all rows at once, started from the current codes so f never
-  increases), and a V step: exact (closed-form codebooks, then per-row scales) where the codebooks
-  are small enough, otherwise Adam on codebooks and scales;
+  increases), and an exact V step: the codebooks solve their normal equations (conjugate gradients,
+  A applied without forming it), then the per-row scales in closed form (or Adam, exact_v=False);
 - scalar: GPTQ (column by column with inverse-Hessian error feedback), then the same Adam V step.
 
 With true_sequential, a block's linears are quantized in the order they are read (q,k,v; o; gate,up;
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from llm.formats import AQLMLinear, QuantFormat, ScalarLinear, make_quantized
 from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, set_module
-from pvtheory.codes import beam_search, nearest_entry
+from pvtheory.codes import beam_search, decode, nearest_entry
 from pvtheory.init import residual_kmeans
 
 
@@ -41,7 +41,7 @@ class CalibrationConfig:
     rounds: int = 8  # at most this many P/V alternations per layer
     tolerance: float = 0.005  # stop a layer's rounds once a round improves its error by less than this (relative)
     beam_width: int = 4
-    exact_v: bool = True  # closed-form codebooks + scales where M*K*g <= 8192, else Adam
+    exact_v: bool = True  # exact V step (codebooks by conjugate gradients, scales in closed form); False: Adam
     v_steps: int = 100  # Adam steps on codebooks and scales per round (when not exact)
     v_lr: float = 1e-3
     kmeans_iters: int = 20
@@ -117,41 +117,82 @@ def _metric_err(diff: Tensor, A: Tensor) -> Tensor:
     return ((diff @ A) * diff).sum(-1)
 
 
-# --- V step: exact (closed form) for codebooks and scales, or Adam -------------------------------
-EXACT_V_LIMIT = 8192  # M * K * g unknowns: the normal matrix is (M K g)^2
+# --- V step: exact codebooks (conjugate gradients on the normal equations) and scales --------------
+def _layer_layout(layer: AQLMLinear):
+    """(codes (out, n_cols, M) int64, scales (out,), entry index (out, n_cols, M) into the M*K rows)."""
+    M, K, g = layer.codebooks.shape
+    codes = layer.codes.long()
+    return codes, layer.scales.detach().float(), codes + torch.arange(M, device=codes.device) * K
+
+
+def _scatter_to_entries(per_group: Tensor, s: Tensor, idx: Tensor, M: int, K: int) -> Tensor:
+    """sum over (o, j) with code k in codebook m of s_o * per_group[o, j]: the adjoint of decoding."""
+    g = per_group.shape[-1]
+    out = torch.zeros(M * K, g, device=per_group.device, dtype=per_group.dtype)
+    vals = (s.reshape(-1, 1, 1) * per_group).reshape(-1, g)
+    for m in range(M):
+        out.index_add_(0, idx[:, :, m].reshape(-1), vals)
+    return out.reshape(M, K, g)
 
 
 @torch.no_grad()
-def exact_codebooks(layer: AQLMLinear, W: Tensor, H: Tensor) -> None:
-    """Codebooks = argmin f with codes and scales fixed: the normal equations of the least-squares
-    problem in the M*K*g codebook entries, assembled column group by column group:
-    A += s_o^2 H[j-block, j'-block] at (code(o,j), code(o,j')), r += s_o (H w_o)[j-block] at code(o,j)."""
+def exact_codebooks(layer: AQLMLinear, W: Tensor, H: Tensor, max_iters: int = 200, rtol: float = 1e-6) -> int:
+    """Codebooks = argmin f with codes and scales fixed. f is a quadratic in the M*K*g codebook
+    entries whose normal equations A c = b are solved by conjugate gradients, warm-started at the
+    current codebooks and preconditioned by the g x g diagonal blocks of A. A is never formed: A c
+    decodes the weight with codebooks c, multiplies by H, and sums back onto the entries.
+    f never increases (the current codebooks are kept if rounding made the answer worse).
+    Returns the number of iterations."""
     M, K, g = layer.codebooks.shape
     n_cols = layer.in_features // g
-    codes = layer.codes.long()  # (out, n_cols, M)
-    s = layer.scales.detach().float()
-    idx = codes + (torch.arange(M, device=codes.device) * K)  # (out, n_cols, M) -> row of A in units of g
-    Hb = H.reshape(n_cols, g, n_cols, g)
-    A = torch.zeros(M * K, M * K, g, g, device=W.device)  # [row entry, column entry, a, b]
-    s2 = (s * s).reshape(-1, 1, 1, 1, 1)
-    for j in range(n_cols):
-        # contributions of group j paired with every group j' for every row o: (out, M, n_cols, M, g, g)
-        blocks = Hb[j].permute(1, 0, 2).reshape(1, 1, n_cols, 1, g, g)  # (g, n_cols, g) -> (n_cols, g, g)
-        contrib = (s2.unsqueeze(-1) * blocks).expand(len(s), M, n_cols, M, g, g)
-        rows = idx[:, j, :].reshape(-1, M, 1, 1).expand(-1, M, n_cols, M)
-        cols = idx.reshape(-1, 1, n_cols, M).expand(-1, M, n_cols, M)
-        flat = (rows * (M * K) + cols).reshape(-1)
-        A.view(M * K * M * K, g, g).index_add_(0, flat, contrib.reshape(-1, g, g).contiguous())
-    HW = W @ H  # (out, in): rows are H w_o
-    r = torch.zeros(M * K, g, device=W.device)
+    codes, s, idx = _layer_layout(layer)
+    shape = (layer.out_features, layer.in_features)
+    flat_codes = codes.reshape(-1, M)
+
+    def apply_A(c: Tensor) -> Tensor:
+        return _scatter_to_entries((decode(flat_codes, c, shape, s) @ H).reshape(-1, n_cols, g), s, idx, M, K)
+
+    def f(c: Tensor) -> Tensor:
+        D = decode(flat_codes, c, shape, s) - W
+        return ((D @ H) * D).sum()
+
+    b = _scatter_to_entries((W @ H).reshape(-1, n_cols, g), s, idx, M, K)
+    Hjj = H.reshape(n_cols, g, n_cols, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n_cols, g, g)
+    blocks = torch.zeros(M * K, g * g, device=W.device)
+    w = (s * s).reshape(-1, 1, 1) * Hjj.reshape(1, n_cols, g * g)  # (out, n_cols, g*g)
     for m in range(M):
-        r.index_add_(0, idx[:, :, m].reshape(-1), (s.unsqueeze(1) * HW).reshape(-1, g))
-    A = A.permute(0, 2, 1, 3).reshape(M * K * g, M * K * g)
-    used = A.diagonal() > 0
-    sol = torch.linalg.lstsq(A[used][:, used].double(), r.reshape(-1)[used].double().unsqueeze(1)).solution[:, 0]
-    flat_cb = layer.codebooks.data.reshape(-1).clone()
-    flat_cb[used] = sol.float()
-    layer.codebooks.data.copy_(flat_cb.reshape(M, K, g))
+        blocks.index_add_(0, idx[:, :, m].reshape(-1), w.reshape(-1, g * g))
+    blocks = blocks.reshape(M * K, g, g)
+    used = blocks.diagonal(dim1=1, dim2=2).sum(-1) > 0
+    eye = torch.eye(g, device=W.device)
+    inv = torch.linalg.inv(torch.where(used.reshape(-1, 1, 1), blocks, eye)).reshape(M, K, g, g)
+
+    def precondition(r: Tensor) -> Tensor:
+        return torch.einsum("mkab,mkb->mka", inv, r)
+
+    x0 = layer.codebooks.detach().float()
+    x = x0.clone()
+    r = b - apply_A(x)
+    z = precondition(r)
+    p, rz = z, (r * z).sum()
+    b_norm = b.norm().clamp_min(1e-30)
+    it = 0
+    for it in range(1, max_iters + 1):
+        Ap = apply_A(p)
+        pAp = (p * Ap).sum()
+        if pAp <= 0:
+            break
+        alpha = rz / pAp
+        x = x + alpha * p
+        r = r - alpha * Ap
+        if r.norm() <= rtol * b_norm:
+            break
+        z = precondition(r)
+        rz_new = (r * z).sum()
+        p, rz = z + (rz_new / rz) * p, rz_new
+    if f(x) <= f(x0):
+        layer.codebooks.data.copy_(x)
+    return it
 
 
 @torch.no_grad()
@@ -164,21 +205,14 @@ def exact_scales(layer: AQLMLinear, W: Tensor, H: Tensor) -> None:
 
 
 def decode_unscaled(layer: AQLMLinear) -> Tensor:
-    from pvtheory.codes import decode as _decode
-
-    return _decode(layer.codes_view(), layer.codebooks.detach().float(), (layer.out_features, layer.in_features))
+    return decode(layer.codes_view(), layer.codebooks.detach().float(), (layer.out_features, layer.in_features))
 
 
-def exact_v_step(layer: AQLMLinear, W: Tensor, H: Tensor, sweeps: int = 2) -> bool:
-    """Alternate exact codebooks and exact scales (block-coordinate exact V step; f never increases).
-    Returns False (doing nothing) when the codebooks are too large for the closed form."""
-    M, K, g = layer.codebooks.shape
-    if M * K * g > EXACT_V_LIMIT:
-        return False
+def exact_v_step(layer: AQLMLinear, W: Tensor, H: Tensor, sweeps: int = 2) -> None:
+    """Alternate exact codebooks and exact scales (block-coordinate exact V step; f never increases)."""
     for _ in range(sweeps):
         exact_codebooks(layer, W, H)
         exact_scales(layer, W, H)
-    return True
 
 
 # --- V step: Adam on the continuous parameters ---------------------------------------------------
@@ -219,7 +253,9 @@ def quantize_aqlm(linear: nn.Linear, H: Tensor, fmt: QuantFormat, cfg: Calibrati
     for _ in range(cfg.rounds):
         hessian_code_sweep(layer, W, H, cfg.beam_width)
         errs.append(float(relative_error(layer.weight().detach(), W, H)))
-        if not (cfg.exact_v and exact_v_step(layer, W, H)):
+        if cfg.exact_v:
+            exact_v_step(layer, W, H)
+        else:
             adam_v_steps(layer, W, H, cfg.v_steps, cfg.v_lr)
         errs.append(float(relative_error(layer.weight().detach(), W, H)))
         if len(errs) > 3 and errs[-3] - errs[-1] < cfg.tolerance * errs[-3]:

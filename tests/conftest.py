@@ -31,3 +31,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"{label:32s} n={len(g):3d}  optimal {np.mean(g <= 1e-6):5.0%}  "
             f"median gap {np.median(g):.2e}  max gap {g.max():.2e}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where no CUDA GPU is present."""
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run these on the device)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,58 @@
+"""The same code on a CUDA GPU: agrees with the CPU in float32, and trains in bf16 autocast.
+Skipped without CUDA (run on the device: `python -m pytest -m cuda tests`)."""
+import copy
+
+import pytest
+import torch
+
+from llm.calibrate import CalibrationConfig, calibrate, damped, exact_codebooks, quantize_linear, relative_error
+from llm.finetune import FinetuneConfig, finetune
+from llm.formats import QuantFormat
+from llm_helpers import tiny_model
+from tests_llm_common import layer_problem
+
+pytestmark = pytest.mark.cuda
+SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_conjugate_gradient_codebooks_agree_on_cuda_and_cpu():
+    linear, H = layer_problem(2)
+    layer, _ = quantize_linear(linear, H, QuantFormat.parse("2x4g4"), CalibrationConfig(fmt="2x4g4", rounds=1))
+    W, Hd = linear.weight.detach(), damped(H, 1e-2)
+    on_gpu = copy.deepcopy(layer).cuda()
+    exact_codebooks(layer, W, Hd)
+    exact_codebooks(on_gpu, W.cuda(), Hd.cuda())
+    cpu_err = float(relative_error(layer.weight().detach(), W, Hd))
+    gpu_err = float(relative_error(on_gpu.weight().detach().cpu(), W, Hd))
+    assert gpu_err == pytest.approx(cpu_err, rel=1e-4)
+
+
+def test_quantized_model_gives_the_same_logits_on_cuda_and_cpu():
+    student = tiny_model("llama")
+    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0),
+              device="cuda", progress=False)
+    with torch.no_grad():
+        cpu = student.cpu()(SEQS[:2]).logits
+        gpu = student.cuda()(SEQS[:2].cuda()).logits.cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["pv", "ste"])
+def test_kl_falls_in_bf16_autocast_with_gradient_checkpointing(strategy):
+    teacher = tiny_model("mistral")
+    student = copy.deepcopy(teacher)
+    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0),
+              device="cuda", progress=False)
+    cfg = FinetuneConfig(strategy=strategy, steps=25, batch_size=8, micro_batch_size=4, lr=3e-3, p_lr=3e-3,
+                         tau=0.02, amp=True, grad_checkpointing=True)
+    rep = finetune(student, teacher, SEQS, cfg, device="cuda", progress=False)
+    assert sum(rep["losses"][-5:]) / 5 < 0.8 * rep["losses"][0], rep["losses"]
+    assert sum(rep["codes_changed"]) > 0
