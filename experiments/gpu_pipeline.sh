@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
-# The acceptance run on the device: the whole pipeline (calibrate, fine-tune with every strategy at
-# equal steps and data, evaluate) for one reference model at ~2 and ~1 bits, with the CLI's tuned
-# defaults. The two formats run side by side on the one GPU (the reference models leave it mostly
-# idle), so each reported time is an upper bound on that format's time alone.
-#   bash experiments/gpu_pipeline.sh MODEL_DIR CORPUS_DIR OUT_DIR [STEPS]
-# Environment: FORMATS (default "2x8g8 1x8g8"), STRATEGIES, LIMIT_S (per run), EXTRA (more CLI flags).
+# The acceptance run on the device: for each reference model and format, calibrate once, then fine-tune
+# the calibrated model with every strategy at equal steps and data, each strategy in its own process
+# (the reference models leave the GPU mostly idle, so everything shares it: reported times are upper
+# bounds on each part alone). Merged summaries are copied to OUT_DIR every 20 s, so a call cut by its
+# time limit keeps what finished; logs and exact commands are packed into OUT_DIR/logs.tgz at the end.
+#   bash experiments/gpu_pipeline.sh OUT_DIR MODEL_DIR...      (corpus in .cache/corpus)
+# Environment: FORMATS (default "2x8g8 1x8g8"), STRATEGIES, STEPS (200), LIMIT_S (per process), EXTRA (CLI flags).
 set -uo pipefail
-model=$1; corpus=$2; out=$3; steps=${4:-200}
-export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=8
-name=$(basename "$model")
-python3 -c "from llm.pipeline import load_data; load_data('$model', '$corpus/train.txt.xz', '$corpus/validation.txt.xz', 512, 8)"
-for fmt in ${FORMATS:-2x8g8 1x8g8}; do
-  cmd=(python3 -m llm.cli pipeline "$model" --train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz"
-       --out "/tmp/runs/$name-$fmt" --format "$fmt" --strategies "${STRATEGIES:-pv,continuous,ste,stochastic,linearized_pv}"
-       --steps "$steps" --device cuda ${EXTRA:-})
-  echo "${cmd[*]}" > "$out/command_${name}_$fmt.txt"
-  ( timeout "${LIMIT_S:-570}" "${cmd[@]}" > "$out/log_${name}_$fmt.txt" 2>&1; echo "$fmt exit $?" ) &
+out=$1; shift
+corpus=${CORPUS:-.cache/corpus}
+export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
+runs=/tmp/runs; mkdir -p "$runs"
+strategies=${STRATEGIES:-continuous pv ste stochastic linearized_pv}
+first=${strategies%% *}; rest=${strategies#"$first"}
+pipeline() {  # MODEL FORMAT STRATEGY
+  local name; name=$(basename "$1")
+  local cmd=(python3 -m llm.cli pipeline "$1" --train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz"
+             --out "$runs/$name-$2-$3" --format "$2" --strategies "$3" --steps "${STEPS:-200}" --device cuda ${EXTRA:-})
+  echo "${cmd[*]}" >> "$runs/commands.txt"
+  timeout "${LIMIT_S:-560}" "${cmd[@]}" > "$runs/log_$name-$2-$3.txt" 2>&1
+}
+for model in "$@"; do
+  python3 -c "from llm.pipeline import load_data; load_data('$model', '$corpus/train.txt.xz', '$corpus/validation.txt.xz', 512, 8)"
+  for fmt in ${FORMATS:-2x8g8 1x8g8}; do
+    name=$(basename "$model")
+    pipeline "$model" "$fmt" "$first" &
+    (  # once calibrated, the other strategies start from a copy of that checkpoint
+      until [ -f "$runs/$name-$fmt-$first/calibrated/meta.json" ]; do sleep 3; done
+      for s in $rest; do
+        mkdir -p "$runs/$name-$fmt-$s" && cp -r "$runs/$name-$fmt-$first/calibrated" "$runs/$name-$fmt-$s/"
+        pipeline "$model" "$fmt" "$s" &
+      done
+      wait
+    ) &
+  done
 done
-wait
-for fmt in ${FORMATS:-2x8g8 1x8g8}; do
-  tr '\r' '\n' < "$out/log_${name}_$fmt.txt" | grep -E "error|Error|ppl|summary" | tail -12
-  cp "/tmp/runs/$name-$fmt/summary.json" "$out/summary_${name}_$fmt.json" 2>/dev/null
-  cp "/tmp/runs/$name-$fmt/calibrated/meta.json" "$out/calibration_${name}_$fmt.json" 2>/dev/null
-done
+merge() { for model in "$@"; do python3 -m experiments.merge_summaries "$runs" "$(basename "$model")" "$out/summary_$(basename "$model").json"; done; }
+( while sleep 20; do merge "$@"; done ) &
+copier=$!
+wait $(jobs -p | grep -v "^$copier$") 2>/dev/null
+kill $copier 2>/dev/null
+merge "$@"
+tar czf "$out/logs.tgz" -C "$runs" $(cd "$runs" && ls log_* commands.txt)
+for model in "$@"; do python3 -m experiments.merge_summaries --table "$out/summary_$(basename "$model").json"; done

@@ -38,15 +38,15 @@ from pvtheory.init import residual_kmeans
 @dataclass
 class CalibrationConfig:
     fmt: str = "2x8g8"
-    rounds: int = 8  # at most this many P/V alternations per layer
-    tolerance: float = 0.005  # stop a layer's rounds once a round improves its error by less than this (relative)
+    rounds: int = 12  # at most this many P/V alternations per layer
+    tolerance: float = 0.002  # stop a layer's rounds once a round improves its error by less than this (relative)
     beam_width: int = 4
     exact_v: bool = True  # exact V step (codebooks by conjugate gradients, scales in closed form); False: Adam
     v_steps: int = 100  # Adam steps on codebooks and scales per round (when not exact)
     v_lr: float = 1e-3
     kmeans_iters: int = 20
     damping: float = 1e-2  # H + damping * mean(diag H) * I
-    block_tune_steps: int = 300  # Adam steps on each block's continuous parameters (0: off)
+    block_tune_steps: int = 1000  # Adam steps on each block's continuous parameters (0: off)
     block_tune_lr: float = 3e-4
     block_tune_tau: float = 0.0  # > 0: block tuning is PV (P steps on this fraction of code groups per step)
     block_tune_p_lr: float = 1e-3  # the P step's Adam-normalized weight update during block tuning

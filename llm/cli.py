@@ -152,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def calib_args(p):
         p.add_argument("--format", default="2x8g8", help="MxBgG (AQLM), vqBgG, intBgG (scalar)")
-        p.add_argument("--rounds", type=int, default=8, help="at most this many P/V rounds per layer")
-        p.add_argument("--tolerance", type=float, default=0.005, help="stop a layer's rounds below this relative gain")
+        p.add_argument("--rounds", type=int, default=12, help="at most this many P/V rounds per layer")
+        p.add_argument("--tolerance", type=float, default=0.002, help="stop a layer's rounds below this relative gain")
         p.add_argument("--beam-width", type=int, default=4)
-        p.add_argument("--block-tune-steps", type=int, default=300)
+        p.add_argument("--block-tune-steps", type=int, default=1000)
         p.add_argument("--block-tune-lr", type=float, default=3e-4)
         p.add_argument("--batch-size", type=int, default=16)
 
