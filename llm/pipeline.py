@@ -77,6 +77,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     if (calibrated / "meta.json").exists():
         student, meta, _ = load_checkpoint(calibrated, model_dir, device)
         summary["calibration_seconds"] = meta.get("calibration_seconds")
+        summary["calibration"] = meta.get("calibration", {}).get("config", summary["calibration"])  # what it was made with
     else:
         student = load_model(model_dir, torch.float32, "cpu")
         tc = time.time()
