@@ -75,15 +75,16 @@ def bench_calibration(shape: dict, fmt: str, nsamples: int, seq_len: int, cfg_kw
 
 
 def quantize_randomly(model: torch.nn.Module, fmt: QuantFormat) -> None:
-    """Replace every block linear by an AQLM layer with random codes and codebooks (fp32 values)."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Replace every block linear by an AQLM layer with random codes and codebooks (fp32 values),
+    drawn on the model's device from a seeded generator (the same model in every process)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)
     for block in decoder_layers(model):
         for name, linear in block_linears(block).items():
             q = make_quantized(linear, fmt)
             with torch.no_grad():
-                codes = torch.randint(0, 1 << fmt.bits, q.codes.shape, generator=gen)
-                q.set_codes(codes.to(q.codes.device))
-                q.codebooks.normal_(0, 0.01)
+                q.set_codes(torch.randint(0, 1 << fmt.bits, q.codes.shape, generator=gen, device=device))
+                q.codebooks.normal_(0, 0.01, generator=gen)
             set_module(block, name, q)
 
 

@@ -28,21 +28,12 @@ from pvtheory.io import write_json
 def random_models(shape: dict, device: torch.device, layers: int, fmt: str = "2x8g8"):
     """(teacher bf16, quantized student) of the given shape with random weights and codes, built on
     `device` with seeded generators, so that every rank builds the same models."""
-    from experiments.bench_scale import random_model
-    from llm.formats import QuantFormat, make_quantized
-    from llm.model import block_linears, decoder_layers, set_module
+    from experiments.bench_scale import quantize_randomly, random_model
+    from llm.formats import QuantFormat
 
     teacher = random_model(shape, layers, torch.bfloat16, device)
     student = random_model(shape, layers, torch.bfloat16, device)  # same seed: same weights
-    q = QuantFormat.parse(fmt)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for block in decoder_layers(student):
-        for name, linear in block_linears(block).items():
-            layer = make_quantized(linear, q)
-            with torch.no_grad():
-                layer.set_codes(torch.randint(0, 1 << q.bits, layer.codes.shape, generator=gen, device=device))
-                layer.codebooks.normal_(0, 0.01, generator=gen)
-            set_module(block, name, layer)
+    quantize_randomly(student, QuantFormat.parse(fmt))
     for name, p in student.named_parameters():  # the parameters left unquantized train in fp32
         if not any(k in name for k in ("codebooks", "scales")):
             p.data = p.data.float()

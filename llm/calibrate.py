@@ -69,6 +69,12 @@ def relative_error(W_hat: Tensor, W: Tensor, H: Tensor) -> Tensor:
     return ((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-30)
 
 
+def diagonal_blocks(H: Tensor, g: int) -> Tensor:
+    """The g x g diagonal blocks H_jj of H, one per column group: (in / g, g, g)."""
+    n_cols = H.shape[0] // g
+    return H.reshape(n_cols, g, n_cols, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
 def damped(H: Tensor, damping: float) -> Tensor:
     return H + damping * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
 
@@ -88,7 +94,7 @@ def hessian_code_sweep(layer: AQLMLinear, W: Tensor, H: Tensor, beam_width: int)
     codes = layer.codes.long().clone()  # (out, n_cols, M)
     W_hat = layer.weight().detach().float()
     G = (W_hat - W) @ H
-    blocks = H.reshape(n_cols, g, n_cols, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n_cols, g, g)
+    blocks = diagonal_blocks(H, g)
     inv_blocks = torch.linalg.inv(blocks)
     changed = 0
     for j in range(n_cols):
@@ -118,13 +124,6 @@ def _metric_err(diff: Tensor, A: Tensor) -> Tensor:
 
 
 # --- V step: exact codebooks (conjugate gradients on the normal equations) and scales --------------
-def _layer_layout(layer: AQLMLinear):
-    """(codes (out, n_cols, M) int64, scales (out,), entry index (out, n_cols, M) into the M*K rows)."""
-    M, K, g = layer.codebooks.shape
-    codes = layer.codes.long()
-    return codes, layer.scales.detach().float(), codes + torch.arange(M, device=codes.device) * K
-
-
 def _scatter_to_entries(per_group: Tensor, s: Tensor, idx: Tensor, M: int, K: int) -> Tensor:
     """sum over (o, j) with code k in codebook m of s_o * per_group[o, j]: the adjoint of decoding."""
     g = per_group.shape[-1]
@@ -145,24 +144,24 @@ def exact_codebooks(layer: AQLMLinear, W: Tensor, H: Tensor, max_iters: int = 20
     Returns the number of iterations."""
     M, K, g = layer.codebooks.shape
     n_cols = layer.in_features // g
-    codes, s, idx = _layer_layout(layer)
-    shape = (layer.out_features, layer.in_features)
-    flat_codes = codes.reshape(-1, M)
+    s = layer.scales.detach().float()
+    idx = layer.codes.long() + torch.arange(M, device=W.device) * K  # (out, n_cols, M): row of A per code
+    cb = layer.as_codebooks()
+
+    def weight_with(c: Tensor) -> Tensor:
+        return cb.decode(c, s)
 
     def apply_A(c: Tensor) -> Tensor:
-        return _scatter_to_entries((decode(flat_codes, c, shape, s) @ H).reshape(-1, n_cols, g), s, idx, M, K)
+        return _scatter_to_entries((weight_with(c) @ H).reshape(-1, n_cols, g), s, idx, M, K)
 
     def f(c: Tensor) -> Tensor:
-        D = decode(flat_codes, c, shape, s) - W
+        D = weight_with(c) - W
         return ((D @ H) * D).sum()
 
     b = _scatter_to_entries((W @ H).reshape(-1, n_cols, g), s, idx, M, K)
-    Hjj = H.reshape(n_cols, g, n_cols, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n_cols, g, g)
-    blocks = torch.zeros(M * K, g * g, device=W.device)
-    w = (s * s).reshape(-1, 1, 1) * Hjj.reshape(1, n_cols, g * g)  # (out, n_cols, g*g)
-    for m in range(M):
-        blocks.index_add_(0, idx[:, :, m].reshape(-1), w.reshape(-1, g * g))
-    blocks = blocks.reshape(M * K, g, g)
+    # diagonal blocks of A: sum over (o, j) with code k of s_o^2 H_jj
+    s_Hjj = s.reshape(-1, 1, 1) * diagonal_blocks(H, g).reshape(1, n_cols, g * g)
+    blocks = _scatter_to_entries(s_Hjj, s, idx, M, K).reshape(M * K, g, g)
     used = blocks.diagonal(dim1=1, dim2=2).sum(-1) > 0
     eye = torch.eye(g, device=W.device)
     inv = torch.linalg.inv(torch.where(used.reshape(-1, 1, 1), blocks, eye)).reshape(M, K, g, g)
