@@ -4,11 +4,13 @@
 #   ./run.sh test    the whole test suite
 #   ./run.sh setup   only create .venv and install
 # GPU machines: set TORCH_SPEC to the torch you want (e.g. TORCH_SPEC=torch), or TORCH_SPEC=skip
-# when torch is already installed in the interpreter named by PYTHON.
+# when torch (and its triton) is already installed in the interpreter named by PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build on this project's machines
+# Triton for the GPU kernel's tests in Triton's CPU interpreter (the version the device's torch ships with)
+TRITON_SPEC=${TRITON_SPEC:-triton==3.6.0}
 VENV=${VENV:-.venv}
 
 setup() {
@@ -19,6 +21,9 @@ setup() {
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     if [ "$TORCH_SPEC" != "skip" ]; then "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"; fi
+    if [ "$TORCH_SPEC" != "skip" ] && [ "$TRITON_SPEC" != "skip" ] && [ "$(uname -sm)" = "Linux x86_64" ]; then
+      "$VENV/bin/python" -m pip install -q "$TRITON_SPEC"
+    fi
     "$VENV/bin/python" -m pip install -q -e ".[test,llm]"
     touch "$stamp"
   fi

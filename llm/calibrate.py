@@ -91,7 +91,7 @@ def hessian_code_sweep(layer: AQLMLinear, W: Tensor, H: Tensor, beam_width: int)
     cb = layer.codebooks.detach().float()
     s = layer.scales.detach().float().unsqueeze(1)
     s = torch.where(s == 0, torch.ones_like(s), s)
-    codes = layer.codes.long().clone()  # (out, n_cols, M)
+    codes = layer.code_indices().clone()  # (out, n_cols, M)
     W_hat = layer.weight().detach().float()
     G = (W_hat - W) @ H
     blocks = diagonal_blocks(H, g)
@@ -145,7 +145,7 @@ def exact_codebooks(layer: AQLMLinear, W: Tensor, H: Tensor, max_iters: int = 20
     M, K, g = layer.codebooks.shape
     n_cols = layer.in_features // g
     s = layer.scales.detach().float()
-    idx = layer.codes.long() + torch.arange(M, device=W.device) * K  # (out, n_cols, M): row of A per code
+    idx = layer.code_indices() + torch.arange(M, device=W.device) * K  # (out, n_cols, M): row of A per code
     cb = layer.as_codebooks()
 
     def weight_with(c: Tensor) -> Tensor:

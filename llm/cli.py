@@ -43,10 +43,10 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
 
 
 def _strategy_settings(a) -> dict:
-    """Per-strategy FinetuneConfig overrides: the tuned ones unless --untuned, then --strategy-settings."""
-    from llm.pipeline import TUNED_STRATEGY_SETTINGS
+    """Per-strategy FinetuneConfig overrides: the tuned ones for the format unless --untuned, then --strategy-settings."""
+    from llm.pipeline import tuned_strategy_settings
 
-    settings = {} if a.untuned else {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
+    settings = {} if a.untuned else tuned_strategy_settings(a.format)
     if a.strategy_settings:
         try:
             extra = json.loads(a.strategy_settings)

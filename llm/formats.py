@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm import kernels
 from pvtheory.codes import Codebooks, decode
 
 BITS_PER_FLOAT = 16  # codebooks, scales and zeros are stored in 16 bits
@@ -75,7 +76,8 @@ class QuantFormat:
 
 
 def _code_dtype(bits: int) -> torch.dtype:
-    return torch.uint8 if bits <= 8 else (torch.int16 if bits <= 15 else torch.int32)
+    """The narrowest storage: uint8 up to 8 bits, int16 up to 16 (16-bit codes wrap: read them & 0xFFFF)."""
+    return torch.uint8 if bits <= 8 else torch.int16
 
 
 class QuantizedLinearBase(nn.Module):
@@ -129,9 +131,14 @@ class AQLMLinear(QuantizedLinearBase):
     def group_size(self) -> int:
         return self.fmt.group_size
 
+    def code_indices(self) -> Tensor:
+        """The codes as (out, in/g, M) int64 indices into the codebooks (16-bit codes unwrapped)."""
+        c = self.codes.long()
+        return c & 0xFFFF if self.fmt.bits == 16 else c
+
     def codes_view(self) -> Tensor:
         """P as (n_groups, M) int64: group (o, j) is row o * in/g + j."""
-        return self.codes.reshape(-1, self.fmt.num_codebooks).long()
+        return self.code_indices().reshape(-1, self.fmt.num_codebooks)
 
     def as_codebooks(self) -> Codebooks:
         """The layer as pvtheory's Codebooks (shares the codebooks and scales tensors)."""
@@ -183,6 +190,11 @@ class AQLMLinear(QuantizedLinearBase):
 
     def continuous_parameters(self) -> list:
         return [p for p in (self.codebooks, self.scales, self.bias) if p is not None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Decoding-sized inference goes through a kernel that never forms W (llm.kernels)."""
+        y = kernels.aqlm_forward(self, x)
+        return super().forward(x) if y is None else y
 
 
 

@@ -14,7 +14,7 @@ from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.data import calibration_sequences, load_tokenizer, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import FinetuneConfig, FinetuneError, finetune
-from llm.formats import model_bits
+from llm.formats import QuantFormat, model_bits
 from llm.model import load_model, read_config
 from pvtheory.io import write_json
 
@@ -42,6 +42,22 @@ TUNED_STRATEGY_SETTINGS = {
     "ste": {"p_lr": 3e-4},
     "stochastic": {"p_lr": 1e-4},
 }
+# About 1 bit per weight (codes of <= 1.5 bits per weight) the P steps must be ~10x larger to move
+# codes at all (experiments/results/large_batch, ref-llama 1x8g8, 100 steps at 16 and 64 sequences:
+# PV 34.24 -> 33.62 and 33.51 -> 31.65, STE 34.23 -> 32.26 and 33.50 -> 31.67); at 2 bits the same
+# change hurts (PV 18.09 -> 19.46), so it applies to the low-bit formats only.
+LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1}, "ste": {"p_lr": 1e-3}}
+
+
+def tuned_strategy_settings(fmt: str) -> dict:
+    """TUNED_STRATEGY_SETTINGS for this format ({strategy: {FinetuneConfig field: value}})."""
+    q = QuantFormat.parse(fmt)
+    code_bits = q.bits * (q.num_codebooks / q.group_size if q.kind == "aqlm" else 1)
+    settings = {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
+    if code_bits <= 1.5:
+        for k, v in LOW_BIT_OVERRIDES.items():
+            settings[k].update(v)
+    return settings
 
 
 def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict] = None) -> FinetuneConfig:
@@ -60,7 +76,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     """Calibrate `model_dir`, then fine-tune the calibrated model with each strategy at equal steps
     and data; checkpoints under out_dir/, summary in out_dir/summary.json. Resumes finished parts.
     strategy_settings: {strategy: {FinetuneConfig field: value}} applied over finetune_cfg for that
-    strategy only (e.g. TUNED_STRATEGY_SETTINGS)."""
+    strategy only (e.g. tuned_strategy_settings(calib.fmt))."""
     read_config(model_dir)
     configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}  # fail before any work
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -56,3 +56,30 @@ def test_kl_falls_in_bf16_autocast_with_gradient_checkpointing(strategy):
     rep = finetune(student, teacher, SEQS, cfg, device="cuda", progress=False)
     assert sum(rep["losses"][-5:]) / 5 < 0.8 * rep["losses"][0], rep["losses"]
     assert sum(rep["codes_changed"]) > 0
+
+
+@pytest.mark.parametrize("fmt", ["1x16g8", "2x8g8", "1x8g8"])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_autotuned_triton_kernel_in_bf16_matches_the_float32_reference(fmt, tokens):
+    from llm.triton_kernel import aqlm_matmul
+    from test_llm_kernels import random_layer, reference, rel_err
+
+    layer = random_layer(fmt, 1024, 1536, True, 0, "cuda")
+    x = torch.randn(tokens, 1024, device="cuda")
+    expected = reference(layer, x)
+    layer = layer.to(torch.bfloat16)
+    y = aqlm_matmul(x.bfloat16(), layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, expected) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["2x8g8", "1x16g8"])
+def test_cuda_graph_decoding_with_kernels_gives_the_full_forward_tokens(fmt):
+    from llm.generate import GreedyDecoder, greedy_reference
+    from test_llm_kernels import quantized_tiny
+
+    model = quantized_tiny("mistral", fmt).cuda()
+    prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3)).cuda()
+    decoder = GreedyDecoder(model, max_len=64)
+    assert decoder.cuda_graph
+    assert torch.equal(decoder.generate(prompt, 40), greedy_reference(model, prompt, 40))

@@ -88,3 +88,12 @@ def test_unknown_strategy_is_rejected():
     with pytest.raises(FinetuneError, match="unknown strategy"):
         FinetuneConfig(strategy="magic").validate()
     assert set(STRATEGIES) == {"continuous", "ste", "stochastic", "linearized_pv", "pv"}
+
+
+def test_formats_of_about_one_bit_get_ten_times_larger_p_steps():
+    from llm.pipeline import TUNED_STRATEGY_SETTINGS, tuned_strategy_settings
+
+    one_bit, two_bit = tuned_strategy_settings("1x8g8"), tuned_strategy_settings("2x8g8")
+    assert two_bit == TUNED_STRATEGY_SETTINGS and tuned_strategy_settings("1x16g8") == TUNED_STRATEGY_SETTINGS
+    assert one_bit["pv"]["p_lr"] == 10 * two_bit["pv"]["p_lr"] and one_bit["ste"]["p_lr"] > two_bit["ste"]["p_lr"]
+    assert one_bit["pv"]["tau"] == two_bit["pv"]["tau"]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# PV-Tuning against continuous-only and STE at a larger batch (issue 4): ref-llama calibrated once
+# (short calibration: 4 rounds, 300 block-tuning steps), then each strategy fine-tuned for STEPS steps
+# at 16 and at 64 sequences of 512 tokens per step, every run its own process from a copy of the
+# calibrated checkpoint (all share the GPU). Writes OUT_DIR/large_batch.json ({run: summary}) and logs.tgz.
+#   bash experiments/gpu_large_batch.sh OUT_DIR      (carry .cache/pack)    env: FMT (1x8g8), STEPS (100), SPECS
+set -uo pipefail
+out=$1
+export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
+bash experiments/unpack_cache.sh ref-llama
+model=.cache/models/ref-llama; corpus=.cache/corpus; runs=/tmp/large-batch-${FMT:-1x8g8}; mkdir -p "$runs"
+run() {  # NAME STRATEGY BATCH MICRO_BATCH [STRATEGY_SETTINGS_JSON]
+  local cmd=(python3 -m llm.cli pipeline "$model" --train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz"
+             --out "$runs/$1" --format "${FMT:-1x8g8}" --strategies "$2" --steps "${STEPS:-100}" --ft-batch-size "$3"
+             --micro-batch-size "$4" --rounds 4 --block-tune-steps 300 --device cuda)
+  if [ -n "${5:-}" ]; then cmd+=(--strategy-settings "$5"); fi
+  echo "${cmd[*]}" >> "$runs/commands.txt"
+  timeout 540 "${cmd[@]}" > "$runs/log_$1.txt" 2>&1
+}
+python3 -c "from llm.pipeline import load_data; load_data('$model', '$corpus/train.txt.xz', '$corpus/validation.txt.xz', 512, 8)"
+run b16-continuous continuous 16 16 &
+until [ -f "$runs/b16-continuous/calibrated/meta.json" ]; do sleep 3; done
+default_specs='b16-pv pv 16 16;b16-ste ste 16 16;b64-continuous continuous 64 32;b64-pv pv 64 32;b64-ste ste 64 32;b64-pv-tau1e-2 pv 64 32 {"pv":{"tau":0.01}}'
+IFS=';' read -ra specs <<< "${SPECS:-$default_specs}"   # env SPECS: "NAME STRATEGY BATCH MICRO [JSON];..."
+for spec in "${specs[@]}"; do
+  IFS=' ' read -ra parts <<< "$spec"
+  set -- "${parts[@]}"
+  mkdir -p "$runs/$1" && cp -r "$runs/b16-continuous/calibrated" "$runs/$1/"
+  run "$@" &
+done
+wait
+python3 - "$runs" "$out/large_batch.json" <<'PY'
+import json, sys, pathlib
+runs = pathlib.Path(sys.argv[1])
+merged = {d.name: json.loads((d / "summary.json").read_text()) for d in sorted(runs.iterdir()) if (d / "summary.json").exists()}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1))
+for name, s in merged.items():
+    for strat, r in s.get("runs", {}).items():
+        print(f"{name:16s} calibrated {s['ppl_calibrated']:.3f} -> {r['ppl']:.3f}  ({r['steps']} steps, {r['seconds']} s, {r['codes_changed_total']} code changes)")
+PY
+tar czf "$out/logs.tgz" -C "$runs" $(cd "$runs" && ls log_* commands.txt)

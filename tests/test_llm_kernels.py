@@ -1,0 +1,136 @@
+"""The inference kernels compute what dequantize-then-matmul computes, and the layer picks them only
+for inference. On a CPU the Triton kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET)."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llm import kernels
+from llm.formats import AQLMLinear, QuantFormat
+from llm.generate import GreedyDecoder, greedy_reference, prepare_for_inference
+from llm_helpers import tiny_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+
+
+def random_layer(fmt: str, n_in: int, n_out: int, bias: bool, seed: int, device="cpu") -> AQLMLinear:
+    gen = torch.Generator().manual_seed(seed)
+    layer = AQLMLinear(n_in, n_out, QuantFormat.parse(fmt), bias=bias)
+    with torch.no_grad():
+        layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=gen))
+        layer.scales.copy_(torch.rand(n_out, generator=gen) + 0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(n_out, generator=gen))
+        layer.set_codes(torch.randint(1 << layer.fmt.bits, layer.codes.shape, generator=gen))
+    return layer.to(device).requires_grad_(False)
+
+
+def reference(layer: AQLMLinear, x: torch.Tensor) -> torch.Tensor:
+    W = layer.weight().double()
+    return F.linear(x.double(), W, None if layer.bias is None else layer.bias.double())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+layer_cases = st.tuples(
+    st.sampled_from(["1x16g8", "2x8g8", "1x8g8", "2x4g4", "3x4g2"]),
+    st.integers(1, 5),  # input groups
+    st.integers(1, 40),  # outputs
+    st.sampled_from([1, 2, 3, 16]),  # tokens
+    st.booleans(),  # bias
+    st.integers(0, 10_000),  # seed
+)
+
+
+@needs_triton
+@given(layer_cases)
+def test_triton_kernel_matches_dequantize_then_matmul(case):
+    from llm.triton_kernel import aqlm_matmul
+
+    fmt, groups, n_out, T, bias, seed = case
+    g = QuantFormat.parse(fmt).group_size
+    layer = random_layer(fmt, groups * g * 4, n_out, bias, seed, DEVICE)
+    x = torch.randn(T, layer.in_features, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    y = aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, block_n=16, block_j=4)
+    assert y.shape == (T, n_out) and y.dtype == x.dtype
+    assert rel_err(y, reference(layer, x)) < 1e-5
+
+
+@needs_numba
+@given(layer_cases.filter(lambda c: QuantFormat.parse(c[0]).bits <= 8))
+def test_lookup_table_kernel_matches_dequantize_then_matmul(case):
+    from llm.lut_kernel import aqlm_matmul_lut
+
+    fmt, groups, n_out, T, bias, seed = case
+    g = QuantFormat.parse(fmt).group_size
+    layer = random_layer(fmt, groups * g * 4, n_out, bias, seed)
+    x = torch.randn(2, T, layer.in_features, generator=torch.Generator().manual_seed(seed))[:1]
+    y = aqlm_matmul_lut(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert y.shape == (1, T, n_out)
+    assert rel_err(y, reference(layer, x)) < 1e-5
+
+
+def test_sixteen_bit_codes_are_stored_in_int16_and_read_back_unsigned():
+    layer = random_layer("1x16g8", 16, 4, False, 0)
+    codes = torch.tensor([0, 1, 32767, 32768, 40000, 65535, 7, 9]).reshape(-1, 1)
+    layer.set_codes(codes)
+    assert layer.codes.dtype == torch.int16
+    assert torch.equal(layer.codes_view(), codes)
+
+
+@needs_numba
+def test_layer_uses_a_kernel_only_for_decoding_sized_inference():
+    layer = random_layer("2x8g8", 64, 24, True, 1)
+    few, many = torch.randn(1, 64), torch.randn(17, 64)
+    assert kernels.kernel_for(layer, few) == "lut"
+    assert kernels.kernel_for(layer, many) is None
+    assert kernels.kernel_for(layer, torch.randn(3, 64)) is None  # a small layer: decoding is cheaper for 3 tokens
+    layer.requires_grad_(True)
+    assert kernels.kernel_for(layer, few) is None  # training: autograd needs the decoded weight
+    with torch.no_grad():
+        assert kernels.kernel_for(layer, few) == "lut"
+        fast = layer(few)
+        kernels.set_enabled(False)
+        try:
+            assert kernels.kernel_for(layer, few) is None
+            slow = layer(few)
+        finally:
+            kernels.set_enabled(True)
+    assert rel_err(fast, slow) < 1e-5
+
+
+def quantized_tiny(arch: str, fmt: str) -> torch.nn.Module:
+    from experiments.bench_scale import quantize_randomly
+
+    model = tiny_model(arch)
+    quantize_randomly(model, QuantFormat.parse(fmt))
+    with torch.no_grad():  # codebooks large enough that the quantized model's argmax is not constant
+        for m in model.modules():
+            if isinstance(m, AQLMLinear):
+                m.codebooks.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    return prepare_for_inference(model)
+
+
+@pytest.mark.parametrize("arch,fmt", [("llama", None), ("mistral", None), ("llama", "2x8g8"), ("mistral", "1x16g8")])
+def test_greedy_decoder_with_static_cache_reproduces_full_forward_greedy(arch, fmt):
+    # 7 + 40 tokens: beyond the tiny Mistral's sliding window of 32
+    model = prepare_for_inference(tiny_model(arch)) if fmt is None else quantized_tiny(arch, fmt)
+    prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    decoder = GreedyDecoder(model, max_len=64, cuda_graph=False)
+    expected = greedy_reference(model, prompt, 40)
+    assert torch.equal(decoder.generate(prompt, 40), expected)
+    assert torch.equal(decoder.generate(prompt, 40), expected)  # the cache resets between prompts
+    assert len(set(expected[0, 7:].tolist())) > 1
+
+
+def test_greedy_decoder_rejects_a_prompt_longer_than_its_cache():
+    decoder = GreedyDecoder(prepare_for_inference(tiny_model("llama")), max_len=16)
+    with pytest.raises(ValueError, match="exceed the cache"):
+        decoder.generate(torch.zeros(1, 10, dtype=torch.long), 10)
