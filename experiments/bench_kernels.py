@@ -99,7 +99,7 @@ def copies_for(bytes_per_copy: int, l2_bytes: int, cap: int = 256) -> int:
 
 
 def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l2: int, gen) -> dict:
-    from llm import triton_kernel
+    from llm import cuda_kernel, triton_kernel
 
     fmt, dev, bf16 = QuantFormat.parse(fmt_s), "cuda", torch.bfloat16
     x = torch.randn(T, n_in, generator=gen, device=dev).to(bf16)
@@ -115,6 +115,15 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
         (lambda L=L, o=o: o.copy_(triton_kernel.aqlm_matmul(x, L["codes"], L["codebooks"], L["scales"])))
         for L, o in zip(layers, outs)])
     tile = triton_kernel.best_config()
+    cuda = {}
+    if cuda_kernel.supports(x, one["codes"], one["codebooks"], one["scales"]) and cuda_kernel.load() is not None:
+        got = cuda_kernel.aqlm_gemv(x, one["codes"], one["codebooks"], one["scales"]).float()
+        t_cuda = graph_time_per_call([
+            (lambda L=L, o=o: o.copy_(cuda_kernel.aqlm_gemv(x, L["codes"], L["codebooks"], L["scales"])))
+            for L, o in zip(layers, outs)])
+        cuda = {"cuda_us": round(t_cuda * 1e6, 2), "cuda_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
+                "triton_us": round(t_kernel * 1e6, 2)}
+        t_kernel = t_cuda  # what the layer uses
     W = dequantized(one)
     dense = [W] + [torch.randn(n_out, n_in, generator=gen, device=dev).to(bf16)
                    for _ in range(copies_for(nbytes(W), l2, cap=64) - 1)]
@@ -134,7 +143,7 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
         "dense_gbs": round((nbytes(W) + io) / t_dense / 1e9, 1),
         "dense_bandwidth_fraction": round((nbytes(W) + io) / t_dense / 1e9 / peak_gbs, 3),
         "floor_us": round(kernel_bytes / (peak_gbs * 1e9) * 1e6, 2),
-        "relative_error_vs_float32": rel_err, "tile": tile,
+        "relative_error_vs_float32": rel_err, "tile": tile, "kernel": "cuda" if cuda else "triton", **cuda,
         "layer_copies": len(layers),
     }
 
@@ -189,7 +198,11 @@ def main(argv=None) -> None:
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         peak = copy_bandwidth_gbs()
-        meta = {"device": props.name, "copy_bandwidth_gbs": round(peak, 1), "l2_bytes": props.L2_cache_size}
+        from llm import cuda_kernel
+
+        cuda_kernel.load()
+        meta = {"device": props.name, "copy_bandwidth_gbs": round(peak, 1), "l2_bytes": props.L2_cache_size,
+                "cuda_kernel_build_error": cuda_kernel.build_error()}
         for n_in, n_out in shapes:
             for f in formats:
                 for T in tokens:
@@ -197,7 +210,7 @@ def main(argv=None) -> None:
                     r = rows[-1]
                     print(f"{f:7s} {n_in:5d}->{n_out:5d} T={T:2d}  kernel {r['kernel_us']:7.2f} us  bf16 {r['dense_bf16_us']:7.2f} us"
                           f"  x{r['speedup_vs_bf16']:5.2f}  {r['kernel_bandwidth_fraction']:.0%} of copy bw"
-                          f"  ref {r['dequantize_then_matmul_us']:7.1f} us  err {r['relative_error_vs_float32']:.1e}", flush=True)
+                          f"  ref {r['dequantize_then_matmul_us']:7.1f} us  {r['kernel']} (triton {r.get('triton_us', r['kernel_us'])} us)", flush=True)
     else:
         meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
         for n_in, n_out in shapes:

@@ -1,7 +1,8 @@
 """Which matmul an AQLM layer's forward uses.
 
-Inference on at most MAX_TOKENS tokens (decoding) skips the dense weight: the Triton kernel on CUDA
-(`llm.triton_kernel`), lookup tables on the CPU for codebooks of <= 256 entries (`llm.lut_kernel`;
+Inference on at most MAX_TOKENS tokens (decoding) skips the dense weight: on CUDA a CUDA kernel with
+shared-memory codebooks for one bf16 token of 1x8g8 / 2x8g8 (`llm.cuda_kernel`, where it builds) and
+the Triton kernel otherwise (`llm.triton_kernel`), lookup tables on the CPU for codebooks of <= 256 entries (`llm.lut_kernel`;
 for small layers only at one token, where they beat decoding: experiments/results/kernels/cpu_matvec.json).
 Everything else (training, where autograd needs the decoded weight; prefill and evaluation, where
 many tokens make the dense product cheap per token) decodes W and calls F.linear.
@@ -34,7 +35,7 @@ def enabled() -> bool:
 
 
 def kernel_for(layer, x: Tensor) -> Optional[str]:
-    """'triton', 'lut' or None (reference) for this layer's forward on x."""
+    """'cuda', 'triton', 'lut' or None (reference) for this layer's forward on x."""
     if not _enabled or layer.capture_weight_grad:
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in layer.continuous_parameters()):
@@ -42,8 +43,12 @@ def kernel_for(layer, x: Tensor) -> Optional[str]:
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > MAX_TOKENS:
         return None
-    if x.is_cuda and _HAS_TRITON:
-        return "triton"
+    if x.is_cuda:
+        from llm import cuda_kernel
+
+        if cuda_kernel.supports(x, layer.codes, layer.codebooks, layer.scales) and cuda_kernel.load() is not None:
+            return "cuda"
+        return "triton" if _HAS_TRITON else None
     big = layer.in_features * layer.out_features >= LUT_MIN_WEIGHTS
     if x.device.type == "cpu" and _HAS_NUMBA and layer.fmt.bits <= 8 and (tokens == 1 or big):
         return "lut"
@@ -53,6 +58,9 @@ def kernel_for(layer, x: Tensor) -> Optional[str]:
 def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
     """The layer's output through a kernel, or None where the reference path applies."""
     kind = kernel_for(layer, x)
+    if kind == "cuda":
+        from llm.cuda_kernel import aqlm_gemv
+        return aqlm_gemv(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
     if kind == "triton":
         from llm.triton_kernel import aqlm_matmul
         return aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)

@@ -83,3 +83,21 @@ def test_cuda_graph_decoding_with_kernels_gives_the_full_forward_tokens(fmt):
     decoder = GreedyDecoder(model, max_len=64)
     assert decoder.cuda_graph
     assert torch.equal(decoder.generate(prompt, 40), greedy_reference(model, prompt, 40))
+
+
+@pytest.mark.parametrize("fmt", ["2x8g8", "1x8g8"])
+@pytest.mark.parametrize("n_in,n_out,bias", [(1024, 1536, True), (4096, 100, False)])
+def test_cuda_kernel_matches_the_float32_reference_and_serves_one_bf16_token(fmt, n_in, n_out, bias):
+    from llm import cuda_kernel, kernels
+    from test_llm_kernels import random_layer, reference, rel_err
+
+    layer = random_layer(fmt, n_in, n_out, bias, 0, "cuda")
+    x = torch.randn(1, n_in, device="cuda")
+    expected = reference(layer, x)
+    layer, x = layer.to(torch.bfloat16), x.bfloat16()
+    assert cuda_kernel.load() is not None, cuda_kernel.build_error()
+    assert kernels.kernel_for(layer, x) == "cuda"
+    y = cuda_kernel.aqlm_gemv(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert y.shape == (1, n_out) and y.dtype == torch.bfloat16
+    assert rel_err(y, expected) < 1e-2
+    assert kernels.kernel_for(layer, torch.randn(2, n_in, device="cuda", dtype=torch.bfloat16)) == "triton"
