@@ -17,7 +17,7 @@ run() {  # NAME STRATEGY BATCH MICRO_BATCH [STRATEGY_SETTINGS_JSON]
   echo "${cmd[*]}" >> "$runs/commands.txt"
   timeout 540 "${cmd[@]}" > "$runs/log_$1.txt" 2>&1
 }
-python3 -c "from llm.pipeline import load_data; load_data('$model', '$corpus/train.txt.xz', '$corpus/validation.txt.xz', 512, 8)"
+python3 -m experiments.warm_tokenizer "$model" "$corpus"
 run b16-continuous continuous 16 16 &
 until [ -f "$runs/b16-continuous/calibrated/meta.json" ]; do sleep 3; done
 default_specs='b16-pv pv 16 16;b16-ste ste 16 16;b64-continuous continuous 64 32;b64-pv pv 64 32;b64-ste ste 64 32;b64-pv-tau1e-2 pv 64 32 {"pv":{"tau":0.01}}'

@@ -21,7 +21,7 @@ pipeline() {  # MODEL FORMAT STRATEGY
   timeout "${LIMIT_S:-560}" "${cmd[@]}" > "$runs/log_$name-$2-$3.txt" 2>&1
 }
 for model in "$@"; do
-  python3 -c "from llm.pipeline import load_data; load_data('$model', '$corpus/train.txt.xz', '$corpus/validation.txt.xz', 512, 8)"
+  python3 -m experiments.warm_tokenizer "$model" "$corpus"
   for fmt in ${FORMATS:-2x8g8 1x8g8}; do
     name=$(basename "$model")
     pipeline "$model" "$fmt" "$first" &

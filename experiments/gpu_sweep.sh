@@ -11,7 +11,7 @@ out=$(mktemp -d)
 export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
 name=$(basename "$model"); tag=$(basename "$plan" .json)
 # warm the tokenizer cache once, so the processes do not race to write it
-python3 -c "from llm.pipeline import load_data; load_data('$model', '$corpus/train.txt.xz', '$corpus/validation.txt.xz', 512, 8)"
+python3 -m experiments.warm_tokenizer "$model" "$corpus"
 field() { python3 -c "import json; r=json.load(open('$plan'))['runs'][$1]; v=r['$2']; print(v if isinstance(v, str) else '\n'.join(json.dumps(x) for x in v))"; }
 steps=$(python3 -c "import json; print(json.load(open('$plan'))['steps'])")
 n=$(python3 -c "import json; print(len(json.load(open('$plan'))['runs']))")

@@ -70,7 +70,7 @@ def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict
 
 
 def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,
-                 strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 256,
+                 strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 1024,
                  max_eval_windows: Optional[int] = None, device=None, progress: bool = True,
                  strategy_settings: Optional[dict] = None) -> dict:
     """Calibrate `model_dir`, then fine-tune the calibrated model with each strategy at equal steps

@@ -134,3 +134,32 @@ def test_greedy_decoder_rejects_a_prompt_longer_than_its_cache():
     decoder = GreedyDecoder(prepare_for_inference(tiny_model("llama")), max_len=16)
     with pytest.raises(ValueError, match="exceed the cache"):
         decoder.generate(torch.zeros(1, 10, dtype=torch.long), 10)
+
+
+@needs_numba
+def test_lookup_tables_give_the_reference_result_on_two_threads():
+    """The suite pins numba to one thread (aqlm's own CPU kernel races on more); each of our parallel
+    iterations writes its own output row, so two threads must agree with the reference too."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numba, torch\n"
+        "from llm.lut_kernel import aqlm_matmul_lut\n"
+        "from pvtheory.codes import decode\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "codes = torch.randint(0, 256, (300, 32, 2), generator=g).to(torch.uint8)\n"
+        "cb, s = torch.randn(2, 256, 8, generator=g), torch.rand(300, generator=g) + 0.5\n"
+        "W = decode(codes.reshape(-1, 2).long(), cb, (300, 256), s)\n"
+        "for T in (1, 5):\n"
+        "    x = torch.randn(T, 256, generator=g)\n"
+        "    y, ref = aqlm_matmul_lut(x, codes, cb, s), x @ W.T\n"
+        "    print(numba.get_num_threads(), float((y - ref).norm() / ref.norm()))\n")
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in out.stdout.split("\n")[:2]:
+        threads, err = line.split()
+        assert threads == "2" and float(err) < 1e-5
