@@ -1,9 +1,10 @@
 """Which matmul an AQLM layer's forward uses.
 
-Inference on at most MAX_TOKENS tokens (decoding) skips the dense weight: on CUDA a CUDA kernel with
-shared-memory codebooks for one bf16 token of 1x8g8 / 2x8g8 (`llm.cuda_kernel`, where it builds) and
-the Triton kernel otherwise (`llm.triton_kernel`), lookup tables on the CPU for codebooks of <= 256 entries (`llm.lut_kernel`;
-for small layers only at one token, where they beat decoding: experiments/results/kernels/cpu_matvec.json).
+Inference on at most MAX_TOKENS tokens (decoding) skips the dense weight. On CUDA: a CUDA kernel with
+shared-memory codebooks for one bf16 token of 1x8g8 / 2x8g8 (`llm.cuda_kernel`, where it builds), the
+Triton kernel otherwise (`llm.triton_kernel`). On the CPU: lookup tables for codebooks of <= 256
+entries (`llm.lut_kernel`; for small layers only at one token, where they beat decoding:
+experiments/results/kernels/cpu_matvec.json).
 Everything else (training, where autograd needs the decoded weight; prefill and evaluation, where
 many tokens make the dense product cheap per token) decodes W and calls F.linear.
 `set_enabled(False)` or PVTUNING_KERNELS=0 forces the reference path everywhere.
