@@ -39,6 +39,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def err_vs_magnitude(layer: AQLMLinear, x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |y - reference| over max (|x| |W|' + |b|): float32 rounding is relative to the size of the
+    products summed, not of their sum (one output can cancel to almost nothing)."""
+    W = layer.weight().double()
+    size = F.linear(x.double().abs(), W.abs(), None if layer.bias is None else layer.bias.double().abs())
+    return float((y.double() - reference(layer, x)).abs().max() / size.max())
+
+
 layer_cases = st.tuples(
     st.sampled_from(["1x16g8", "2x8g8", "1x8g8", "2x4g4", "3x4g2"]),
     st.integers(1, 5),  # input groups
@@ -60,7 +68,7 @@ def test_triton_kernel_matches_dequantize_then_matmul(case):
     x = torch.randn(T, layer.in_features, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     y = aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, block_n=16, block_j=4)
     assert y.shape == (T, n_out) and y.dtype == x.dtype
-    assert rel_err(y, reference(layer, x)) < 1e-5
+    assert err_vs_magnitude(layer, x, y) < 1e-6
 
 
 @needs_numba
@@ -74,7 +82,7 @@ def test_lookup_table_kernel_matches_dequantize_then_matmul(case):
     x = torch.randn(2, T, layer.in_features, generator=torch.Generator().manual_seed(seed))[:1]
     y = aqlm_matmul_lut(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
     assert y.shape == (1, T, n_out)
-    assert rel_err(y, reference(layer, x)) < 1e-5
+    assert err_vs_magnitude(layer, x, y) < 1e-6
 
 
 def test_sixteen_bit_codes_are_stored_in_int16_and_read_back_unsigned():
