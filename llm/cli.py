@@ -5,6 +5,7 @@
     pvtuning finetune CKPT --train TRAIN --out CKPT2 [--strategy pv] [--steps 200]
     torchrun --nproc-per-node 2 -m llm.cli finetune ...   (data parallel over 2 GPUs, same result)
     pvtuning eval MODEL_DIR_OR_CKPT --validation VAL
+    pvtuning generate MODEL_DIR_OR_CKPT --prompt TEXT [--new-tokens 64] [--bf16]
     pvtuning export CKPT --out HF_DIR
 """
 from __future__ import annotations
@@ -111,23 +112,47 @@ def cmd_finetune(a) -> None:
               f"({rep['seconds']} s), {sum(rep['codes_changed'])} code changes: {a.out}")
 
 
-def cmd_eval(a) -> None:
+def _load_model_or_checkpoint(path, base, dev) -> tuple:
+    """(model, directory holding its tokenizer) for a Hugging Face model directory or one of our checkpoints."""
     from llm.checkpoint import load_checkpoint
+    from llm.model import load_model
+
+    path = Path(path)
+    if (path / "meta.json").exists():
+        model, meta, _ = load_checkpoint(path, base, dev)
+        return model, base or meta["base_model"]
+    return load_model(path, torch.float32, dev), path
+
+
+def cmd_eval(a) -> None:
     from llm.data import load_tokenizer, tokenize, windows
     from llm.evaluate import perplexity
-    from llm.model import load_model
 
     dev = _device(a.device)
     path = Path(a.model)
-    if (path / "meta.json").exists():
-        model, meta, _ = load_checkpoint(path, a.base, dev)
-        tok_dir = a.base or meta["base_model"]
-    else:
-        model, tok_dir = load_model(path, torch.float32, dev), path
+    model, tok_dir = _load_model_or_checkpoint(path, a.base, dev)
     val = windows(tokenize(a.validation, load_tokenizer(tok_dir)), a.seq_len, a.eval_windows)
     dtype = torch.bfloat16 if a.bf16 and dev.type == "cuda" else None
     ppl = perplexity(model, val, batch_size=a.batch_size, device=dev, dtype=dtype)
     print(json.dumps({"model": str(path), "perplexity": ppl, "seq_len": a.seq_len, "windows": len(val)}))
+
+
+def cmd_generate(a) -> None:
+    from llm.data import load_tokenizer
+    from llm.generate import GreedyDecoder, prepare_for_inference
+
+    dev = _device(a.device)
+    model, tok_dir = _load_model_or_checkpoint(a.model, a.base, dev)
+    prepare_for_inference(model, torch.bfloat16 if a.bf16 else None)
+    tok = load_tokenizer(tok_dir)
+    prompt = torch.tensor([tok.encode(a.prompt, add_special_tokens=False)], dtype=torch.long)
+    if prompt.numel() == 0:
+        raise ValueError("the prompt is empty after tokenization")
+    decoder = GreedyDecoder(model, prompt.shape[1] + a.new_tokens, cuda_graph=False if a.no_cuda_graph else None)
+    out = decoder.generate(prompt, a.new_tokens)
+    print(tok.decode(out[0].tolist(), skip_special_tokens=True))
+    print(json.dumps({"model": str(a.model), "new_tokens": a.new_tokens, "cuda_graph": decoder.cuda_graph,
+                      "tokens_per_s": round(1 / decoder.last_seconds_per_token, 1)}), file=sys.stderr)
 
 
 def cmd_export(a) -> None:
@@ -206,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy text from a model directory or checkpoint (kernels, CUDA graphs)")
+    p.add_argument("model"), p.add_argument("--prompt", required=True)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--base", default=None, help="base model directory of a checkpoint")
+    p.add_argument("--bf16", action="store_true", help="run the model in bf16 (codebooks too)")
+    p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", help="write the Hugging Face AQLM format")
     p.add_argument("checkpoint"), p.add_argument("--out", required=True)

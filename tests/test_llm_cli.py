@@ -20,7 +20,7 @@ def assert_one_line_error(proc, pattern):
     assert len(lines) == 1 and pattern in lines[0], proc.stderr
 
 
-def test_pipeline_runs_end_to_end_and_resumes(tmp_path):
+def test_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     model = tiny_model_dir(tmp_path)
     train, val = tiny_corpus(tmp_path)
     args = ["pipeline", model, "--train", train, "--validation", val, "--out", tmp_path / "run", "--format", "1x6g8",
@@ -32,6 +32,10 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path):
     assert main(list(map(str, args))) == 0  # everything is checkpointed: a rerun resumes and finishes
     assert main(["export", str(tmp_path / "run" / "pv"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run" / "pv"), "--prompt", "the model", "--new-tokens", "6", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and json.loads(out.err.strip().splitlines()[-1])["tokens_per_s"] > 0
 
 
 def test_missing_model_directory(tmp_path):
@@ -68,3 +72,8 @@ def test_bad_format_string(tmp_path):
     model = tiny_model_dir(tmp_path)
     assert_one_line_error(run_cli("calibrate", model, "--train", "x", "--out", tmp_path / "o", "--format", "2bits"),
                           "unknown quantization format")
+
+
+def test_generate_with_an_empty_prompt(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    assert_one_line_error(run_cli("generate", model, "--prompt", "", "--device", "cpu"), "prompt is empty")
