@@ -24,8 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llm.formats import QuantFormat, _code_dtype
-from pvtheory.codes import decode
+from llm.formats import AQLMLinear, QuantFormat
 from pvtheory.io import write_json
 
 LLAMA2_7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out): q/k/v/o, gate/up, down
@@ -34,20 +33,19 @@ FORMATS = ["1x16g8", "2x8g8", "1x8g8"]
 TOKENS = [1, 4, 16]
 
 
-def random_layer(fmt: QuantFormat, n_in: int, n_out: int, dtype: torch.dtype, device, gen: torch.Generator) -> dict:
+def random_layer(fmt: QuantFormat, n_in: int, n_out: int, dtype: torch.dtype, device, gen: torch.Generator) -> AQLMLinear:
+    """An inference-ready AQLM layer with random codes, codebooks and scales."""
     M, K, g = fmt.num_codebooks, 1 << fmt.bits, fmt.group_size
-    codes = torch.randint(0, K, (n_out, n_in // g, M), generator=gen, device=device).to(_code_dtype(fmt.bits))
-    return {"codes": codes, "codebooks": (torch.randn(M, K, g, generator=gen, device=device) * 0.05).to(dtype),
-            "scales": (torch.rand(n_out, generator=gen, device=device) + 0.5).to(dtype)}
+    layer = AQLMLinear(n_in, n_out, fmt, device=device, dtype=dtype).requires_grad_(False)
+    layer.set_codes(torch.randint(0, K, (n_out, n_in // g, M), generator=gen, device=device))
+    layer.codebooks.copy_((torch.randn(M, K, g, generator=gen, device=device) * 0.05).to(dtype))
+    layer.scales.copy_((torch.rand(n_out, generator=gen, device=device) + 0.5).to(dtype))
+    return layer
 
 
-def dequantized(layer: dict) -> torch.Tensor:
-    c = layer["codes"].long()
-    if layer["codebooks"].shape[1] == 1 << 16:
-        c = c & 0xFFFF
-    n_out, J, M = c.shape
-    g = layer["codebooks"].shape[2]
-    return decode(c.reshape(-1, M), layer["codebooks"], (n_out, J * g), layer["scales"])
+def dequantized(layer: AQLMLinear) -> torch.Tensor:
+    """W in the layer's dtype (the reference path's decode)."""
+    return layer.weight()
 
 
 def nbytes(*tensors) -> int:
@@ -104,22 +102,22 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
     fmt, dev, bf16 = QuantFormat.parse(fmt_s), "cuda", torch.bfloat16
     x = torch.randn(T, n_in, generator=gen, device=dev).to(bf16)
     one = random_layer(fmt, n_in, n_out, bf16, dev, gen)
-    q_bytes = nbytes(one["codes"], one["codebooks"], one["scales"])
+    q_bytes = nbytes(one.codes, one.codebooks, one.scales)
     layers = [one] + [random_layer(fmt, n_in, n_out, bf16, dev, gen) for _ in range(copies_for(q_bytes, l2) - 1)]
     # correctness on this data: kernel vs dequantize-then-matmul in float32
-    ref = F.linear(x.float(), dequantized({k: v.float() if v.is_floating_point() else v for k, v in one.items()}))
+    ref = F.linear(x.float(), one.as_codebooks().decode(one.codebooks.float(), one.scales.float()))
     outs = [torch.empty(T, n_out, device=dev, dtype=bf16) for _ in layers]
-    got = triton_kernel.aqlm_matmul(x, one["codes"], one["codebooks"], one["scales"]).float()
+    got = triton_kernel.aqlm_matmul(x, one.codes, one.codebooks, one.scales).float()
     rel_err = float((got - ref).norm() / ref.norm())
     t_kernel = graph_time_per_call([  # the copy_ into a preallocated output is in every timed call alike
-        (lambda L=L, o=o: o.copy_(triton_kernel.aqlm_matmul(x, L["codes"], L["codebooks"], L["scales"])))
+        (lambda L=L, o=o: o.copy_(triton_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales)))
         for L, o in zip(layers, outs)])
     tile = triton_kernel.best_config()
     cuda = {}
-    if cuda_kernel.supports(x, one["codes"], one["codebooks"], one["scales"]) and cuda_kernel.load() is not None:
-        got = cuda_kernel.aqlm_gemv(x, one["codes"], one["codebooks"], one["scales"]).float()
+    if cuda_kernel.supports(x, one.codes, one.codebooks, one.scales) and cuda_kernel.load() is not None:
+        got = cuda_kernel.aqlm_gemv(x, one.codes, one.codebooks, one.scales).float()
         t_cuda = graph_time_per_call([
-            (lambda L=L, o=o: o.copy_(cuda_kernel.aqlm_gemv(x, L["codes"], L["codebooks"], L["scales"])))
+            (lambda L=L, o=o: o.copy_(cuda_kernel.aqlm_gemv(x, L.codes, L.codebooks, L.scales)))
             for L, o in zip(layers, outs)])
         cuda = {"cuda_us": round(t_cuda * 1e6, 2), "cuda_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
                 "triton_us": round(t_kernel * 1e6, 2)}
@@ -167,9 +165,9 @@ def bench_cpu_case(fmt_s: str, n_in: int, n_out: int, T: int, gen, reps: int) ->
     L = random_layer(fmt, n_in, n_out, torch.float32, "cpu", gen)
     W = dequantized(L)
     Wb = W.to(torch.bfloat16)
-    got = aqlm_matmul_lut(x, L["codes"], L["codebooks"], L["scales"])
+    got = aqlm_matmul_lut(x, L.codes, L.codebooks, L.scales)
     ref = F.linear(x.double(), W.double())
-    t_lut = median_seconds(lambda: aqlm_matmul_lut(x, L["codes"], L["codebooks"], L["scales"]), reps)
+    t_lut = median_seconds(lambda: aqlm_matmul_lut(x, L.codes, L.codebooks, L.scales), reps)
     t_ref = median_seconds(lambda: F.linear(x, dequantized(L)), max(3, reps // 4))
     t_f32 = median_seconds(lambda: F.linear(x, W), reps)
     t_bf16 = median_seconds(lambda: F.linear(x.bfloat16(), Wb), max(3, reps // 4))

@@ -62,18 +62,18 @@ class GreedyDecoder:
                             use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
-    def _capture(self) -> None:
+    def _capture(self, warmup_steps: int = 2) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph: autotuning, lazy allocations
+            for _ in range(warmup_steps):  # outside the graph: autotuning, lazy allocations
                 self._step(self.token, self.position)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.next_token = self._step(self.token, self.position)
-        for layer in self.cache.layers:  # undo the warm-up's two appends
-            layer.cumulative_length.sub_(2)
+        for layer in self.cache.layers:  # undo the warm-up's appends to the cache
+            layer.cumulative_length.sub_(warmup_steps)
 
     def _decode_one(self, token: Tensor, position: int) -> Tensor:
         self.token.copy_(token)
