@@ -5,12 +5,13 @@
 # bounds on each part alone). Merged summaries are copied to OUT_DIR every 20 s, so a call cut by its
 # time limit keeps what finished; logs and exact commands are packed into OUT_DIR/logs.tgz at the end.
 #   bash experiments/gpu_pipeline.sh OUT_DIR MODEL_DIR...      (corpus in .cache/corpus)
-# Environment: FORMATS (default "2x8g8 1x8g8"), STRATEGIES, STEPS (200), LIMIT_S (per process), EXTRA (CLI flags).
+# Environment: FORMATS (default "2x8g8 1x8g8"), STRATEGIES, STEPS (200), LIMIT_S (per process), EXTRA (CLI flags),
+# RUNS (working folder, default /tmp/runs; separate ones let several of these run at once).
 set -uo pipefail
 out=$1; shift
 corpus=${CORPUS:-.cache/corpus}
 export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
-runs=/tmp/runs; mkdir -p "$runs"
+runs=${RUNS:-/tmp/runs}; mkdir -p "$runs"
 strategies=${STRATEGIES:-continuous pv ste stochastic linearized_pv}
 first=${strategies%% *}; rest=${strategies#"$first"}
 pipeline() {  # MODEL FORMAT STRATEGY

@@ -53,6 +53,7 @@ class CalibrationConfig:
     batch_size: int = 16
     linears: tuple = BLOCK_LINEARS
     true_sequential: bool = False  # True: Hessians of o_proj / MLP from the block with its earlier linears quantized
+    original_targets: bool = False  # True: tune each block toward the original model's outputs (undoing upstream error)
     seed: int = 0
 
 
@@ -430,10 +431,15 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
         if m is not None:
             m.to(home)
     report = {"config": asdict(cfg), "format": str(fmt), "layers": [], "blocks": []}
+    original_inputs = list(inputs) if cfg.original_targets else None  # the unquantized model's activations
     for i, block in enumerate(tqdm(layers, desc=f"calibrate {fmt}", disable=not progress)):
         tb = time.time()
         block.to(device)
         targets = None
+        if original_inputs is not None:
+            with torch.no_grad():
+                original_inputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in original_inputs]
+            targets = original_inputs
         for group in sequential_groups(cfg.linears, cfg.true_sequential):
             H, outputs = collect_hessians(block, inputs, kwargs, group)
             targets = outputs if targets is None else targets  # the original block's outputs

@@ -33,7 +33,8 @@ def _calib_cfg(a) -> CalibrationConfig:
     QuantFormat.parse(a.format)
     return CalibrationConfig(fmt=a.format, rounds=a.rounds, tolerance=a.tolerance, beam_width=a.beam_width,
                              block_tune_steps=a.block_tune_steps, block_tune_lr=a.block_tune_lr,
-                             batch_size=a.batch_size, seed=a.seed)
+                             batch_size=a.batch_size, seed=a.seed, true_sequential=a.true_sequential,
+                             original_targets=a.original_targets)
 
 
 def _ft_cfg(a, strategy: str) -> FinetuneConfig:
@@ -183,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--block-tune-steps", type=int, default=1000)
         p.add_argument("--block-tune-lr", type=float, default=3e-4)
         p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--true-sequential", action="store_true",
+                       help="Hessians of o_proj / MLP from the block with its earlier linears quantized")
+        p.add_argument("--original-targets", action="store_true",
+                       help="tune each block toward the original model's activations, not the original block's "
+                            "outputs on quantized inputs")
 
     def ft_args(p):
         p.add_argument("--steps", type=int, default=200)
