@@ -40,7 +40,7 @@ def _calib_cfg(a) -> CalibrationConfig:
 def _ft_cfg(a, strategy: str) -> FinetuneConfig:
     return FinetuneConfig(strategy=strategy, steps=a.steps, batch_size=a.ft_batch_size,
                           micro_batch_size=a.micro_batch_size, lr=a.lr, p_lr=a.p_lr, tau=a.tau,
-                          p_beta1=a.p_beta1, p_metric=a.p_metric, trust_ratio=a.trust_ratio, beam_width=a.beam_width,
+                          p_beta1=a.p_beta1, p_metric=a.p_metric, p_select=a.p_select, trust_ratio=a.trust_ratio, beam_width=a.beam_width,
                           train_other=not a.freeze_other, grad_checkpointing=a.grad_checkpointing, seed=a.seed).validate()
 
 
@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tau", type=float, default=0.01)
         p.add_argument("--p-beta1", type=float, default=0.0)
         p.add_argument("--p-metric", default="euclidean", choices=("euclidean", "adam"))
+        p.add_argument("--p-select", default="update", choices=("update", "gain"),
+                       help="pv: re-encode the groups with the largest update, or the largest decrease of the linear model")
         p.add_argument("--trust-ratio", type=float, default=None)
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
         p.add_argument("--grad-checkpointing", action="store_true")

@@ -61,6 +61,7 @@ class FinetuneConfig:
     p_metric: str = "euclidean"  # re-encode nearest in "euclidean" or the "adam" metric diag(sqrt v)
     p_state_dtype: str = "float32"  # the P step's per-weight moments; "bfloat16" halves their memory (7B scale)
     tau: float = 0.01  # fraction of code groups the pv strategy may change per step
+    p_select: str = "update"  # pv's greedy subspace: the groups with the largest "update", or the largest model "gain"
     trust_ratio: Optional[float] = None  # reject code changes with ||dw|| > trust_ratio * ||w|| per group
     beam_width: int = 4
     train_norms: bool = True
@@ -75,6 +76,8 @@ class FinetuneConfig:
             raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.p_state_dtype not in ("float32", "bfloat16"):
             raise FinetuneError(f"p_state_dtype must be 'float32' or 'bfloat16', got {self.p_state_dtype!r}")
+        if self.p_select not in ("update", "gain"):
+            raise FinetuneError(f"p_select must be 'update' or 'gain', got {self.p_select!r}")
         if self.p_metric not in ("euclidean", "adam"):
             raise FinetuneError(f"p_metric must be 'euclidean' or 'adam', got {self.p_metric!r}")
         if not 0 < self.tau <= 1:
@@ -215,12 +218,14 @@ class CodeStep:
         else:
             target = W - update
             groups = None
-            if cfg.strategy == "pv":
+            if cfg.strategy == "pv" and cfg.p_select == "update":
                 scores = update.reshape(-1, gs).norm(dim=1)
                 k = max(1, int(math.ceil(cfg.tau * scores.numel())))
                 groups = torch.topk(scores, k).indices
         if cfg.strategy == "stochastic":
             new = layer.nearest_other_codes(target)
+        elif cfg.strategy == "pv" and cfg.p_select == "gain":
+            new = self._greedy_by_gain(layer, W, target, old, metric)
         else:
             new = layer.encode(target, groups=groups, beam_width=cfg.beam_width, weights=metric)
         moved = (new != old).any(1)
@@ -242,6 +247,27 @@ class CodeStep:
             moved = keep
         layer.set_codes(new)
         return int(moved.sum())
+
+
+    def _greedy_by_gain(self, layer: nn.Module, W: Tensor, target: Tensor, old: Tensor, metric: Optional[Tensor]) -> Tensor:
+        """The greedy subspace by model decrease: every group is re-encoded towards the target, and only
+        the fraction tau whose new codes lower the preconditioned linear model
+        <g, w' - w> + ||w' - w||^2_P / (2 p_lr) = (||w' - t||^2_P - ||w - t||^2_P) / (2 p_lr) the most
+        (and do lower it) take them. Unlike ranking by the update's size, this ranks by what re-encoding
+        actually achieves: a group whose rounding snaps back gains nothing."""
+        gs = layer.group_size
+        cand = layer.encode(target, groups=None, beam_width=self.cfg.beam_width, weights=metric)
+        layer.set_codes(cand)
+        W_cand = layer.weight().detach().float()
+        layer.set_codes(old)
+        P = torch.ones_like(W) if metric is None else metric.float()
+        gain = (((W - target) ** 2 - (W_cand - target) ** 2) * P).reshape(-1, gs).sum(1)
+        k = max(1, int(math.ceil(self.cfg.tau * gain.numel())))
+        top = torch.topk(gain, k).indices
+        top = top[gain[top] > 0]
+        new = old.clone()
+        new[top] = cand[top]
+        return new
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict:

@@ -97,3 +97,33 @@ def test_formats_of_about_one_bit_get_ten_times_larger_p_steps():
     assert two_bit == TUNED_STRATEGY_SETTINGS and tuned_strategy_settings("1x16g8") == TUNED_STRATEGY_SETTINGS
     assert one_bit["pv"]["p_lr"] == 10 * two_bit["pv"]["p_lr"] and one_bit["ste"]["p_lr"] > two_bit["ste"]["p_lr"]
     assert one_bit["pv"]["tau"] == two_bit["pv"]["tau"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("metric", ["euclidean", "adam"])
+def test_gain_selection_moves_at_most_tau_groups_each_closer_to_the_target(seed, metric):
+    from torch import nn
+
+    from llm.finetune import CodeStep
+    from llm.formats import AQLMLinear, QuantFormat
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = AQLMLinear(32, 16, QuantFormat.parse("1x4g4"))
+    with torch.no_grad():
+        layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=gen))
+        layer.scales.copy_(torch.rand(16, generator=gen) + 0.5)
+        layer.set_codes(torch.randint(0, 16, layer.codes.shape, generator=gen))
+    cfg = FinetuneConfig(strategy="pv", p_select="gain", tau=0.1, p_lr=1.0, p_metric=metric).validate()
+    step = CodeStep(nn.Sequential(layer), cfg)
+    W, old = layer.weight().detach().clone(), layer.codes_view().clone()
+    g = torch.randn(W.shape, generator=gen)
+    layer.weight_grad = g
+    changed = step.step(0)
+    # the first step's Adam-normalized update is p_lr * g / (|g| + eps); the metric is |g| + eps (adam) or 1
+    target = W - cfg.p_lr * g / (g.abs() + 1e-8)
+    P = g.abs() + 1e-8 if metric == "adam" else torch.ones_like(g)
+    moved = (layer.codes_view() != old).any(1)
+    assert 0 < changed == int(moved.sum()) <= -(-cfg.tau * old.shape[0] // 1)
+    err = lambda w: (((w - target) ** 2) * P).reshape(-1, 4).sum(1)
+    assert (err(layer.weight().detach())[moved] < err(W)[moved]).all()
+    assert torch.equal(layer.codes_view()[~moved], old[~moved])
