@@ -82,3 +82,24 @@ def test_true_sequential_quantizes_in_reading_order():
     assert sequential_groups(BLOCK_LINEARS, False) == [list(BLOCK_LINEARS)]
     report = _tuning_report(block_tune_steps=0, true_sequential=True)
     assert [l["name"].split(".", 3)[-1] for l in report["layers"][:7]] == sum(groups, [])
+
+
+def test_original_targets_measure_each_block_against_the_unquantized_model():
+    import copy
+
+    seqs = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(5))
+    from transformers import AutoModelForCausalLM
+
+    from llm.model import tiny_config
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(tiny_config("llama", layers=3, vocab=256)).eval()
+    student = copy.deepcopy(teacher)
+    cfg = CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0, original_targets=True)
+    report = calibrate(student, seqs, cfg, progress=False)
+    with torch.no_grad():
+        hs_t = teacher(input_ids=seqs, output_hidden_states=True).hidden_states
+        hs_s = student(input_ids=seqs, output_hidden_states=True).hidden_states
+    for i, block in enumerate(report["blocks"][:-1]):  # the last hidden state has the final norm applied
+        expected = float(((hs_s[i + 1] - hs_t[i + 1]) ** 2).mean())
+        assert abs(block["output_mse"] - expected) <= 1e-4 * expected + 1e-9, (i, block["output_mse"], expected)
