@@ -43,11 +43,6 @@ def random_layer(fmt: QuantFormat, n_in: int, n_out: int, dtype: torch.dtype, de
     return layer
 
 
-def dequantized(layer: AQLMLinear) -> torch.Tensor:
-    """W in the layer's dtype (the reference path's decode)."""
-    return layer.weight()
-
-
 def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -122,12 +117,12 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
         cuda = {"cuda_us": round(t_cuda * 1e6, 2), "cuda_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
                 "triton_us": round(t_kernel * 1e6, 2)}
         t_kernel = t_cuda  # what the layer uses
-    W = dequantized(one)
+    W = one.weight()
     dense = [W] + [torch.randn(n_out, n_in, generator=gen, device=dev).to(bf16)
                    for _ in range(copies_for(nbytes(W), l2, cap=64) - 1)]
     t_dense = graph_time_per_call([(lambda w=w, o=o: o.copy_(F.linear(x, w))) for w, o in zip(dense, outs)])
     del dense
-    t_ref = graph_time_per_call([(lambda L=L, o=o: o.copy_(F.linear(x, dequantized(L)))) for L, o in zip(layers[:8], outs)])
+    t_ref = graph_time_per_call([(lambda L=L, o=o: o.copy_(F.linear(x, L.weight()))) for L, o in zip(layers[:8], outs)])
     io = nbytes(x) + T * n_out * 2
     kernel_bytes = q_bytes + io
     return {
@@ -163,12 +158,12 @@ def bench_cpu_case(fmt_s: str, n_in: int, n_out: int, T: int, gen, reps: int) ->
     fmt = QuantFormat.parse(fmt_s)
     x = torch.randn(T, n_in, generator=gen)
     L = random_layer(fmt, n_in, n_out, torch.float32, "cpu", gen)
-    W = dequantized(L)
+    W = L.weight()
     Wb = W.to(torch.bfloat16)
     got = aqlm_matmul_lut(x, L.codes, L.codebooks, L.scales)
     ref = F.linear(x.double(), W.double())
     t_lut = median_seconds(lambda: aqlm_matmul_lut(x, L.codes, L.codebooks, L.scales), reps)
-    t_ref = median_seconds(lambda: F.linear(x, dequantized(L)), max(3, reps // 4))
+    t_ref = median_seconds(lambda: F.linear(x, L.weight()), max(3, reps // 4))
     t_f32 = median_seconds(lambda: F.linear(x, W), reps)
     t_bf16 = median_seconds(lambda: F.linear(x.bfloat16(), Wb), max(3, reps // 4))
     return {"format": fmt_s, "in": n_in, "out": n_out, "tokens": T,

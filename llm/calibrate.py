@@ -346,6 +346,12 @@ def _block_kwargs(kwargs: dict, batch: int) -> dict:
 
 
 @torch.no_grad()
+def run_block(block: nn.Module, inputs: list, kwargs: dict) -> list:
+    """The block's outputs for each batch of inputs, with the captured keyword arguments."""
+    return [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in inputs]
+
+
+@torch.no_grad()
 def collect_hessians(block: nn.Module, inputs: list, kwargs: dict, names) -> tuple[dict, list]:
     """H = X'X / n for the input X of every named linear, and the block's outputs."""
     linears = block_linears(block, names)
@@ -359,7 +365,7 @@ def collect_hessians(block: nn.Module, inputs: list, kwargs: dict, names) -> tup
             counts[n] += x.shape[0]
         handles.append(mod.register_forward_hook(hook))
     try:
-        outputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in inputs]
+        outputs = run_block(block, inputs, kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -437,9 +443,7 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
         block.to(device)
         targets = None
         if original_inputs is not None:
-            with torch.no_grad():
-                original_inputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in original_inputs]
-            targets = original_inputs
+            original_inputs = targets = run_block(block, original_inputs, kwargs)
         for group in sequential_groups(cfg.linears, cfg.true_sequential):
             H, outputs = collect_hessians(block, inputs, kwargs, group)
             targets = outputs if targets is None else targets  # the original block's outputs
@@ -453,9 +457,8 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
         if cfg.block_tune_steps:
             losses = tune_block(block, inputs, targets, kwargs, cfg.block_tune_steps, cfg.block_tune_lr,
                                 cfg.block_tune_tau, cfg.block_tune_p_lr, cfg.beam_width, cfg.seed)
-        with torch.no_grad():
-            outputs = [block(x, **_block_kwargs(kwargs, x.shape[0])) for x in inputs]
-            mse = sum(float(F.mse_loss(o.float(), t.float())) for o, t in zip(outputs, targets)) / len(inputs)
+        outputs = run_block(block, inputs, kwargs)
+        mse = sum(float(F.mse_loss(o.float(), t.float())) for o, t in zip(outputs, targets)) / len(inputs)
         report["blocks"].append({"block": i, "output_mse": mse, "tune_losses_first_last": losses[:1] + losses[-1:],
                                  "seconds": round(time.time() - tb, 2)})
         inputs = outputs

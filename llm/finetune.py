@@ -230,9 +230,7 @@ class CodeStep:
             new = layer.encode(target, groups=groups, beam_width=cfg.beam_width, weights=metric)
         moved = (new != old).any(1)
         if moved.any() and (cfg.strategy == "stochastic" or cfg.trust_ratio is not None):
-            layer.set_codes(new)
-            W_new = layer.weight().detach().float().reshape(-1, gs)
-            layer.set_codes(old)
+            W_new = _weight_with_codes(layer, new, old).reshape(-1, gs)
             w_old, t = W.reshape(-1, gs), target.reshape(-1, gs)
             delta = W_new - w_old
             keep = moved.clone()
@@ -248,7 +246,6 @@ class CodeStep:
         layer.set_codes(new)
         return int(moved.sum())
 
-
     def _greedy_by_gain(self, layer: nn.Module, W: Tensor, target: Tensor, old: Tensor, metric: Optional[Tensor]) -> Tensor:
         """The greedy subspace by model decrease: every group is re-encoded towards the target, and only
         the fraction tau whose new codes lower the preconditioned linear model
@@ -257,17 +254,25 @@ class CodeStep:
         actually achieves: a group whose rounding snaps back gains nothing."""
         gs = layer.group_size
         cand = layer.encode(target, groups=None, beam_width=self.cfg.beam_width, weights=metric)
-        layer.set_codes(cand)
-        W_cand = layer.weight().detach().float()
-        layer.set_codes(old)
-        P = torch.ones_like(W) if metric is None else metric.float()
-        gain = (((W - target) ** 2 - (W_cand - target) ** 2) * P).reshape(-1, gs).sum(1)
+        W_cand = _weight_with_codes(layer, cand, old)
+        gain = (W - target) ** 2 - (W_cand - target) ** 2
+        if metric is not None:
+            gain = gain * metric.float()
+        gain = gain.reshape(-1, gs).sum(1)
         k = max(1, int(math.ceil(self.cfg.tau * gain.numel())))
         top = torch.topk(gain, k).indices
         top = top[gain[top] > 0]
         new = old.clone()
         new[top] = cand[top]
         return new
+
+
+def _weight_with_codes(layer: nn.Module, codes: Tensor, current: Tensor) -> Tensor:
+    """The layer's dequantized weight (float32) had it these codes; the layer keeps `current`."""
+    layer.set_codes(codes)
+    W = layer.weight().detach().float()
+    layer.set_codes(current)
+    return W
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict:

@@ -88,12 +88,7 @@ def test_original_targets_measure_each_block_against_the_unquantized_model():
     import copy
 
     seqs = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(5))
-    from transformers import AutoModelForCausalLM
-
-    from llm.model import tiny_config
-
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(tiny_config("llama", layers=3, vocab=256)).eval()
+    teacher = tiny_model("llama", layers=3)
     student = copy.deepcopy(teacher)
     cfg = CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0, original_targets=True)
     report = calibrate(student, seqs, cfg, progress=False)
