@@ -42,14 +42,18 @@ def tokenize(path, tokenizer, max_chars: Optional[int] = None, cache: Optional[P
         return torch.load(cached)
     text = read_text(path, max_chars)
     chunk = 1 << 20  # tokenize in pieces cut at line ends so no token straddles a cut
-    ids, start = [], 0
+    pieces, start = [], 0
     while start < len(text):
         end = min(len(text), start + chunk)
         if end < len(text):
             nl = text.rfind("\n", start, end)
             end = nl + 1 if nl > start else end
-        ids.extend(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        pieces.append(text[start:end])
         start = end
+    ids = []
+    for i in range(0, len(pieces), 64):  # a fast tokenizer encodes a batch of pieces on all cores
+        for piece_ids in tokenizer(pieces[i:i + 64], add_special_tokens=False)["input_ids"]:
+            ids.extend(piece_ids)
     tokens = torch.tensor(ids, dtype=torch.int32)
     if cached is not None:
         with atomic_path(cached) as tmp:

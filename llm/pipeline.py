@@ -20,8 +20,11 @@ from pvtheory.io import write_json
 
 
 def load_data(model_dir, train, validation, seq_len: int, nsamples: int, max_eval_windows: Optional[int] = None,
-              seed: int = 0, train_chars: int = 20_000_000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration sequences (nsamples, seq_len), validation windows) tokenized with the model's tokenizer."""
+              seed: int = 0, train_chars: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration sequences (nsamples, seq_len), validation windows) tokenized with the model's tokenizer.
+    The calibration sequences are drawn uniformly from the whole train split (or its first train_chars
+    characters): a corpus stored source by source must be sampled throughout, or calibration and
+    fine-tuning see only its first sources."""
     tok = load_tokenizer(model_dir)
     train_ids = tokenize(train, tok, max_chars=train_chars)
     val_ids = tokenize(validation, tok)
