@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# PV-Tuning against continuous-only and STE at a larger batch (issue 4): ref-llama calibrated once
-# (short calibration: 4 rounds, 300 block-tuning steps), then each strategy fine-tuned for STEPS steps
-# at 16 and at 64 sequences of 512 tokens per step, every run its own process from a copy of the
-# calibrated checkpoint (all share the GPU). Writes OUT_DIR/large_batch.json ({run: summary}) and logs.tgz.
-#   bash experiments/gpu_large_batch.sh OUT_DIR      (carry .cache/pack)    env: FMT (1x8g8), STEPS (100), SPECS
+# Fine-tuning runs from one calibration (issue 4): ref-llama calibrated once (CALIB flags, default the
+# short calibration: 4 rounds, 300 block-tuning steps), then each run of SPECS (by default each strategy
+# at 16 and at 64 sequences of 512 tokens per step) fine-tuned for STEPS steps, every run its own process
+# from a copy of the calibrated checkpoint (all share the GPU). Writes OUT_DIR/large_batch.json
+# ({run: summary}) and logs.tgz.
+#   bash experiments/gpu_large_batch.sh OUT_DIR   (carry .cache/pack/ref-llama and the corpus, see make_cache_pack.sh)
+#   env: FMT (1x8g8), STEPS (100), CALIB, SPECS, LIMIT_S (540: every run ends by then, so the merge still runs)
 set -uo pipefail
-out=$1
+out=$1; mkdir -p "$out"
+deadline=$((SECONDS + ${LIMIT_S:-540}))
 export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
 bash experiments/unpack_cache.sh ref-llama
 model=.cache/models/ref-llama; corpus=.cache/corpus; runs=/tmp/large-batch-${FMT:-1x8g8}; mkdir -p "$runs"
 run() {  # NAME STRATEGY BATCH MICRO_BATCH [STRATEGY_SETTINGS_JSON]
   local cmd=(python3 -m llm.cli pipeline "$model" --train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz"
              --out "$runs/$1" --format "${FMT:-1x8g8}" --strategies "$2" --steps "${STEPS:-100}" --ft-batch-size "$3"
-             --micro-batch-size "$4" --rounds 4 --block-tune-steps 300 --device cuda)
+             --micro-batch-size "$4" ${CALIB:---rounds 4 --block-tune-steps 300} --device cuda)
   if [ -n "${5:-}" ]; then cmd+=(--strategy-settings "$5"); fi
   echo "${cmd[*]}" >> "$runs/commands.txt"
-  timeout 540 "${cmd[@]}" > "$runs/log_$1.txt" 2>&1
+  timeout $((deadline - SECONDS)) "${cmd[@]}" > "$runs/log_$1.txt" 2>&1
 }
 python3 -m experiments.warm_tokenizer "$model" "$corpus"
 run b16-continuous continuous 16 16 &
-until [ -f "$runs/b16-continuous/calibrated/meta.json" ]; do sleep 3; done
+until [ -f "$runs/b16-continuous/calibrated/meta.json" ] || [ $SECONDS -ge $deadline ]; do sleep 3; done
 default_specs='b16-pv pv 16 16;b16-ste ste 16 16;b64-continuous continuous 64 32;b64-pv pv 64 32;b64-ste ste 64 32;b64-pv-tau1e-2 pv 64 32 {"pv":{"tau":0.01}}'
 IFS=';' read -ra specs <<< "${SPECS:-$default_specs}"   # env SPECS: "NAME STRATEGY BATCH MICRO [JSON];..."
 for spec in "${specs[@]}"; do

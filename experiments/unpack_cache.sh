@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# On the device: rebuild .cache/models/NAME and .cache/corpus from the carried .cache/pack (both reference
-# models xz-compressed + the first 20M characters of the train split, which is all the pipeline reads),
-# so that one call can carry both models under the 64 MiB limit. Make the pack here with
-# experiments/make_cache_pack.sh.   bash experiments/unpack_cache.sh ref-llama [ref-mistral]
+# On the device: rebuild .cache/models/NAME and .cache/corpus from the carried .cache/pack (the reference
+# models xz-compressed, the corpus as it is). Make the pack here with experiments/make_cache_pack.sh.
+#   bash experiments/unpack_cache.sh ref-llama [ref-mistral]
 set -euo pipefail
 mkdir -p .cache/corpus
 cp .cache/pack/train.txt.xz .cache/pack/validation.txt.xz .cache/corpus/
