@@ -36,7 +36,8 @@ def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:
     return perplexity(model.to(device), val, batch_size=32, device=device, dtype=dtype, progress=False)
 
 
-# Per-strategy settings found by the sweeps in experiments/results/sweeps (ref-llama, 2x8g8 and 1x8g8):
+# Per-strategy settings found by the sweeps in experiments/results/sweeps and large_batch (ref-llama,
+# 2x8g8 and 1x8g8; made before session 6 with calibration data from the first 28% of the train split):
 # PV-Tuning moves few codes per step (tau = 0.1%), with momentum and the Adam metric against noisy
 # small-batch gradients; STE and stochastic rounding need small steps or they wreck the model.
 TUNED_STRATEGY_SETTINGS = {
@@ -46,11 +47,12 @@ TUNED_STRATEGY_SETTINGS = {
     "stochastic": {"p_lr": 1e-4},
 }
 # About 1 bit per weight (codes of <= 1.5 bits per weight) the P steps must be ~10x larger to move
-# codes at all (experiments/results/large_batch, ref-llama 1x8g8, 100 steps at 16 and 64 sequences:
-# PV 34.24 -> 33.62 and 33.51 -> 31.65, STE 34.23 -> 32.26 and 33.50 -> 31.67); at 2 bits the same
-# change hurts (PV 18.09 -> 19.46), so it applies to the low-bit formats only. There, the P step's
-# momentum 0.95 (averaging ~20 noisy batch gradients) beat 0.9 / 0.97 / 0.99 at 16 sequences per step
-# (experiments/results/llm/session5: 200 steps, PV 32.82 / 31.37 / 31.62 / 32.36; STE 30.92).
+# codes at all, and the P step's momentum 0.95 beat 0.9 / 0.97 / 0.99 at 16 sequences per step
+# (experiments/results/large_batch, llm/session5); at 2 bits the larger step hurts, so this applies to
+# the low-bit formats only. Checked on the whole-train calibration (llm/session6, ref-llama 1x8g8):
+# PV 20.35 vs STE 20.61 at 16 sequences, 19.68 vs 20.46 at 64. At 2 bits and 64-128 sequences per step,
+# PV's p_lr 3e-2 beat 1e-2 (17.19 vs 17.29); at 16 sequences it did not (17.38 vs 17.36), so the default
+# stays (pass {"pv": {"p_lr": 0.03}} with large batches).
 LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1, "p_beta1": 0.95}, "ste": {"p_lr": 1e-3}}
 
 
