@@ -18,7 +18,7 @@ run() {  # NAME STRATEGY BATCH MICRO_BATCH [STRATEGY_SETTINGS_JSON]
              --micro-batch-size "$4" ${CALIB:---rounds 4 --block-tune-steps 300} --device cuda)
   if [ -n "${5:-}" ]; then cmd+=(--strategy-settings "$5"); fi
   echo "${cmd[*]}" >> "$runs/commands.txt"
-  timeout $((deadline - SECONDS)) "${cmd[@]}" > "$runs/log_$1.txt" 2>&1
+  timeout $((deadline > SECONDS ? deadline - SECONDS : 1)) "${cmd[@]}" > "$runs/log_$1.txt" 2>&1
 }
 python3 -m experiments.warm_tokenizer "$model" "$corpus"
 run b16-continuous continuous 16 16 &

@@ -5,13 +5,15 @@
 # bounds on each part alone). Merged summaries are copied to OUT_DIR every 20 s, so a call cut by its
 # time limit keeps what finished; logs and exact commands are packed into OUT_DIR/logs.tgz at the end.
 #   bash experiments/gpu_pipeline.sh OUT_DIR MODEL_DIR...      (corpus in .cache/corpus)
-# Environment: FORMATS (default "2x8g8 1x8g8"), STRATEGIES, STEPS (200), LIMIT_S (per process), EXTRA (CLI flags),
+# Environment: FORMATS (default "2x8g8 1x8g8"), STRATEGIES, STEPS (200), LIMIT_S (560: every process ends by then,
+# counted from this script's start, so the merge still runs), EXTRA (CLI flags),
 # RUNS (working folder, default /tmp/runs; separate ones let several of these run at once).
 set -uo pipefail
 out=$1; shift
 corpus=${CORPUS:-.cache/corpus}
 export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
-runs=${RUNS:-/tmp/runs}; mkdir -p "$runs"
+runs=${RUNS:-/tmp/runs}; mkdir -p "$runs" "$out"
+deadline=$((SECONDS + ${LIMIT_S:-560}))
 strategies=${STRATEGIES:-continuous pv ste stochastic linearized_pv}
 first=${strategies%% *}; rest=${strategies#"$first"}
 pipeline() {  # MODEL FORMAT STRATEGY
@@ -19,7 +21,7 @@ pipeline() {  # MODEL FORMAT STRATEGY
   local cmd=(python3 -m llm.cli pipeline "$1" --train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz"
              --out "$runs/$name-$2-$3" --format "$2" --strategies "$3" --steps "${STEPS:-200}" --device cuda ${EXTRA:-})
   echo "${cmd[*]}" >> "$runs/commands.txt"
-  timeout "${LIMIT_S:-560}" "${cmd[@]}" > "$runs/log_$name-$2-$3.txt" 2>&1
+  timeout $((deadline > SECONDS ? deadline - SECONDS : 1)) "${cmd[@]}" > "$runs/log_$name-$2-$3.txt" 2>&1
 }
 for model in "$@"; do
   python3 -m experiments.warm_tokenizer "$model" "$corpus"
@@ -27,7 +29,7 @@ for model in "$@"; do
     name=$(basename "$model")
     pipeline "$model" "$fmt" "$first" &
     (  # once calibrated, the other strategies start from a copy of that checkpoint
-      until [ -f "$runs/$name-$fmt-$first/calibrated/meta.json" ]; do sleep 3; done
+      until [ -f "$runs/$name-$fmt-$first/calibrated/meta.json" ] || [ $SECONDS -ge $deadline ]; do sleep 3; done
       for s in $rest; do
         mkdir -p "$runs/$name-$fmt-$s" && cp -r "$runs/$name-$fmt-$first/calibrated" "$runs/$name-$fmt-$s/"
         pipeline "$model" "$fmt" "$s" &
