@@ -73,11 +73,11 @@ def main(argv=None) -> None:
     else:
         from llm.checkpoint import load_checkpoint
         from llm.model import load_model
-        from llm.pipeline import load_data
+        from llm.pipeline import train_sequences
 
         student, meta, _ = load_checkpoint(a.checkpoint, a.model, device)
         teacher = load_model(a.model, torch.float32, device)
-        seqs, _ = load_data(a.model, a.train, a.train, seq_len, a.nsamples, max_eval_windows=1)
+        seqs = train_sequences(a.model, a.train, seq_len, a.nsamples)
         source = f"{a.checkpoint} ({a.model})"
     cfg = FinetuneConfig(**cfg_kw)
     times = []

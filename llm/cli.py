@@ -79,14 +79,12 @@ def cmd_calibrate(a) -> None:
     from llm.calibrate import calibrate
     from llm.checkpoint import save_checkpoint
     from llm.formats import model_bits
-    from llm.model import load_model
-    from llm.pipeline import load_data
-
-    from llm.model import read_config
+    from llm.model import load_model, read_config
+    from llm.pipeline import train_sequences
 
     read_config(a.model)
     cfg = _calib_cfg(a)
-    seqs, _ = load_data(a.model, a.train, a.train, a.seq_len, a.nsamples, max_eval_windows=1)
+    seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples)
     model = load_model(a.model, torch.float32, "cpu")
     report = calibrate(model, seqs, cfg, device=_device(a.device))
     save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report})
@@ -99,12 +97,12 @@ def cmd_finetune(a) -> None:
     from llm.checkpoint import load_checkpoint
     from llm.finetune import finetune
     from llm.model import load_model
-    from llm.pipeline import load_data
+    from llm.pipeline import train_sequences
 
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     student, meta, _ = load_checkpoint(a.checkpoint, a.model, dev)
     base = a.model or meta["base_model"]
-    seqs, _ = load_data(base, a.train, a.train, a.seq_len, a.nsamples, max_eval_windows=1)
+    seqs = train_sequences(base, a.train, a.seq_len, a.nsamples)
     teacher = load_model(base, torch.float32, dev)
     rep = finetune(student, teacher, seqs, _ft_cfg(a, a.strategy), device=dev, checkpoint_dir=a.out,
                    meta={"base_model": str(Path(base).resolve())})

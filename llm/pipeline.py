@@ -19,16 +19,21 @@ from llm.model import load_model, read_config
 from pvtheory.io import write_json
 
 
+def train_sequences(model_dir, train, seq_len: int, nsamples: int, seed: int = 0,
+                    train_chars: Optional[int] = None) -> torch.Tensor:
+    """nsamples calibration sequences (nsamples, seq_len) drawn uniformly from the whole train split (or
+    its first train_chars characters), tokenized with the model's tokenizer: a corpus stored source by
+    source must be sampled throughout, or calibration and fine-tuning see only its first sources."""
+    tokens = tokenize(train, load_tokenizer(model_dir), max_chars=train_chars)
+    return calibration_sequences(tokens, seq_len, nsamples, seed)
+
+
 def load_data(model_dir, train, validation, seq_len: int, nsamples: int, max_eval_windows: Optional[int] = None,
               seed: int = 0, train_chars: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration sequences (nsamples, seq_len), validation windows) tokenized with the model's tokenizer.
-    The calibration sequences are drawn uniformly from the whole train split (or its first train_chars
-    characters): a corpus stored source by source must be sampled throughout, or calibration and
-    fine-tuning see only its first sources."""
-    tok = load_tokenizer(model_dir)
-    train_ids = tokenize(train, tok, max_chars=train_chars)
-    val_ids = tokenize(validation, tok)
-    return calibration_sequences(train_ids, seq_len, nsamples, seed), windows(val_ids, seq_len, max_eval_windows)
+    """(train_sequences(...), validation windows (n, seq_len)) tokenized with the model's tokenizer."""
+    val_ids = tokenize(validation, load_tokenizer(model_dir))
+    return (train_sequences(model_dir, train, seq_len, nsamples, seed, train_chars),
+            windows(val_ids, seq_len, max_eval_windows))
 
 
 def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:

@@ -12,10 +12,8 @@ class CharTokenizer:
     def get_vocab(self) -> dict:
         return {chr(i): i for i in range(128)}
 
-    def __call__(self, text, add_special_tokens: bool = False) -> dict:
-        texts = [text] if isinstance(text, str) else text
-        ids = [[ord(c) for c in t] for t in texts]
-        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+    def __call__(self, texts: list, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
 
 
 def test_tokenizing_in_pieces_keeps_every_character_in_order(tmp_path: Path):
