@@ -5,7 +5,7 @@
 # sequences every step; V step LAMB at lr 1e-3; 2x8g8 PV with p_lr 3e-2). Each pipeline rewrites its
 # summary after every strategy, so a call cut at LIMIT_S keeps the strategies that finished.
 #   bash experiments/gpu_main_table.sh OUT_DIR MODEL_NAME     (carry .cache/pack/MODEL_NAME and the corpus)
-#   env: STRATEGIES (pv,ste,continuous), LIMIT_S (575)
+#   env: STRATEGIES (pv,ste,continuous), FORMATS (2x8g8,1x8g8: either alone runs it alone), LIMIT_S (575)
 # Writes OUT_DIR/summary_FORMAT.json, OUT_DIR/log_FORMAT.txt and OUT_DIR/commands.txt.
 set -uo pipefail
 out=$1; name=$2; mkdir -p "$out"
@@ -20,10 +20,15 @@ common=(--train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz" 
 two_bit=(python3 -m llm.cli pipeline "$model" --out "/tmp/$name-2x8g8" --format 2x8g8 "${common[@]}" --steps 260
          --ft-batch-size 128 --rounds 12 --tolerance 0.002 --block-tune-steps 500 --strategy-settings '{"pv":{"p_lr":0.03}}')
 one_bit=(python3 -m llm.cli pipeline "$model" --out "/tmp/$name-1x8g8" --format 1x8g8 "${common[@]}" --steps 220 --ft-batch-size 64)
-printf '%s\n' "${two_bit[*]}" "${one_bit[*]}" > "$out/commands.txt"
-until_deadline "${two_bit[@]}" > "$out/log_2x8g8.txt" 2>&1 &
-until_deadline "${one_bit[@]}" > "$out/log_1x8g8.txt" 2>&1 &
+formats=${FORMATS:-2x8g8,1x8g8}
+: > "$out/commands.txt"
+if [[ ,$formats, == *,2x8g8,* ]]; then
+  echo "${two_bit[*]}" >> "$out/commands.txt"; until_deadline "${two_bit[@]}" > "$out/log_2x8g8.txt" 2>&1 &
+fi
+if [[ ,$formats, == *,1x8g8,* ]]; then
+  echo "${one_bit[*]}" >> "$out/commands.txt"; until_deadline "${one_bit[@]}" > "$out/log_1x8g8.txt" 2>&1 &
+fi
 wait
-for fmt in 2x8g8 1x8g8; do
+for fmt in ${formats//,/ }; do
   cp "/tmp/$name-$fmt/summary.json" "$out/summary_$fmt.json" 2>/dev/null && grep -a -A8 "^model " "$out/log_$fmt.txt"
 done
