@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Fine-tuning runs from one calibration (issue 4): ref-llama calibrated once (CALIB flags, default the
-# short calibration: 4 rounds, 300 block-tuning steps), then each run of SPECS (by default each strategy
+# Fine-tuning runs from one calibration (issue 4): MODEL (ref-llama) calibrated once (CALIB flags, default the
+# short calibration: 4 rounds, 300 block-tuning steps; they are passed to every run), then each run of SPECS (by default each strategy
 # at 16 and at 64 sequences of 512 tokens per step) fine-tuned for STEPS steps, every run its own process
 # from a copy of the calibrated checkpoint (all share the GPU). Writes OUT_DIR/large_batch.json
 # ({run: summary}) and logs.tgz.
-#   bash experiments/gpu_large_batch.sh OUT_DIR   (carry .cache/pack/ref-llama and the corpus, see make_cache_pack.sh)
-#   env: FMT (1x8g8), STEPS (100), CALIB, SPECS, LIMIT_S (540: every run ends by then, so the merge still runs)
+#   bash experiments/gpu_large_batch.sh OUT_DIR   (carry .cache/pack/MODEL and the corpus, see make_cache_pack.sh)
+#   env: MODEL (ref-llama), FMT (1x8g8), STEPS (100), CALIB, SPECS, LIMIT_S (540: every run ends by then, so the merge still runs)
 set -uo pipefail
 out=$1; mkdir -p "$out"
 : "${LIMIT_S:=540}"
 source "$(dirname "$0")/device_common.sh"
 export PYTHONUNBUFFERED=1 PVTUNING_CACHE=/tmp/pvtuning-cache OMP_NUM_THREADS=2
-bash experiments/unpack_cache.sh ref-llama
-model=.cache/models/ref-llama; corpus=.cache/corpus; runs=/tmp/large-batch-${FMT:-1x8g8}; mkdir -p "$runs"
+bash experiments/unpack_cache.sh "${MODEL:=ref-llama}"
+model=.cache/models/$MODEL; corpus=.cache/corpus; runs=/tmp/large-batch-$MODEL-${FMT:-1x8g8}; mkdir -p "$runs"
 run() {  # NAME STRATEGY BATCH MICRO_BATCH [STRATEGY_SETTINGS_JSON [MORE CLI FLAGS...]]
   local cmd=(python3 -m llm.cli pipeline "$model" --train "$corpus/train.txt.xz" --validation "$corpus/validation.txt.xz"
              --out "$runs/$1" --format "${FMT:-1x8g8}" --strategies "$2" --steps "${STEPS:-100}" --ft-batch-size "$3"
