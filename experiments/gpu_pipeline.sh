@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The acceptance run on the device: for each reference model and format, calibrate once, then fine-tune
+# Sessions 3-6's acceptance runs (their results' commands call it; the current recipe, the README's main
+# table, is experiments/gpu_main_table.sh): for each reference model and format, calibrate once, then fine-tune
 # the calibrated model with every strategy at equal steps and data, each strategy in its own process
 # (the reference models leave the GPU mostly idle, so everything shares it: reported times are upper
 # bounds on each part alone). Merged summaries are copied to OUT_DIR every 20 s, so a call cut by its
