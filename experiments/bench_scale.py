@@ -66,10 +66,12 @@ def bench_calibration(shape: dict, fmt: str, nsamples: int, seq_len: int, cfg_kw
     report = calibrate(model, seqs, cfg, device=device, progress=False)
     sync(device)
     seconds = time.time() - t0
-    layers = {l["name"].split(".", 3)[-1]: l["seconds"] for l in report["layers"]}
+    linears = {l["name"].split(".", 3)[-1]: l for l in report["layers"]}  # "self_attn.q_proj": its report
     return {"format": fmt, "nsamples": nsamples, "seq_len": seq_len, "config": report["config"],
-            "seconds_one_block": round(seconds, 1), "seconds_per_linear": layers, "phase_seconds": report["phase_seconds"],
-            "rounds_run_per_linear": {l["name"].split(".", 3)[-1]: (len(l["relative_error"]) - 1) // 2 for l in report["layers"]},
+            "seconds_one_block": round(seconds, 1), "seconds_per_linear": {k: l["seconds"] for k, l in linears.items()},
+            "phase_seconds": report["phase_seconds"],
+            # relative_error holds the error after init and after each half-step of every round
+            "rounds_run_per_linear": {k: (len(l["relative_error"]) - 1) // 2 for k, l in linears.items()},
             "peak_gib_one_block": peak_gib(device),
             "extrapolated_seconds_32_blocks": round(seconds * shape["num_hidden_layers"], 0),
             "mean_relative_layer_error": sum(l["relative_error"][-1] for l in report["layers"]) / len(report["layers"])}

@@ -21,13 +21,14 @@ two_bit=(python3 -m llm.cli pipeline "$model" --out "/tmp/$name-2x8g8" --format 
          --ft-batch-size 128 --rounds 12 --tolerance 0.002 --block-tune-steps 500 --strategy-settings '{"pv":{"p_lr":0.03}}')
 one_bit=(python3 -m llm.cli pipeline "$model" --out "/tmp/$name-1x8g8" --format 1x8g8 "${common[@]}" --steps 220 --ft-batch-size 64)
 formats=${FORMATS:-2x8g8,1x8g8}
+launch() {  # FORMAT COMMAND...: in the background, if FORMATS names FORMAT
+  [[ ,$formats, == *,$1,* ]] || return 0
+  echo "${*:2}" >> "$out/commands.txt"
+  until_deadline "${@:2}" > "$out/log_$1.txt" 2>&1 &
+}
 : > "$out/commands.txt"
-if [[ ,$formats, == *,2x8g8,* ]]; then
-  echo "${two_bit[*]}" >> "$out/commands.txt"; until_deadline "${two_bit[@]}" > "$out/log_2x8g8.txt" 2>&1 &
-fi
-if [[ ,$formats, == *,1x8g8,* ]]; then
-  echo "${one_bit[*]}" >> "$out/commands.txt"; until_deadline "${one_bit[@]}" > "$out/log_1x8g8.txt" 2>&1 &
-fi
+launch 2x8g8 "${two_bit[@]}"
+launch 1x8g8 "${one_bit[@]}"
 wait
 for fmt in ${formats//,/ }; do
   cp "/tmp/$name-$fmt/summary.json" "$out/summary_$fmt.json" 2>/dev/null && grep -a -A8 "^model " "$out/log_$fmt.txt"
