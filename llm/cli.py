@@ -1,12 +1,15 @@
 """pvtuning: compress a Hugging Face Llama/Mistral model to 1-2 bits and fine-tune it with PV-Tuning.
 
-    pvtuning pipeline MODEL_DIR --train TRAIN --validation VAL --out DIR [--format 2x8g8] [--strategies pv,ste]
-    pvtuning calibrate MODEL_DIR --train TRAIN --out CKPT [--format 2x8g8]
+    pvtuning pipeline MODEL --train TRAIN --validation VAL --out DIR [--format 2x8g8] [--strategies pv,ste]
+    pvtuning calibrate MODEL --train TRAIN --out CKPT [--format 2x8g8]
     pvtuning finetune CKPT --train TRAIN --out CKPT2 [--strategy pv] [--steps 200]
     torchrun --nproc-per-node 2 -m llm.cli finetune ...   (data parallel over 2 GPUs, same result)
-    pvtuning eval MODEL_DIR_OR_CKPT --validation VAL
-    pvtuning generate MODEL_DIR_OR_CKPT --prompt TEXT [--new-tokens 64] [--bf16]
+    pvtuning eval MODEL_OR_CKPT --validation VAL
+    pvtuning generate MODEL_OR_CKPT --prompt TEXT [--new-tokens 64] [--bf16]
     pvtuning export CKPT --out HF_DIR
+
+MODEL: a Hugging Face model directory, a GGUF file (dequantized to float by transformers' GGUF
+loader; needs pip install 'pvtuning[gguf]'), or a folder holding one GGUF file.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
                           micro_batch_size=a.micro_batch_size, lr=a.lr, lr_schedule=a.lr_schedule, v_optimizer=a.v_optimizer,
                           p_lr=a.p_lr, tau=a.tau,
                           p_beta1=a.p_beta1, p_metric=a.p_metric, p_select=a.p_select, trust_ratio=a.trust_ratio, beam_width=a.beam_width,
-                          train_other=not a.freeze_other, grad_checkpointing=a.grad_checkpointing, seed=a.seed).validate()
+                          train_other=not a.freeze_other, grad_checkpointing=a.grad_checkpointing,
+                          logit_chunk=a.logit_chunk or None, seed=a.seed).validate()
 
 
 def _strategy_settings(a) -> dict:
@@ -62,6 +66,17 @@ def _strategy_settings(a) -> dict:
     return settings
 
 
+def _read_prompts(path) -> list:
+    """The non-empty lines of a text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts file not found: {p}")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts file {p} has no non-empty line")
+    return prompts
+
+
 def cmd_pipeline(a) -> None:
     from llm.pipeline import format_summary, run_pipeline
 
@@ -69,9 +84,11 @@ def cmd_pipeline(a) -> None:
 
     read_config(a.model)
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    prompts = _read_prompts(a.prompts) if a.prompts else ()
     summary = run_pipeline(a.model, a.train, a.validation, a.out, _calib_cfg(a), _ft_cfg(a, strategies[0]), strategies,
                            a.seq_len, a.nsamples, a.eval_windows, _device(a.device),
-                           strategy_settings=_strategy_settings(a), ft_nsamples=a.ft_nsamples)
+                           strategy_settings=_strategy_settings(a), ft_nsamples=a.ft_nsamples,
+                           prompts=prompts, new_tokens=a.new_tokens)
     print(format_summary(summary))
     print(f"summary: {Path(a.out) / 'summary.json'}")
 
@@ -139,7 +156,7 @@ def cmd_eval(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    from llm.data import load_tokenizer
+    from llm.model import load_tokenizer
     from llm.generate import GreedyDecoder, prepare_for_inference
 
     dev = _device(a.device)
@@ -212,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-ratio", type=float, default=None)
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
         p.add_argument("--grad-checkpointing", action="store_true")
+        p.add_argument("--logit-chunk", type=int, default=4096,
+                       help="tokens whose logits the KL loss forms at once (recomputed in backward; 0: all at once)")
 
     p = sub.add_parser("pipeline", help="calibrate, fine-tune with each strategy, evaluate")
     p.add_argument("model"), p.add_argument("--train", required=True), p.add_argument("--validation", required=True)
@@ -221,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy-settings", default=None,
                    help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
     p.add_argument("--untuned", action="store_true", help="do not apply the tuned per-strategy settings")
+    p.add_argument("--prompts", default=None,
+                   help="a text file of prompts, one a line: the summary gets each model's greedy continuation")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens of each continuation (with --prompts)")
     common(p), calib_args(p), ft_args(p)
     p.set_defaults(fn=cmd_pipeline)
 

@@ -25,13 +25,6 @@ def read_text(path, max_chars: Optional[int] = None) -> str:
         return f.read() if max_chars is None else f.read(max_chars)
 
 
-def load_tokenizer(model_dir):
-    """The model directory's tokenizer (transformers AutoTokenizer, local files only)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-
-
 def tokenize(path, tokenizer, max_chars: Optional[int] = None, cache: Optional[Path] = CACHE) -> Tensor:
     """Token ids (int32, 1-D) of a corpus file: one stream, no special tokens; cached on disk."""
     path = Path(path)

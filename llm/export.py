@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llm.formats import AQLMLinear, quantized_layers
+from llm.model import load_tokenizer, model_source
 from pvtheory.io import atomic_path
 
 
@@ -35,7 +36,7 @@ def _hf_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def export_aqlm(model: nn.Module, base_model_dir, out_dir) -> Path:
     """Write an AQLM-format Hugging Face directory for a model whose quantized layers are all
-    AQLMLinear of one format; copies the tokenizer files of the base model directory."""
+    AQLMLinear of one format, with the tokenizer of the base model (a directory or a GGUF file)."""
     layers = quantized_layers(model)
     if not layers:
         raise ExportError("the model has no quantized layers")
@@ -64,7 +65,12 @@ def export_aqlm(model: nn.Module, base_model_dir, out_dir) -> Path:
             continue
         seen.add(ptr)
         tensors[k] = v.detach().contiguous()
-    config = json.loads((base / "config.json").read_text())
+    folder, gguf_file = model_source(base)
+    if gguf_file is None:
+        config = json.loads((folder / "config.json").read_text())
+    else:  # the config transformers read from the GGUF metadata (tie_word_embeddings included)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
     skip = [n for n, mod in model.named_modules()
             if isinstance(mod, (nn.Linear, nn.Embedding)) and n not in layers]
     config["quantization_config"] = {
@@ -77,7 +83,10 @@ def export_aqlm(model: nn.Module, base_model_dir, out_dir) -> Path:
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2))
-    for f in base.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) and f.is_file():
-            shutil.copy(f, out / f.name)
+    if gguf_file is None:
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) and f.is_file():
+                shutil.copy(f, out / f.name)
+    else:
+        load_tokenizer(base).save_pretrained(str(out))
     return out

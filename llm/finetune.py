@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from llm import distributed as D
@@ -72,6 +73,7 @@ class FinetuneConfig:
     train_other: bool = True  # embeddings and head too (the official update_non_quantized_parameters)
     amp: bool = True  # bf16 autocast on CUDA
     grad_checkpointing: bool = False
+    logit_chunk: Optional[int] = 4096  # tokens whose logits are formed at once for the KL loss (None: all)
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -92,6 +94,8 @@ class FinetuneConfig:
             raise FinetuneError(f"tau must lie in (0, 1], got {self.tau}")
         if self.steps < 0 or self.batch_size < 1:
             raise FinetuneError("steps must be >= 0 and batch_size >= 1")
+        if self.logit_chunk is not None and self.logit_chunk < 1:
+            raise FinetuneError("logit_chunk must be >= 1 (or None for the whole micro-batch at once)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise FinetuneError("micro_batch_size must be >= 1")
         return self
@@ -102,6 +106,29 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def _kl_sum(h_student: Tensor, h_teacher: Tensor, head_student: nn.Module, head_teacher: nn.Module) -> Tensor:
+    """Sum over the tokens of one chunk of KL(teacher || student), from their last hidden states."""
+    with torch.no_grad():
+        teacher_logits = head_teacher(h_teacher)
+    return kl_loss(head_student(h_student), teacher_logits) * len(h_student)
+
+
+def chunked_kl_loss(student: nn.Module, teacher: nn.Module, ids: Tensor, chunk_tokens: int) -> Tensor:
+    """kl_loss of the two models on ids (n, T), with the logits formed chunk_tokens rows at a time and
+    recomputed in backward: at a 49k vocabulary the full logits of 64 x 512 tokens would take ~13 GB each
+    in float32, a chunk of 4096 tokens 0.8 GB. The same value and gradients as the full computation."""
+    with torch.no_grad():
+        h_t = teacher.model(input_ids=ids).last_hidden_state
+    h_s = student.model(input_ids=ids).last_hidden_state
+    h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
+    total = h_s.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(h_s), chunk_tokens):
+        total = total + checkpoint(_kl_sum, h_s[i: i + chunk_tokens], h_t[i: i + chunk_tokens], head_s, head_t,
+                                   use_reentrant=False)
+    return total / len(h_s)
 
 
 def step_size_factor(cfg: FinetuneConfig, step: int) -> float:
@@ -380,7 +407,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     save(cfg.steps)
     student.eval()
     return {"strategy": cfg.strategy, "steps": cfg.steps, "losses": losses, "codes_changed": changed,
-            "seconds": round(seconds, 2), "world_size": D.world_size(), "config": asdict(cfg)}
+            "seconds": round(seconds, 2), "resumed_at": start, "world_size": D.world_size(), "config": asdict(cfg)}
 
 
 def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, batch: Tensor,
@@ -394,9 +421,13 @@ def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.opti
     for micro in batch.split(cfg.micro_batch_size or len(batch)):
         micro = micro.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=micro).logits
-            loss = kl_loss(student(input_ids=micro).logits, teacher_logits) * (len(micro) / cfg.batch_size)
+            if cfg.logit_chunk:
+                loss = chunked_kl_loss(student, teacher, micro, cfg.logit_chunk)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=micro).logits
+                loss = kl_loss(student(input_ids=micro).logits, teacher_logits)
+            loss = loss * (len(micro) / cfg.batch_size)
         loss.backward()
         total += loss.detach()
     D.all_reduce_sum_([total])

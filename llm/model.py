@@ -1,6 +1,7 @@
 """Loading Hugging Face causal LMs, and where their quantizable linear layers are."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -17,36 +18,102 @@ class ModelError(ValueError):
     """A model directory that cannot be used (missing, malformed, unsupported)."""
 
 
-def read_config(model_dir) -> dict:
-    """config.json of a Hugging Face model directory, checked for a supported architecture."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise ModelError(f"model directory not found: {d}")
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{d} has no config.json: not a Hugging Face model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+def model_source(path) -> tuple[Path, Optional[str]]:
+    """(folder, GGUF file name or None) of a model given as a Hugging Face directory, a .gguf file, or a
+    folder holding one .gguf file (and no config.json)."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelError(f"{p} is a file but not a .gguf model: give a Hugging Face model directory or a GGUF file")
+        return p.parent, p.name
+    if not p.is_dir():
+        raise ModelError(f"model not found: {p}")
+    if (p / "config.json").is_file():
+        return p, None
+    ggufs = sorted(f.name for f in p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return p, ggufs[0]
+    if len(ggufs) > 1:
+        raise ModelError(f"{p} holds {len(ggufs)} GGUF files ({', '.join(ggufs[:3])}...): give the file itself")
+    raise ModelError(f"{p} has no config.json and no .gguf file: not a Hugging Face model directory or GGUF model")
+
+
+def pretrained_kwargs(path) -> dict:
+    """Keyword arguments of transformers' from_pretrained for a model (local files only; GGUF files through
+    transformers' own GGUF loader, which dequantizes the weights to float)."""
+    folder, gguf_file = model_source(path)
+    kw = {"pretrained_model_name_or_path": str(folder), "local_files_only": True}
+    if gguf_file is not None:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ModelError(f"reading GGUF models needs the package(s) {', '.join(missing)}: "
+                             "pip install 'pvtuning[gguf]'")
+        kw["gguf_file"] = gguf_file
+    return kw
+
+
+def read_config(model) -> dict:
+    """The model's config (config.json, or a GGUF file's metadata), checked for a supported architecture."""
+    folder, gguf_file = model_source(model)
+    if gguf_file is not None:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(**pretrained_kwargs(model)).to_dict()
+        except Exception as e:  # the GGUF reader raises many kinds on a damaged file
+            raise ModelError(f"could not read the GGUF model {folder / gguf_file}: {_first_line(e)}") from None
+        source = folder / gguf_file
+    else:
+        source = folder / "config.json"
+        try:
+            cfg = json.loads(source.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{source} is not valid JSON: {e.msg} (line {e.lineno})") from None
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ModelError(f"{folder} has no weights (*.safetensors or *.bin)")
     arch = cfg.get("model_type")
     if arch not in SUPPORTED:
-        raise ModelError(f"unsupported architecture {arch!r} in {cfg_path}; supported: {', '.join(SUPPORTED)}")
-    if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
-        raise ModelError(f"{d} has no weights (*.safetensors or *.bin)")
+        raise ModelError(f"unsupported architecture {arch!r} in {source}; supported: {', '.join(SUPPORTED)}")
     return cfg
 
 
-def load_model(model_dir, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """The causal LM from a local directory (no downloads), in eval mode."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_model(model, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """The causal LM from a local Hugging Face directory or GGUF file (no downloads), in eval mode.
+    A GGUF model is dequantized to `dtype` and its GGUF quantization note dropped from the config:
+    the loaded weights are the original for every measurement."""
     from transformers import AutoModelForCausalLM
 
-    read_config(model_dir)
+    read_config(model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"could not load {model_dir}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+        m = AutoModelForCausalLM.from_pretrained(**pretrained_kwargs(model), dtype=dtype)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"could not load {model}: {_first_line(e)}") from None
+    qc = getattr(m.config, "quantization_config", None)
+    if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":
+        del m.config.quantization_config
+        for attr in ("hf_quantizer", "quantization_method"):  # a plain float model from here on
+            if attr in vars(m):
+                setattr(m, attr, None)
+    return m.to(device).eval()
+
+
+def load_tokenizer(model):
+    """The model's tokenizer (transformers AutoTokenizer, local files only; a GGUF file's own vocabulary)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(**pretrained_kwargs(model))
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"could not load the tokenizer of {model}: {_first_line(e)}") from None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,11 +12,13 @@ import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.checkpoint import load_checkpoint, save_checkpoint
-from llm.data import calibration_sequences, load_tokenizer, tokenize, windows
+from llm.data import calibration_sequences, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import FinetuneConfig, FinetuneError, finetune
 from llm.formats import QuantFormat, model_bits
-from llm.model import load_model, read_config
+from llm import kernels
+from llm.generate import GreedyDecoder
+from llm.model import load_model, load_tokenizer, read_config
 from pvtheory.io import write_json
 
 
@@ -49,6 +52,39 @@ def load_data(model_dir, train, validation, seq_len: int, nsamples: int, max_eva
     """(train_sequences(...), validation_windows(...))."""
     return (train_sequences(model_dir, train, seq_len, nsamples, seed, train_chars),
             validation_windows(model_dir, validation, seq_len, max_eval_windows))
+
+
+class PeakMemory:
+    """Peak GPU memory (GiB) of each phase of a run: `with peaks("calibration"): ...` (nothing on the CPU)."""
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+        self.gib: dict = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if cuda:
+            self.gib[phase] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+
+
+def continuations(model, tokenizer, prompts: Sequence[str], new_tokens: int, device) -> list:
+    """The greedy continuation (text after the prompt) of each prompt by `model`, through the same dense
+    forward as the evaluation (no decoding kernels)."""
+    out, was_enabled = [], kernels.enabled()
+    kernels.set_enabled(False)
+    try:
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], dtype=torch.long)
+            decoder = GreedyDecoder(model.to(device).eval(), ids.shape[1] + new_tokens, cuda_graph=False)
+            seq = decoder.generate(ids, new_tokens)
+            out.append(tokenizer.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+    finally:
+        kernels.set_enabled(was_enabled)
+    return out
 
 
 def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:
@@ -99,12 +135,15 @@ def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict
 def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,
                  strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 1024,
                  max_eval_windows: Optional[int] = None, device=None, progress: bool = True,
-                 strategy_settings: Optional[dict] = None, ft_nsamples: Optional[int] = None) -> dict:
+                 strategy_settings: Optional[dict] = None, ft_nsamples: Optional[int] = None,
+                 prompts: Sequence[str] = (), new_tokens: int = 32) -> dict:
     """Calibrate `model_dir` on nsamples sequences, then fine-tune the calibrated model with each strategy
     at equal steps and data (finetune_nsamples(...) other sequences of the train split); checkpoints
     under out_dir/, summary in out_dir/summary.json. Resumes finished parts.
     strategy_settings: {strategy: {FinetuneConfig field: value}} applied over finetune_cfg for that
-    strategy only (e.g. tuned_strategy_settings(calib.fmt))."""
+    strategy only (e.g. tuned_strategy_settings(calib.fmt)). prompts: greedy continuations of new_tokens
+    tokens by the original, the calibrated and each fine-tuned model go to the summary, side by side.
+    The summary also records seconds per phase and fine-tuning step, and peak GPU memory per phase."""
     read_config(model_dir)
     configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}  # fail before any work
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,12 +156,17 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     ft_seqs = calibration_sequences(tokens, seq_len, n_ft, calib.seed + 1)
     del tokens
     val = validation_windows(model_dir, validation, seq_len, max_eval_windows)
+    tokenizer = load_tokenizer(model_dir)
+    peaks = PeakMemory(device)
     teacher = load_model(model_dir, torch.float32, device)
     summary = {"model": str(model_dir), "format": calib.fmt, "seq_len": seq_len, "nsamples": nsamples,
                "ft_nsamples": n_ft,
                "eval_windows": len(val), "device": str(device), "calibration": asdict(calib),
                "finetune": asdict(finetune_cfg), "strategy_settings": strategy_settings or {}}
     summary["ppl_original"] = evaluate(teacher, val, device, amp)
+    texts = {"prompts": list(prompts)}
+    if prompts:
+        texts["original"] = continuations(teacher, tokenizer, prompts, new_tokens, device)
     calibrated = out / "calibrated"
     if (calibrated / "meta.json").exists():
         student, meta, _ = load_checkpoint(calibrated, model_dir, device)
@@ -132,24 +176,35 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     else:
         student = load_model(model_dir, torch.float32, "cpu")
         tc = time.time()
-        report = calibrate(student, seqs, calib, device=device, progress=progress)
+        with peaks("calibration"):
+            report = calibrate(student, seqs, calib, device=device, progress=progress)
         summary["calibration_seconds"] = round(time.time() - tc, 1)
         summary["calibration_phase_seconds"] = report["phase_seconds"]
         save_checkpoint(calibrated, student, {"base_model": str(Path(model_dir).resolve()), "calibration": report,
                                               "calibration_seconds": summary["calibration_seconds"]})
     summary["bits"] = model_bits(student)
-    summary["ppl_calibrated"] = evaluate(student, val, device, amp)
+    with peaks("evaluation"):
+        summary["ppl_calibrated"] = evaluate(student, val, device, amp)
+    if prompts:
+        texts["calibrated"] = continuations(student, tokenizer, prompts, new_tokens, device)
     summary["runs"] = {}
     for strategy in strategies:
         s = copy.deepcopy(student)
-        rep = finetune(s, teacher, ft_seqs, configs[strategy], device=device, checkpoint_dir=out / strategy,
-                       meta={"base_model": str(Path(model_dir).resolve())}, progress=progress)
+        with peaks(f"finetune_{strategy}"):
+            rep = finetune(s, teacher, ft_seqs, configs[strategy], device=device, checkpoint_dir=out / strategy,
+                           meta={"base_model": str(Path(model_dir).resolve())}, progress=progress)
+        steps_run = len(rep["losses"]) - rep.get("resumed_at", 0)
+        rep["seconds_per_step"] = round(rep["seconds"] / steps_run, 3) if steps_run > 0 else None
         rep["ppl"] = evaluate(s, val, device, amp)
+        if prompts:
+            texts[strategy] = continuations(s, tokenizer, prompts, new_tokens, device)
         rep["loss_first_last"] = [rep["losses"][0], sum(rep["losses"][-10:]) / len(rep["losses"][-10:])] if rep["losses"] else []
         rep["codes_changed_total"] = int(sum(rep["codes_changed"]))
         summary["runs"][strategy] = rep
         del s
+        summary["peak_gpu_gib"], summary["continuations"] = peaks.gib, texts
         write_json(out / "summary.json", summary)
+    summary["peak_gpu_gib"], summary["continuations"] = peaks.gib, texts
     summary["seconds_total"] = round(time.time() - t0, 1)
     write_json(out / "summary.json", summary)
     return summary

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -48,3 +49,69 @@ def tiny_corpus(tmp_path: Path) -> tuple[Path, Path]:
     train.write_text(text[:40_000])
     val.write_text(text[40_000:])
     return train, val
+
+
+def write_gguf(model, path: Path, vocab_tokens: Optional[list] = None, merges: Optional[list] = None) -> Path:
+    """Write a Llama model to a GGUF file with float32 tensors (the `gguf` package's writer), named and
+    laid out as llama.cpp writes them: q/k rows permuted for its rotary layout, no output.weight when the
+    head is tied to the embeddings; a byte-level BPE vocabulary (`vocab_tokens`, `merges`)."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(vocab_tokens)
+    w.add_token_types([1] * len(vocab_tokens))
+    w.add_token_scores([0.0] * len(vocab_tokens))
+    w.add_token_merges(merges or [])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+    def permute(t, heads):  # llama.cpp's rotary layout of q and k rows
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if hf == "self_attn.q_proj":
+                t = permute(t, cfg.num_attention_heads)
+            elif hf == "self_attn.k_proj":
+                t = permute(t, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def byte_level_vocab() -> list:
+    """The 256 byte-level BPE tokens (GPT-2's printable stand-ins for the bytes 0..255)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, map(chr, cs)))
+    return [table[b] for b in range(256)]

@@ -6,20 +6,29 @@ import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.export import ExportError, export_aqlm
-from llm_helpers import tiny_model
+from llm.model import load_model
+from llm_helpers import byte_level_vocab, tiny_model, write_gguf
 
 
-@pytest.mark.parametrize("fmt", ["2x8g8", "1x8g8"])
-def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,source", [("2x8g8", "hf"), ("1x8g8", "hf"), ("2x8g8", "gguf")])
+def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, fmt, source):
     pytest.importorskip("aqlm", reason="loading the AQLM format needs the aqlm package (pip install 'aqlm[cpu]')")
     from transformers import AutoModelForCausalLM
 
-    base = tiny_model("llama", peaky=False)
-    base.save_pretrained(tmp_path / "base")
+    if source == "gguf":  # a tied, grouped-query-attention model read from a GGUF file
+        pytest.importorskip("gguf", reason="GGUF models need the gguf package")
+        from test_llm_gguf import _tied_gqa_llama
+
+        path = write_gguf(_tied_gqa_llama(), tmp_path / "base.gguf", byte_level_vocab())
+        base = load_model(path)
+    else:
+        path = tmp_path / "base"
+        base = tiny_model("llama", peaky=False)
+        base.save_pretrained(path)
     seqs = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     q = copy.deepcopy(base)
     calibrate(q, seqs, CalibrationConfig(fmt=fmt, rounds=1, batch_size=2, block_tune_steps=0), progress=False)
-    out = export_aqlm(q, tmp_path / "base", tmp_path / "hf")
+    out = export_aqlm(q, path, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert type(hf.model.layers[0].mlp.down_proj).__module__.startswith("aqlm")
     with torch.no_grad():
@@ -27,6 +36,9 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, fmt
         one_ours, one_theirs = q(seqs[:1, :3]).logits, hf(seqs[:1, :3]).logits  # the gemv path too
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     assert torch.allclose(one_ours, one_theirs, atol=1e-4, rtol=1e-4)
+    assert hf.config.tie_word_embeddings == base.config.tie_word_embeddings
+    if base.config.tie_word_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
 
 def test_scalar_models_cannot_be_exported_to_aqlm(tmp_path):

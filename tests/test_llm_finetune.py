@@ -174,3 +174,26 @@ def test_gain_selection_moves_at_most_tau_groups_each_closer_to_the_target(seed,
     err = lambda w: (((w - target) ** 2) * P).reshape(-1, 4).sum(1)
     assert (err(layer.weight().detach())[moved] < err(W)[moved]).all()
     assert torch.equal(layer.codes_view()[~moved], old[~moved])
+
+
+def test_chunked_kl_has_the_value_and_gradients_of_the_full_kl():
+    from llm.finetune import chunked_kl_loss, kl_loss
+
+    teacher, student = calibrated("llama")
+    ids = SEQS[:3]
+    grads = []
+    for chunk in (None, 7):  # 96 tokens in chunks of 7: the last chunk is short
+        student.zero_grad()
+        if chunk is None:
+            with torch.no_grad():
+                t = teacher(input_ids=ids).logits
+            loss = kl_loss(student(input_ids=ids).logits, t)
+        else:
+            loss = chunked_kl_loss(student, teacher, ids, chunk)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (full, g_full), (chunked, g_chunked) = grads
+    assert torch.allclose(full, chunked, rtol=1e-5)
+    assert len(g_full) == len(g_chunked) > 0
+    for a, b in zip(g_full, g_chunked):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * a.abs().max()), (a - b).abs().max() / a.abs().max()

@@ -1,0 +1,90 @@
+"""GGUF models: transformers' own GGUF loader behind every command that takes a model."""
+import pytest
+import torch
+
+from llm.model import ModelError, load_model, load_tokenizer, model_source, read_config
+from llm_helpers import byte_level_vocab, tiny_model, write_gguf
+
+pytest.importorskip("gguf", reason="GGUF models need the gguf package (pip install 'pvtuning[gguf]')")
+
+
+def _tied_gqa_llama():
+    """A tiny Llama with grouped-query attention (4 heads, 2 KV heads) and a head tied to its embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    from llm.model import tiny_config
+
+    cfg = tiny_config("llama", kv_heads=2, vocab=256)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture
+def gguf_model(tmp_path):
+    model = _tied_gqa_llama()
+    path = write_gguf(model, tmp_path / "tiny.gguf", byte_level_vocab())
+    return model, path
+
+
+def test_gguf_model_gives_the_logits_of_the_model_it_was_written_from(gguf_model):
+    model, path = gguf_model
+    loaded = load_model(path)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert loaded.config.num_key_value_heads == 2
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    assert getattr(loaded.config, "quantization_config", None) is None  # a plain float model
+
+
+def test_a_folder_holding_one_gguf_file_is_that_model(gguf_model):
+    _, path = gguf_model
+    assert model_source(path.parent) == (path.parent, path.name)
+    assert read_config(path.parent)["num_hidden_layers"] == 2
+    tok = load_tokenizer(path.parent)
+    assert tok.decode(tok("PV-Tuning", add_special_tokens=False)["input_ids"]) == "PV-Tuning"
+
+
+def test_a_folder_with_two_gguf_files_asks_for_the_file(gguf_model):
+    _, path = gguf_model
+    (path.parent / "other.gguf").write_bytes(path.read_bytes())
+    with pytest.raises(ModelError, match="2 GGUF files"):
+        model_source(path.parent)
+
+
+def test_a_damaged_gguf_file_is_one_clear_error(tmp_path, gguf_model):
+    _, path = gguf_model
+    bad = tmp_path / "bad" / "cut.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="could not read the GGUF model"):
+        read_config(bad)
+
+
+def test_pipeline_on_a_gguf_model_keeps_the_head_tied_and_writes_continuations(tmp_path, gguf_model):
+    from llm.checkpoint import load_checkpoint
+    from llm.cli import main
+
+    _, path = gguf_model
+    text = "The P step changes codes; the V step changes codebooks. " * 400
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "val.txt").write_text(text[:4000])
+    (tmp_path / "prompts.txt").write_text("The P step\n\nthe V step\n")
+    out = tmp_path / "run"
+    assert main([
+        "pipeline", str(path), "--train", str(tmp_path / "train.txt"), "--validation", str(tmp_path / "val.txt"),
+        "--out", str(out), "--format", "1x8g8", "--strategies", "pv,continuous", "--seq-len", "32",
+        "--nsamples", "8", "--rounds", "1", "--block-tune-steps", "2", "--batch-size", "4", "--steps", "3",
+        "--ft-batch-size", "4", "--logit-chunk", "40", "--prompts", str(tmp_path / "prompts.txt"),
+        "--new-tokens", "5", "--device", "cpu"]) == 0
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    texts = summary["continuations"]
+    assert texts["prompts"] == ["The P step", "the V step"]
+    assert all(len(texts[m]) == 2 for m in ("original", "calibrated", "pv", "continuous"))
+    assert summary["runs"]["pv"]["seconds_per_step"] > 0
+    model, meta, _ = load_checkpoint(out / "pv")
+    assert meta["base_model"] == str(path.resolve())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
