@@ -56,6 +56,20 @@ class CalibrationConfig:
     original_targets: bool = False  # True: tune each block toward the original model's outputs (undoing upstream error)
     seed: int = 0
 
+    def validate(self) -> "CalibrationConfig":
+        """Raise ValueError naming the first setting out of range."""
+        QuantFormat.parse(self.fmt)
+        checks = [("rounds", self.rounds >= 0, ">= 0"), ("tolerance", self.tolerance >= 0, ">= 0"),
+                  ("beam_width", self.beam_width >= 1, ">= 1"), ("v_steps", self.v_steps >= 0, ">= 0"),
+                  ("v_lr", self.v_lr > 0, "> 0"), ("kmeans_iters", self.kmeans_iters >= 1, ">= 1"),
+                  ("damping", self.damping >= 0, ">= 0"), ("block_tune_steps", self.block_tune_steps >= 0, ">= 0"),
+                  ("block_tune_lr", self.block_tune_lr > 0, "> 0"), ("block_tune_tau", 0 <= self.block_tune_tau <= 1, "in [0, 1]"),
+                  ("batch_size", self.batch_size >= 1, ">= 1")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"calibration setting {name} must be {rule}, got {getattr(self, name)}")
+        return self
+
 
 @dataclass
 class LayerReport:

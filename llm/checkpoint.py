@@ -4,11 +4,15 @@
     CKPT/state.safetensors   training state (optimizer moments, P-step state), optional
     CKPT/meta.json           formats of the quantized layers, base model, step, config, RNG, ...
 
-Written atomically: everything goes to a temporary folder beside CKPT, which then replaces CKPT,
-so an interrupted write leaves the previous checkpoint intact.
+Written so that a kill at any instant leaves a loadable checkpoint: everything goes to a temporary
+folder `.CKPT.XXXX` beside CKPT (each file fsynced), the previous CKPT is renamed to `.CKPT.old`, the
+new folder to CKPT, and `.CKPT.old` is removed. `recover` (called before every read and write) puts
+`.CKPT.old` back if the kill fell between the two renames and removes stale temporaries of our own.
+`check_out` refuses an output path holding anything this package did not write.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -32,10 +36,53 @@ def _contiguous(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+CHECKPOINT_FILES = {"meta.json", "model.safetensors", "state.safetensors"}
+
+
+def is_checkpoint(path) -> bool:
+    """A folder holding a checkpoint of ours and nothing else."""
+    p = Path(path)
+    if not p.is_dir() or p.is_symlink():
+        return False
+    names = {f.name for f in p.iterdir()}
+    return {"meta.json", "model.safetensors"} <= names <= CHECKPOINT_FILES
+
+
+def _ours_or_empty(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink() and {f.name for f in p.iterdir()} <= CHECKPOINT_FILES
+
+
+def recover(path) -> None:
+    """Finish or undo an interrupted save_checkpoint at `path`: restore `.NAME.old` when NAME is missing
+    (a kill between the two renames), drop it when NAME is complete, remove stale `.NAME.XXXX`
+    temporaries that hold nothing but checkpoint files."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists() and is_checkpoint(old):
+        os.replace(old, path)
+    elif old.exists() and is_checkpoint(path) and _ours_or_empty(old):
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if tmp != old and _ours_or_empty(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path, model: nn.Module, meta: dict, state: Optional[dict] = None) -> Path:
-    """Write model state (+ training state) and metadata to the folder `path`, atomically."""
+    """Write model state (+ training state) and metadata to the folder `path`; a kill at any instant
+    leaves either the previous or the new checkpoint (see recover)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         layers = quantized_layers(model)
@@ -54,18 +101,72 @@ def save_checkpoint(path, model: nn.Module, meta: dict, state: Optional[dict] = 
         if state:
             save_file(_contiguous(state), tmp / "state.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
         old = path.with_name(f".{path.name}.old")
-        if path.exists():
+        if path.exists() or path.is_symlink():
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+def check_out(path, overwrite: bool = False, allow=is_checkpoint, what: str = "--out") -> None:
+    """Refuse an output path that holds something this package did not write (a file, or a non-empty
+    folder that `allow` does not recognize), unless overwrite; and one that cannot be written."""
+    p = Path(path)
+    recover(p)
+    if not overwrite:
+        if p.is_file() or p.is_symlink():
+            raise CheckpointError(f"{what} {p} is an existing file: give a new folder, or --overwrite to replace it")
+        if p.is_dir() and any(p.iterdir()) and not allow(p):
+            raise CheckpointError(f"{what} {p} is a folder holding other files: give a new or empty folder, "
+                                  "or --overwrite to replace it")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (p.is_dir() and not os.access(p, os.W_OK)):
+        raise CheckpointError(f"{what} {p} cannot be written (permission denied): give a writable location")
+
+
+def remove_out(path) -> None:
+    """Delete what --overwrite replaces (a file or a folder)."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def check_same_run(path, stored: Optional[dict], requested: dict) -> None:
+    """Refuse to resume a checkpoint made by another run (other base model, data, format or settings)."""
+    if stored is None:
+        return
+    stored, requested = (json.loads(json.dumps(d, default=str)) for d in (stored, requested))  # tuples -> lists
+    keys = sorted(set(stored) | set(requested))
+    diff = [k for k in keys if stored.get(k) != requested.get(k)]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"{path} holds another run ({k}: {_short(stored.get(k))} there, {_short(requested.get(k))} "
+                              "now): give another --out, or --overwrite to replace it")
+
+
+def _short(v) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_meta(path) -> dict:
+    """meta.json of a checkpoint folder (after recovering an interrupted write)."""
     path = Path(path)
+    recover(path)
     if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path} is not a checkpoint (needs meta.json and model.safetensors)")
     try:
@@ -92,11 +193,20 @@ def load_checkpoint(path, base_model_dir=None, device="cpu", dtype=torch.float32
         raise CheckpointError(f"{path}: meta.json names no base_model; pass the base model directory")
     model = load_model(base, dtype=dtype, device="cpu")
     quantize_structure(model, meta["quantized_layers"])
-    sd = load_file(path / "model.safetensors")
+    sd = read_tensors(path / "model.safetensors")
     for k, src in meta.get("tied", {}).items():
         sd[k] = sd[src]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
         raise CheckpointError(f"{path} does not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    state = load_file(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
+    state = read_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
     return model.to(device), meta, state
+
+
+def read_tensors(file) -> dict:
+    """The tensors of a safetensors file; a damaged or truncated file is one CheckpointError."""
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own error type on a damaged header or a short file
+        raise CheckpointError(f"{file} is damaged or truncated ({str(e).splitlines()[0][:80]}): "
+                              "rerun the command that wrote it, with --overwrite") from None

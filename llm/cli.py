@@ -1,4 +1,4 @@
-"""pvtuning: compress a Hugging Face Llama/Mistral model to 1-2 bits and fine-tune it with PV-Tuning.
+"""pvtuning: compress a Llama/Mistral model to 1-2 bits per weight and fine-tune it with PV-Tuning.
 
     pvtuning pipeline MODEL --train TRAIN --validation VAL --out DIR [--format 2x8g8] [--strategies pv,ste]
     pvtuning calibrate MODEL --train TRAIN --out CKPT [--format 2x8g8]
@@ -10,6 +10,11 @@
 
 MODEL: a Hugging Face model directory, a GGUF file (dequantized to float by transformers' GGUF
 loader; needs pip install 'pvtuning[gguf]'), or a folder holding one GGUF file.
+TRAIN / VAL: .txt, .txt.xz, .jsonl (a "text" field), .parquet (a "text" column), or a folder written
+by datasets' save_to_disk.
+Every input is checked before any work starts; a bad one is one line on stderr and exit code 2, with
+nothing written. --out never replaces what this tool did not write (unless --overwrite), and a rerun
+of the same command resumes from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -23,44 +28,120 @@ import torch
 from llm.calibrate import CalibrationConfig
 from llm.finetune import STRATEGIES, FinetuneConfig
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, KeyError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"pvtuning: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low, low_ok: bool, what: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if v < low or (v == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if low_ok else '>'} {low}, got {text}")
+        return v
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, True, "an integer")
+NONNEG_INT = _number(int, 0, True, "an integer")
+POSITIVE = _number(float, 0.0, False, "a number")
+NONNEG = _number(float, 0.0, True, "a number")
+
+
+def FRACTION(text: str) -> float:
+    v = POSITIVE(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return v
 
 
 def _device(arg):
-    return torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """torch.device of --device, checked to exist here."""
+    try:
+        dev = torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {arg!r} is not a device: use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {arg!r} is not supported: use cpu or cuda")
+    return dev
+
+
+def _corpus(path, flag: str) -> None:
+    from llm.data import check_corpus
+
+    check_corpus(path, flag)
+
+
+def _preset(a) -> dict:
+    """The preset's settings with every explicit flag on top (argparse leaves unset ones at None)."""
+    from llm.presets import preset_for
+
+    p = preset_for(a.format, a.preset)
+    for key in ("rounds", "tolerance", "block_tune_steps", "steps", "batch_size_ft", "micro_batch_size",
+                "v_optimizer", "lr"):
+        if getattr(a, key, None) is not None:
+            p[key] = getattr(a, key)
+    return p
 
 
 def _calib_cfg(a) -> CalibrationConfig:
-    from llm.formats import QuantFormat
-
-    QuantFormat.parse(a.format)
-    return CalibrationConfig(fmt=a.format, rounds=a.rounds, tolerance=a.tolerance, beam_width=a.beam_width,
-                             block_tune_steps=a.block_tune_steps, block_tune_lr=a.block_tune_lr,
+    p = _preset(a)
+    return CalibrationConfig(fmt=a.format, rounds=p["rounds"], tolerance=p["tolerance"], beam_width=a.beam_width,
+                             block_tune_steps=p["block_tune_steps"], block_tune_lr=a.block_tune_lr,
                              batch_size=a.batch_size, seed=a.seed, true_sequential=a.true_sequential,
-                             original_targets=a.original_targets)
+                             original_targets=a.original_targets).validate()
 
 
 def _ft_cfg(a, strategy: str) -> FinetuneConfig:
-    return FinetuneConfig(strategy=strategy, steps=a.steps, batch_size=a.ft_batch_size,
-                          micro_batch_size=a.micro_batch_size, lr=a.lr, lr_schedule=a.lr_schedule, v_optimizer=a.v_optimizer,
-                          p_lr=a.p_lr, tau=a.tau,
-                          p_beta1=a.p_beta1, p_metric=a.p_metric, p_select=a.p_select, trust_ratio=a.trust_ratio, beam_width=a.beam_width,
-                          train_other=not a.freeze_other, grad_checkpointing=a.grad_checkpointing,
-                          logit_chunk=a.logit_chunk or None, seed=a.seed).validate()
+    p = _preset(a)
+    return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size_ft"],
+                          micro_batch_size=p["micro_batch_size"], lr=p["lr"], lr_schedule=a.lr_schedule,
+                          v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), p_select=a.p_select, trust_ratio=a.trust_ratio,
+                          beam_width=a.beam_width, train_other=not a.freeze_other,
+                          grad_checkpointing=a.grad_checkpointing, logit_chunk=a.logit_chunk or None,
+                          seed=a.seed).validate()
+
+
+P_FLAGS = ("p_lr", "tau", "p_beta1", "p_metric")
+
+
+def _explicit_p_flags(a) -> dict:
+    """The P-step flags given on the command line (the others come from the tuned settings or the defaults)."""
+    return {k: getattr(a, k) for k in P_FLAGS if getattr(a, k) is not None}
 
 
 def _strategy_settings(a) -> dict:
-    """Per-strategy FinetuneConfig overrides: the tuned ones for the format unless --untuned, then --strategy-settings."""
-    from llm.pipeline import tuned_strategy_settings
+    """Per-strategy FinetuneConfig overrides: the tuned ones for the format (and the preset's) unless
+    --untuned, less what a P-step flag sets explicitly, then --strategy-settings; every name checked."""
+    from llm.pipeline import check_strategy_settings, tuned_strategy_settings
 
-    settings = {} if a.untuned else tuned_strategy_settings(a.format)
+    settings = {}
+    if not a.untuned:
+        settings = tuned_strategy_settings(a.format)
+        pv_p_lr = _preset(a).get("pv_p_lr")
+        if pv_p_lr is not None:
+            settings["pv"]["p_lr"] = pv_p_lr
+        for entry in settings.values():
+            for k in _explicit_p_flags(a):
+                entry.pop(k, None)
     if a.strategy_settings:
         try:
             extra = json.loads(a.strategy_settings)
         except json.JSONDecodeError as e:
             raise ValueError(f"--strategy-settings is not valid JSON: {e}") from None
-        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        if not isinstance(extra, dict):
             raise ValueError('--strategy-settings must look like {"pv": {"tau": 0.01}}')
+        check_strategy_settings(extra)
         for k, v in extra.items():
             settings.setdefault(k, {}).update(v)
     return settings
@@ -77,66 +158,104 @@ def _read_prompts(path) -> list:
     return prompts
 
 
+def _strategies(text: str) -> list:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"--strategies {text!r} names no strategy; choose from {', '.join(STRATEGIES)}")
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"--strategies: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    return names
+
+
 def cmd_pipeline(a) -> None:
     from llm.pipeline import format_summary, run_pipeline
 
-    from llm.model import read_config
-
-    read_config(a.model)
-    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    strategies = _strategies(a.strategies)
     prompts = _read_prompts(a.prompts) if a.prompts else ()
+    for path, flag in ((a.train, "--train"), (a.validation, "--validation")):
+        _corpus(path, flag)
     summary = run_pipeline(a.model, a.train, a.validation, a.out, _calib_cfg(a), _ft_cfg(a, strategies[0]), strategies,
                            a.seq_len, a.nsamples, a.eval_windows, _device(a.device),
                            strategy_settings=_strategy_settings(a), ft_nsamples=a.ft_nsamples,
-                           prompts=prompts, new_tokens=a.new_tokens)
+                           prompts=prompts, new_tokens=a.new_tokens, overwrite=a.overwrite)
     print(format_summary(summary))
     print(f"summary: {Path(a.out) / 'summary.json'}")
 
 
 def cmd_calibrate(a) -> None:
+    from dataclasses import asdict
+
     from llm.calibrate import calibrate
-    from llm.checkpoint import save_checkpoint
+    from llm.checkpoint import check_out, check_same_run, is_checkpoint, read_meta, save_checkpoint
+    from llm.data import fingerprint
     from llm.formats import model_bits
     from llm.model import load_model, read_config
-    from llm.pipeline import train_sequences
+    from llm.pipeline import model_identity, train_sequences
 
     read_config(a.model)
     cfg = _calib_cfg(a)
+    _corpus(a.train, "--train")
+    dev = _device(a.device)
+    check_out(a.out, a.overwrite)
+    run = {"base_model": model_identity(a.model), "train": fingerprint(a.train), "seq_len": a.seq_len,
+           "nsamples": a.nsamples, "calibration": asdict(cfg)}
+    if is_checkpoint(a.out) and not a.overwrite:
+        check_same_run(a.out, read_meta(a.out).get("run"), run)
+        print(f"{a.out} already holds this calibration (--overwrite to redo it)")
+        return
     seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples)
     model = load_model(a.model, torch.float32, "cpu")
-    report = calibrate(model, seqs, cfg, device=_device(a.device))
-    save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report})
+    report = calibrate(model, seqs, cfg, device=dev)
+    save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report, "run": run})
     print(f"calibrated {a.model} to {a.format} ({model_bits(model)['bits_per_quantized_weight']:.3f} bits per "
           f"quantized weight) in {report['seconds']} s: {a.out}")
 
 
 def cmd_finetune(a) -> None:
     from llm import distributed as D
-    from llm.checkpoint import load_checkpoint
-    from llm.finetune import finetune
-    from llm.model import load_model
-    from llm.pipeline import finetune_nsamples, train_sequences
+    from llm.checkpoint import check_out, load_checkpoint, read_meta, remove_out
+    from llm.data import fingerprint
+    from llm.finetune import check_resumable, finetune
+    from llm.model import load_model, read_config
+    from llm.pipeline import finetune_nsamples, model_identity, strategy_config, train_sequences
 
+    meta = read_meta(a.checkpoint)
+    a.format = meta.get("calibration", {}).get("format") or next(iter(meta.get("quantized_layers", {}).values()), "")
+    base = a.model or meta.get("base_model")
+    if base is None:
+        raise ValueError(f"{a.checkpoint} names no base model: pass --model")
+    read_config(base)
+    cfg = strategy_config(_ft_cfg(a, a.strategy), a.strategy, _strategy_settings(a))
+    _corpus(a.train, "--train")
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
-    student, meta, _ = load_checkpoint(a.checkpoint, a.model, dev)
-    base = a.model or meta["base_model"]
-    cfg = _ft_cfg(a, a.strategy)
-    seqs = train_sequences(base, a.train, a.seq_len, finetune_nsamples(cfg, a.nsamples, a.ft_nsamples), a.seed + 1)
+    check_out(a.out, a.overwrite)
+    n = finetune_nsamples(cfg, a.nsamples, a.ft_nsamples)
+    run = {"base_model": model_identity(base), "start": fingerprint(Path(a.checkpoint) / "model.safetensors"),
+           "train": fingerprint(a.train), "seq_len": a.seq_len, "ft_nsamples": n}
+    if a.overwrite:
+        if D.rank() == 0:
+            remove_out(a.out)
+        D.barrier()
+    else:
+        check_resumable(a.out, cfg, run)
+    student, meta, _ = load_checkpoint(a.checkpoint, base, dev)
+    seqs = train_sequences(base, a.train, a.seq_len, n, a.seed + 1)
     teacher = load_model(base, torch.float32, dev)
     rep = finetune(student, teacher, seqs, cfg, device=dev, checkpoint_dir=a.out,
-                   meta={"base_model": str(Path(base).resolve())})
+                   meta={"base_model": str(Path(base).resolve()), "run": run})
     if D.rank() == 0:
         print(f"{a.strategy}: KL {rep['losses'][0]:.4f} -> {rep['losses'][-1]:.4f} in {rep['steps']} steps "
               f"({rep['seconds']} s), {sum(rep['codes_changed'])} code changes: {a.out}")
 
 
 def _load_model_or_checkpoint(path, base, dev) -> tuple:
-    """(model, directory holding its tokenizer) for a Hugging Face model directory or one of our checkpoints."""
+    """(model, the model its tokenizer comes from) for a model (directory or GGUF) or one of our checkpoints."""
     from llm.checkpoint import load_checkpoint
     from llm.model import load_model
 
     path = Path(path)
-    if (path / "meta.json").exists():
+    if path.is_dir() and ((path / "meta.json").exists() or path.with_name(f".{path.name}.old").exists()):
         model, meta, _ = load_checkpoint(path, base, dev)
         return model, base or meta["base_model"]
     return load_model(path, torch.float32, dev), path
@@ -146,6 +265,7 @@ def cmd_eval(a) -> None:
     from llm.evaluate import perplexity
     from llm.pipeline import validation_windows
 
+    _corpus(a.validation, "--validation")
     dev = _device(a.device)
     path = Path(a.model)
     model, tok_dir = _load_model_or_checkpoint(path, a.base, dev)
@@ -156,9 +276,11 @@ def cmd_eval(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    from llm.model import load_tokenizer
     from llm.generate import GreedyDecoder, prepare_for_inference
+    from llm.model import load_tokenizer
 
+    if not a.prompt.strip():
+        raise ValueError("--prompt is empty: give the text to continue")
     dev = _device(a.device)
     model, tok_dir = _load_model_or_checkpoint(a.model, a.base, dev)
     prepare_for_inference(model, torch.bfloat16 if a.bf16 else None)
@@ -174,33 +296,54 @@ def cmd_generate(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from llm.checkpoint import load_checkpoint
-    from llm.export import export_aqlm
+    from llm.checkpoint import check_out, load_checkpoint, read_meta, remove_out
+    from llm.export import export_aqlm, is_export
 
+    meta = read_meta(a.checkpoint)
+    check_out(a.out, a.overwrite, allow=is_export)
     model, meta, _ = load_checkpoint(a.checkpoint, a.model, "cpu")
+    if a.overwrite:
+        remove_out(a.out)
     out = export_aqlm(model, a.model or meta["base_model"], a.out)
     print(f"exported to {out} (Hugging Face AQLM format)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pvtuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    from llm.presets import describe
+
+    ap = Parser(prog="pvtuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def sub_parser(name: str, help_text: str, epilog: str = None):
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def common(p, data=True):
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the data draws and of random choices")
         if data:
-            p.add_argument("--seq-len", type=int, default=512)
-            p.add_argument("--nsamples", type=int, default=1024, help="calibration sequences")
+            p.add_argument("--seq-len", type=POSITIVE_INT, default=512, help="tokens per training sequence")
+            p.add_argument("--nsamples", type=POSITIVE_INT, default=1024, help="calibration sequences")
+
+    def overwrite(p):
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace whatever --out holds (by default --out must be new, empty, or this run's own)")
 
     def calib_args(p):
-        p.add_argument("--format", default="2x8g8", help="MxBgG (AQLM), vqBgG, intBgG (scalar)")
-        p.add_argument("--rounds", type=int, default=12, help="at most this many P/V rounds per layer")
-        p.add_argument("--tolerance", type=float, default=0.002, help="stop a layer's rounds below this relative gain")
-        p.add_argument("--beam-width", type=int, default=4)
-        p.add_argument("--block-tune-steps", type=int, default=1000)
-        p.add_argument("--block-tune-lr", type=float, default=3e-4)
-        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--format", default="2x8g8",
+                       help="MxBgG (AQLM: M codebooks of B bits per group of G weights), vqBgG, intBgG (scalar)")
+        p.add_argument("--preset", default="auto",
+                       help="recipe whose settings fill every option you leave out: auto (the format's own preset, "
+                            "else default), default, 2x8g8, 1x8g8")
+        p.add_argument("--rounds", type=NONNEG_INT, default=None,
+                       help="at most this many P/V rounds per layer (preset: 12)")
+        p.add_argument("--tolerance", type=NONNEG, default=None,
+                       help="stop a layer's rounds below this relative gain (preset: 0.002)")
+        p.add_argument("--beam-width", type=POSITIVE_INT, default=4, help="beam of the code search (AQLM)")
+        p.add_argument("--block-tune-steps", type=NONNEG_INT, default=None,
+                       help="Adam steps tuning each block's continuous parameters (preset: 2x8g8 500, else 1000)")
+        p.add_argument("--block-tune-lr", type=POSITIVE, default=3e-4, help="learning rate of block tuning")
+        p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="sequences per calibration forward pass")
         p.add_argument("--true-sequential", action="store_true",
                        help="Hessians of o_proj / MLP from the block with its earlier linears quantized")
         p.add_argument("--original-targets", action="store_true",
@@ -208,79 +351,100 @@ def build_parser() -> argparse.ArgumentParser:
                             "outputs on quantized inputs")
 
     def ft_args(p):
-        p.add_argument("--steps", type=int, default=200)
-        p.add_argument("--ft-batch-size", type=int, default=16, help="sequences per step, over all processes")
-        p.add_argument("--ft-nsamples", type=int, default=None,
+        p.add_argument("--steps", type=POSITIVE_INT, default=None,
+                       help="fine-tuning steps (preset: 2x8g8 260, 1x8g8 220, else 200)")
+        p.add_argument("--ft-batch-size", dest="batch_size_ft", type=POSITIVE_INT, default=None,
+                       help="sequences per step, over all processes (preset: 2x8g8 128, else 64)")
+        p.add_argument("--ft-nsamples", type=POSITIVE_INT, default=None,
                        help="fine-tuning sequences (default: steps x ft-batch-size, fresh ones every step; "
                             "at least --nsamples)")
-        p.add_argument("--micro-batch-size", type=int, default=None,
-                       help="sequences per forward pass and process (gradients accumulate)")
-        p.add_argument("--lr", type=float, default=3e-4)
-        p.add_argument("--v-optimizer", default="adam", choices=("adam", "lamb"),
-                       help="the V step's optimizer (lamb: each tensor moves by lr times its norm)")
+        p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=None,
+                       help="sequences per forward pass and process; gradients accumulate (preset: 64)")
+        p.add_argument("--lr", type=POSITIVE, default=None, help="the V step's learning rate (preset: 1e-3)")
+        p.add_argument("--v-optimizer", default=None, choices=("adam", "lamb"),
+                       help="the V step's optimizer (lamb: each tensor moves by lr times its norm; preset: lamb)")
         p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                        help="cosine: lr and p-lr decay to 0 over the steps")
-        p.add_argument("--p-lr", type=float, default=1e-2)
-        p.add_argument("--tau", type=float, default=0.01)
-        p.add_argument("--p-beta1", type=float, default=0.0)
-        p.add_argument("--p-metric", default="euclidean", choices=("euclidean", "adam"))
+        p.add_argument("--p-lr", type=POSITIVE, default=None,
+                       help="the P step's Adam-normalized weight update, every strategy (default: tuned per strategy "
+                            "and format, e.g. pv 1e-2 at 2 bits, 0.1 at 1 bit; untuned 1e-2)")
+        p.add_argument("--tau", type=FRACTION, default=None,
+                       help="pv: fraction of code groups that may change per step (default: tuned 1e-3; untuned 0.01)")
+        p.add_argument("--p-beta1", type=NONNEG, default=None,
+                       help="momentum of the P step's update (default: tuned, pv 0.9; untuned 0)")
+        p.add_argument("--p-metric", default=None, choices=("euclidean", "adam"),
+                       help="re-encode nearest in the Euclidean or Adam metric (default: tuned, pv adam)")
+        p.add_argument("--strategy-settings", default=None,
+                       help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
+        p.add_argument("--untuned", action="store_true",
+                       help="do not apply the tuned per-strategy settings (library defaults for unset flags)")
         p.add_argument("--p-select", default="update", choices=("update", "gain"),
                        help="pv: re-encode the groups with the largest update, or the largest decrease of the linear model")
-        p.add_argument("--trust-ratio", type=float, default=None)
+        p.add_argument("--trust-ratio", type=POSITIVE, default=None,
+                       help="reject code changes that move a group by more than this times its norm")
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
-        p.add_argument("--grad-checkpointing", action="store_true")
-        p.add_argument("--logit-chunk", type=int, default=4096,
+        p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (memory)")
+        p.add_argument("--logit-chunk", type=NONNEG_INT, default=4096,
                        help="tokens whose logits the KL loss forms at once (recomputed in backward; 0: all at once)")
 
-    p = sub.add_parser("pipeline", help="calibrate, fine-tune with each strategy, evaluate")
-    p.add_argument("model"), p.add_argument("--train", required=True), p.add_argument("--validation", required=True)
-    p.add_argument("--out", required=True)
+    p = sub_parser("pipeline", "calibrate, fine-tune with each strategy, evaluate",
+                   "presets (each measured at validation perplexity, sequence length 512, one GPU):\n" + describe())
+    p.add_argument("model", help="Hugging Face model directory, GGUF file, or folder holding one GGUF file")
+    p.add_argument("--train", required=True, help="train text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
+    p.add_argument("--validation", required=True, help="validation text (same kinds as --train)")
+    p.add_argument("--out", required=True, help="output folder: checkpoints and summary.json")
     p.add_argument("--strategies", default="pv", help=f"comma-separated, of {', '.join(STRATEGIES)}")
-    p.add_argument("--eval-windows", type=int, default=None)
-    p.add_argument("--strategy-settings", default=None,
-                   help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
-    p.add_argument("--untuned", action="store_true", help="do not apply the tuned per-strategy settings")
+    p.add_argument("--eval-windows", type=POSITIVE_INT, default=None, help="evaluate on the first N windows only")
     p.add_argument("--prompts", default=None,
                    help="a text file of prompts, one a line: the summary gets each model's greedy continuation")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens of each continuation (with --prompts)")
-    common(p), calib_args(p), ft_args(p)
+    p.add_argument("--new-tokens", type=POSITIVE_INT, default=32, help="tokens of each continuation (with --prompts)")
+    common(p), calib_args(p), ft_args(p), overwrite(p)
     p.set_defaults(fn=cmd_pipeline)
 
-    p = sub.add_parser("calibrate", help="one-shot block-by-block calibration")
-    p.add_argument("model"), p.add_argument("--train", required=True), p.add_argument("--out", required=True)
-    common(p), calib_args(p)
+    p = sub_parser("calibrate", "one-shot block-by-block calibration")
+    p.add_argument("model", help="Hugging Face model directory, GGUF file, or folder holding one GGUF file")
+    p.add_argument("--train", required=True, help="train text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    common(p), calib_args(p), overwrite(p)
     p.set_defaults(fn=cmd_calibrate)
 
-    p = sub.add_parser("finetune", help="KL fine-tuning of a calibrated checkpoint")
-    p.add_argument("checkpoint"), p.add_argument("--train", required=True), p.add_argument("--out", required=True)
+    p = sub_parser("finetune", "KL fine-tuning of a calibrated checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder written by calibrate (or finetune)")
+    p.add_argument("--train", required=True, help="train text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (resumed if it holds this run)")
     p.add_argument("--model", default=None, help="the original model (default: the checkpoint's base_model)")
-    p.add_argument("--strategy", default="pv", choices=STRATEGIES)
-    p.add_argument("--beam-width", type=int, default=4)
-    common(p), ft_args(p)
+    p.add_argument("--strategy", default="pv", choices=STRATEGIES, help="how codes change during fine-tuning")
+    p.add_argument("--preset", default="auto", help="recipe filling the options you leave out (see pipeline --help)")
+    p.add_argument("--beam-width", type=POSITIVE_INT, default=4, help="beam of the code search (AQLM)")
+    common(p), ft_args(p), overwrite(p)
     p.set_defaults(fn=cmd_finetune)
 
-    p = sub.add_parser("eval", help="validation perplexity of a model directory or checkpoint")
-    p.add_argument("model"), p.add_argument("--validation", required=True)
-    p.add_argument("--base", default=None, help="base model directory of a checkpoint")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--device", default=None)
+    p = sub_parser("eval", "validation perplexity of a model or checkpoint")
+    p.add_argument("model", help="model (directory or GGUF) or checkpoint folder")
+    p.add_argument("--validation", required=True, help="validation text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
+    p.add_argument("--base", default=None, help="base model of a checkpoint (default: the one it names)")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=512, help="tokens per window")
+    p.add_argument("--eval-windows", type=POSITIVE_INT, default=None, help="the first N windows only")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="windows per forward pass")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("generate", help="greedy text from a model directory or checkpoint (kernels, CUDA graphs)")
-    p.add_argument("model"), p.add_argument("--prompt", required=True)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--base", default=None, help="base model directory of a checkpoint")
+    p = sub_parser("generate", "greedy text from a model or checkpoint (kernels, CUDA graphs)")
+    p.add_argument("model", help="model (directory or GGUF) or checkpoint folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--new-tokens", type=POSITIVE_INT, default=64, help="tokens to generate")
+    p.add_argument("--base", default=None, help="base model of a checkpoint (default: the one it names)")
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (codebooks too)")
-    p.add_argument("--no-cuda-graph", action="store_true")
-    p.add_argument("--device", default=None)
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode without capturing a CUDA graph")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("export", help="write the Hugging Face AQLM format")
-    p.add_argument("checkpoint"), p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None, help="base model directory (default: from the checkpoint)")
+    p = sub_parser("export", "write the Hugging Face AQLM format (transformers + aqlm load it)")
+    p.add_argument("checkpoint", help="a checkpoint folder with AQLM or VQ layers")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--model", default=None, help="base model (default: the one the checkpoint names)")
+    overwrite(p)
     p.set_defaults(fn=cmd_export)
     return ap
 
@@ -293,7 +457,8 @@ def main(argv=None) -> int:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        msg = text.splitlines()[0] if text else type(e).__name__
         print(f"pvtuning: error: {msg}", file=sys.stderr)
         return 2
     return 0

@@ -34,6 +34,19 @@ def _hf_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     raise ExportError(f"AQLM codes of {bits} bits are not supported")
 
 
+def is_export(path) -> bool:
+    """A folder this exporter wrote: an AQLM config.json, model.safetensors and tokenizer files only."""
+    p = Path(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    names = {f.name for f in p.iterdir() if not f.name.startswith(".")}
+    known = {"config.json", "model.safetensors", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"}
+    return (config.get("quantization_config", {}).get("quant_method") == "aqlm"
+            and all(n in known or n.startswith("tokenizer") for n in names))
+
+
 def export_aqlm(model: nn.Module, base_model_dir, out_dir) -> Path:
     """Write an AQLM-format Hugging Face directory for a model whose quantized layers are all
     AQLMLinear of one format, with the tokenizer of the base model (a directory or a GGUF file)."""

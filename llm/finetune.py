@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from llm import distributed as D
-from llm.checkpoint import load_file, read_meta, save_checkpoint
+from llm.checkpoint import check_same_run, read_meta, read_tensors, save_checkpoint
 from llm.formats import quantized_layers
 from llm.optim import Lamb
 
@@ -92,13 +92,50 @@ class FinetuneConfig:
             raise FinetuneError(f"p_metric must be 'euclidean' or 'adam', got {self.p_metric!r}")
         if not 0 < self.tau <= 1:
             raise FinetuneError(f"tau must lie in (0, 1], got {self.tau}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise FinetuneError("steps must be >= 0 and batch_size >= 1")
+        if self.steps < 1 or self.batch_size < 1:
+            raise FinetuneError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if not (self.lr > 0 and self.p_lr > 0):
+            raise FinetuneError(f"lr and p_lr must be > 0, got {self.lr} and {self.p_lr}")
+        if self.trust_ratio is not None and not self.trust_ratio > 0:
+            raise FinetuneError(f"trust_ratio must be > 0 (or None: no trust region), got {self.trust_ratio}")
+        if not (0 <= self.p_beta1 < 1 and 0 <= self.p_beta2 < 1):
+            raise FinetuneError(f"p_beta1 and p_beta2 must lie in [0, 1), got {self.p_beta1} and {self.p_beta2}")
+        if self.beam_width < 1 or self.checkpoint_every < 1:
+            raise FinetuneError("beam_width and checkpoint_every must be >= 1")
         if self.logit_chunk is not None and self.logit_chunk < 1:
             raise FinetuneError("logit_chunk must be >= 1 (or None for the whole micro-batch at once)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise FinetuneError("micro_batch_size must be >= 1")
         return self
+
+
+def run_settings(cfg: FinetuneConfig) -> dict:
+    """The settings that define a run's result: all but how often it is checkpointed, and, under a
+    constant schedule, the number of steps (step k does not depend on it, so a longer run continues a
+    shorter one exactly; the data drawn for it is part of the caller's run identity)."""
+    d = asdict(cfg)
+    d.pop("checkpoint_every")
+    if cfg.lr_schedule == "constant":
+        d.pop("steps")
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def check_resumable(ckpt, cfg: FinetuneConfig, run: dict) -> bool:
+    """True if `ckpt` holds a checkpoint of this run (same strategy and settings, `run` = base model, data
+    and starting point) to resume; False if it holds none; FinetuneError / CheckpointError for another run's."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "meta.json").exists() and not ckpt.with_name(f".{ckpt.name}.old").exists():
+        return False
+    m = read_meta(ckpt)
+    if m.get("finetune", {}).get("strategy") != cfg.strategy:
+        raise FinetuneError(f"{ckpt} holds a {m.get('finetune', {}).get('strategy')!r} run, not {cfg.strategy!r}: "
+                            "give another --out, or --overwrite to replace it")
+    if m.get("step", 0) > cfg.steps:
+        raise FinetuneError(f"{ckpt} holds {m['step']} steps, more than the {cfg.steps} asked for: "
+                            "give another --out, or --overwrite to replace it")
+    check_same_run(ckpt, m.get("run"), dict(run, finetune=run_settings(cfg)))
+    return True
 
 
 def kl_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -360,15 +397,14 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     capture = cfg.strategy != "continuous"
     losses, changed, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt is not None and resume and (ckpt / "meta.json").exists():
+    run = dict((meta or {}).get("run", {}), finetune=run_settings(cfg))  # what makes a checkpoint this run's
+    if ckpt is not None and resume and check_resumable(ckpt, cfg, (meta or {}).get("run", {})):
         m = read_meta(ckpt)
-        if m.get("finetune", {}).get("strategy") != cfg.strategy:
-            raise FinetuneError(f"{ckpt} holds a {m.get('finetune', {}).get('strategy')!r} run, not {cfg.strategy!r}")
-        sd = load_file(ckpt / "model.safetensors")
+        sd = read_tensors(ckpt / "model.safetensors")
         for k, src in m.get("tied", {}).items():
             sd[k] = sd[src]
         student.load_state_dict(sd, strict=False)
-        state = load_file(ckpt / "state.safetensors")
+        state = read_tensors(ckpt / "state.safetensors")
         _load_optimizer_state(opt, state, device)
         code_step.load_state_dict(state, device)
         start, losses, changed = m["step"], m["losses"], m["codes_changed"]
@@ -379,7 +415,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
             return
         p_state = D.gather_to_first(code_step.state_dict())  # every rank takes part
         if D.rank() == 0:
-            info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg))
+            info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg), run=run)
             save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **p_state})
         D.barrier()
 
@@ -391,8 +427,11 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                                         D.local_slice(batch_for_step(sequences, step, cfg.batch_size, cfg.seed)),
                                         cfg, device, amp)
             if not math.isfinite(loss):  # before any step: the model is still the last good one
-                where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
-                raise FinetuneError(f"loss became {loss} at step {step}: stopped{where}")
+                if ckpt is not None and (ckpt / "meta.json").exists():
+                    where = f"; the last good checkpoint (step {read_meta(ckpt)['step']}) is kept in {ckpt}"
+                else:
+                    where = "; no checkpoint had been written yet" if ckpt else ""
+                raise FinetuneError(f"loss became {loss} at step {step}: stopped{where} (try a smaller --lr / --p-lr)")
             D.all_reduce_sum_(p.grad for p in params)
             changed.append(code_step.step(step) if capture else 0)  # P step from the gradient at W
             for group in opt.param_groups:

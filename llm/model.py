@@ -69,11 +69,11 @@ def read_config(model) -> dict:
             cfg = json.loads(source.read_text())
         except json.JSONDecodeError as e:
             raise ModelError(f"{source} is not valid JSON: {e.msg} (line {e.lineno})") from None
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise ModelError(f"{folder} has no weights (*.safetensors or *.bin)")
     arch = cfg.get("model_type")
     if arch not in SUPPORTED:
         raise ModelError(f"unsupported architecture {arch!r} in {source}; supported: {', '.join(SUPPORTED)}")
+    if gguf_file is None and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"{folder} has no weights (*.safetensors or *.bin)")
     return cfg
 
 
@@ -94,6 +94,9 @@ def load_model(model, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mo
     except ModelError:
         raise
     except Exception as e:
+        if "weights_only" in str(e):
+            raise ModelError(f"could not load {model}: its .bin weights are a pickle holding more than tensors, "
+                             "which is not loaded for safety; convert the model to safetensors") from None
         raise ModelError(f"could not load {model}: {_first_line(e)}") from None
     qc = getattr(m.config, "quantization_config", None)
     if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":

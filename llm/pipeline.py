@@ -11,14 +11,14 @@ from typing import Optional, Sequence
 import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
-from llm.checkpoint import load_checkpoint, save_checkpoint
-from llm.data import calibration_sequences, tokenize, windows
+from llm.checkpoint import check_out, check_same_run, load_checkpoint, read_meta, remove_out, save_checkpoint
+from llm.data import calibration_sequences, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
-from llm.finetune import FinetuneConfig, FinetuneError, finetune
+from llm.finetune import STRATEGIES, FinetuneConfig, FinetuneError, check_resumable, finetune
 from llm.formats import QuantFormat, model_bits
 from llm import kernels
 from llm.generate import GreedyDecoder
-from llm.model import load_model, load_tokenizer, read_config
+from llm.model import load_model, load_tokenizer, model_source, read_config
 from pvtheory.io import write_json
 
 
@@ -123,8 +123,25 @@ def tuned_strategy_settings(fmt: str) -> dict:
     return settings
 
 
+def check_strategy_settings(settings: Optional[dict]) -> None:
+    """Every key a known strategy, every entry a dict of FinetuneConfig fields (a misspelling is an error,
+    never a silently ignored setting)."""
+    fields = set(FinetuneConfig.__dataclass_fields__) - {"strategy"}
+    for name, entry in (settings or {}).items():
+        if name not in STRATEGIES:
+            raise FinetuneError(f"strategy settings name an unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+        if not isinstance(entry, dict):
+            raise FinetuneError(f"strategy settings for {name} must be a JSON object of settings, got {entry!r}")
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise FinetuneError(f"strategy settings for {name}: unknown setting {unknown[0]!r}")
+
+
 def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict] = None) -> FinetuneConfig:
     """`base` for `strategy`, with that strategy's entry of `settings` ({strategy: {field: value}}) applied."""
+    check_strategy_settings(settings)
+    if strategy not in STRATEGIES:
+        raise FinetuneError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     overrides = (settings or {}).get(strategy, {})
     try:
         return replace(base, strategy=strategy, **overrides).validate()
@@ -136,23 +153,43 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
                  strategies: Sequence[str] = ("pv",), seq_len: int = 512, nsamples: int = 1024,
                  max_eval_windows: Optional[int] = None, device=None, progress: bool = True,
                  strategy_settings: Optional[dict] = None, ft_nsamples: Optional[int] = None,
-                 prompts: Sequence[str] = (), new_tokens: int = 32) -> dict:
+                 prompts: Sequence[str] = (), new_tokens: int = 32, overwrite: bool = False) -> dict:
     """Calibrate `model_dir` on nsamples sequences, then fine-tune the calibrated model with each strategy
     at equal steps and data (finetune_nsamples(...) other sequences of the train split); checkpoints
     under out_dir/, summary in out_dir/summary.json. Resumes finished parts.
     strategy_settings: {strategy: {FinetuneConfig field: value}} applied over finetune_cfg for that
     strategy only (e.g. tuned_strategy_settings(calib.fmt)). prompts: greedy continuations of new_tokens
     tokens by the original, the calibrated and each fine-tuned model go to the summary, side by side.
-    The summary also records seconds per phase and fine-tuning step, and peak GPU memory per phase."""
-    read_config(model_dir)
-    configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}  # fail before any work
+    The summary also records seconds per phase and fine-tuning step, and peak GPU memory per phase.
+    out_dir must be new, empty, or a run of this pipeline with the same model, data and settings (it is
+    resumed); overwrite=True replaces whatever is there."""
+    read_config(model_dir)  # everything is checked before any work or any write
+    if not strategies:
+        raise FinetuneError("no strategy to run: name at least one")
+    calib.validate()
+    configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}
+    for path, what in ((train, "train"), (validation, "validation")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what} corpus file not found: {path}")
+    if seq_len < 2 or nsamples < 1 or (max_eval_windows is not None and max_eval_windows < 1) or new_tokens < 1:
+        raise ValueError("seq_len must be >= 2 and nsamples, eval windows and new_tokens >= 1")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out_dir)
+    check_out(out, overwrite, allow=is_pipeline_out)
+    n_ft = finetune_nsamples(finetune_cfg, nsamples, ft_nsamples)
+    run = {"base_model": model_identity(model_dir), "train": fingerprint(train), "seq_len": seq_len,
+           "nsamples": nsamples, "calibration": asdict(calib)}
+    if (out / "calibrated" / "meta.json").exists():
+        check_same_run(out / "calibrated", read_meta(out / "calibrated").get("run"), run)
+    ft_run = dict(run, ft_nsamples=n_ft)
+    for strategy in strategies:
+        check_resumable(out / strategy, configs[strategy], ft_run)
+    if overwrite:
+        remove_out(out)
     amp = finetune_cfg.amp
     t0 = time.time()
     tokens = train_tokens(model_dir, train)  # one stream, two independent draws from it
     seqs = calibration_sequences(tokens, seq_len, nsamples, calib.seed)
-    n_ft = finetune_nsamples(finetune_cfg, nsamples, ft_nsamples)
     ft_seqs = calibration_sequences(tokens, seq_len, n_ft, calib.seed + 1)
     del tokens
     val = validation_windows(model_dir, validation, seq_len, max_eval_windows)
@@ -181,7 +218,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         summary["calibration_seconds"] = round(time.time() - tc, 1)
         summary["calibration_phase_seconds"] = report["phase_seconds"]
         save_checkpoint(calibrated, student, {"base_model": str(Path(model_dir).resolve()), "calibration": report,
-                                              "calibration_seconds": summary["calibration_seconds"]})
+                                              "calibration_seconds": summary["calibration_seconds"], "run": run})
     summary["bits"] = model_bits(student)
     with peaks("evaluation"):
         summary["ppl_calibrated"] = evaluate(student, val, device, amp)
@@ -192,7 +229,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         s = copy.deepcopy(student)
         with peaks(f"finetune_{strategy}"):
             rep = finetune(s, teacher, ft_seqs, configs[strategy], device=device, checkpoint_dir=out / strategy,
-                           meta={"base_model": str(Path(model_dir).resolve())}, progress=progress)
+                           meta={"base_model": str(Path(model_dir).resolve()), "run": ft_run}, progress=progress)
         steps_run = len(rep["losses"]) - rep.get("resumed_at", 0)
         rep["seconds_per_step"] = round(rep["seconds"] / steps_run, 3) if steps_run > 0 else None
         rep["ppl"] = evaluate(s, val, device, amp)
@@ -208,6 +245,22 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     summary["seconds_total"] = round(time.time() - t0, 1)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def is_pipeline_out(path) -> bool:
+    """A folder written by run_pipeline: summary.json, calibrated/ and one folder per strategy, nothing else."""
+    names = {f.name for f in Path(path).iterdir() if not f.name.startswith(".")}
+    return bool(names) and names <= {"summary.json", "calibrated", *STRATEGIES} and (
+        "summary.json" in names or "calibrated" in names)
+
+
+def model_identity(model) -> dict:
+    """What a resumed run must share with the run that wrote its checkpoint: the model's path, and the
+    size and modification time of every file it is read from."""
+    folder, gguf_file = model_source(model)
+    files = [folder / gguf_file] if gguf_file else sorted(f for f in folder.iterdir() if f.is_file())
+    return {"path": str(Path(model).resolve()),
+            "files": {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files}}
 
 
 def format_summary(summary: dict) -> str:

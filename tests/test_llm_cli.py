@@ -40,7 +40,7 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
 
 def test_missing_model_directory(tmp_path):
     assert_one_line_error(run_cli("calibrate", tmp_path / "nope", "--train", tmp_path / "t.txt", "--out", tmp_path / "o"),
-                          "model directory not found")
+                          "model not found")
 
 
 def test_malformed_model_directory(tmp_path):

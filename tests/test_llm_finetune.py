@@ -114,10 +114,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     good = (tmp_path / "ck" / "model.safetensors").read_bytes()
     with torch.no_grad():
         next(p for n, p in student.named_parameters() if n.endswith("codebooks")).fill_(float("nan"))
-    with pytest.raises(FinetuneError, match="loss became nan at step 0: stopped; the last good checkpoint is kept in"):
+    with pytest.raises(FinetuneError, match=r"loss became nan at step 0: stopped; the last good checkpoint \(step 2\) is kept in"):
         finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, batch_size=4, checkpoint_every=1),
                  checkpoint_dir=tmp_path / "ck", resume=False, progress=False)
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == good
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
+    teacher, student = calibrated("llama")
+    with torch.no_grad():
+        next(p for n, p in student.named_parameters() if n.endswith("codebooks")).fill_(float("nan"))
+    with pytest.raises(FinetuneError, match="no checkpoint had been written yet"):
+        finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, batch_size=4, checkpoint_every=1),
+                 checkpoint_dir=tmp_path / "ck", progress=False)
+    assert not (tmp_path / "ck").exists()
 
 
 def test_checkpoint_round_trip_restores_the_same_model(tmp_path):
