@@ -3,7 +3,7 @@
 search, with longer k-means, and from other seeds. Relative errors tr(dW H dW') / tr(W H W').
 
     python -m experiments.layer_convergence --model ../shared/models/ref-llama --corpus ../shared/corpus \
-        --format 1x8g8 --out experiments/results/llm/layer_convergence_1x8g8.json
+        --format 1x8g8 --out experiments/results/ablations/layer_convergence_1x8g8.json
 (--corpus holds train.txt.xz and validation.txt.xz; 64 sequences of 512 tokens, CPU, a few minutes.)
 """
 from __future__ import annotations

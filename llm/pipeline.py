@@ -92,8 +92,7 @@ def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:
     return perplexity(model.to(device), val, batch_size=32, device=device, dtype=dtype, progress=False)
 
 
-# Per-strategy settings found by the sweeps in experiments/results/sweeps and large_batch (ref-llama,
-# 2x8g8 and 1x8g8; made before session 6 with calibration data from the first 28% of the train split):
+# Per-strategy P-step settings found by sweeps on ref-llama (2x8g8 and 1x8g8, docs/results.md):
 # PV-Tuning moves few codes per step (tau = 0.1%), with momentum and the Adam metric against noisy
 # small-batch gradients; STE and stochastic rounding need small steps or they wreck the model.
 TUNED_STRATEGY_SETTINGS = {
@@ -103,12 +102,12 @@ TUNED_STRATEGY_SETTINGS = {
     "stochastic": {"p_lr": 1e-4},
 }
 # About 1 bit per weight (codes of <= 1.5 bits per weight) the P steps must be ~10x larger to move
-# codes at all, and the P step's momentum 0.95 beat 0.9 / 0.97 / 0.99 at 16 sequences per step
-# (experiments/results/large_batch, llm/session5); at 2 bits the larger step hurts, so this applies to
-# the low-bit formats only. Checked on the whole-train calibration (llm/session6, ref-llama 1x8g8):
-# PV 20.35 vs STE 20.61 at 16 sequences, 19.68 vs 20.46 at 64. At 2 bits and 64-128 sequences per step,
-# PV's p_lr 3e-2 beat 1e-2 (17.19 vs 17.29); at 16 sequences it did not (17.38 vs 17.36), so the default
-# stays (pass {"pv": {"p_lr": 0.03}} with large batches).
+# codes at all on the reference models, and the P step's momentum 0.95 beat 0.9 / 0.97 / 0.99 at 16
+# sequences per step; at 2 bits the larger step hurts, so this applies to the low-bit formats only
+# (ref-llama 1x8g8: PV 20.35 vs STE 20.61 at 16 sequences, 19.68 vs 20.46 at 64). On SmolLM2-135M this
+# low-bit step moved too many codes (47.5 against 43.1 at the 2-bit setting: docs/results_smollm2.md).
+# At 2 bits and 64-128 sequences per step PV's p_lr 3e-2 beat 1e-2 (17.19 vs 17.29), not at 16 sequences
+# (17.38 vs 17.36): the 2x8g8 preset (llm/presets.py) sets it with its batch of 128.
 LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1, "p_beta1": 0.95}, "ste": {"p_lr": 1e-3}}
 
 
