@@ -5,7 +5,7 @@
 phi(x) = 1/2 sum_i w_i (x_i - t_i)^2 with weights spread over [1, 100]. Times, with the median
 over repeats: the k-means initialization, one linearized P step (nearest value to x - grad/L), one
 exact V step (weighted means), and a whole linearized-PV run to its fixed point; also greedy
-subspace PV at tau = 1% of the coordinates. Writes experiments/results/bench_linearized_pv.json.
+subspace PV at tau = 1% of the coordinates. Writes experiments/results/toy/bench_linearized_pv.json.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from pvtheory import exact_v_step, init_scalar, linearized_p_step, pv, random_problem, subspace_p_step
 from pvtheory.io import write_json
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / "toy"
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -1,6 +1,6 @@
 """Scale benchmark: a Llama-2-7B-shaped model with random weights (built from its config, no download).
 
-    python -m experiments.bench_scale --out experiments/results/bench_scale_7b.json
+    python -m experiments.bench_scale --out experiments/results/scale/finetune_step_7b.json
 
 2. Calibration of one decoder block (AQLM 2x8g8, the library's calibrate() on a one-block model):
    wall time and peak GPU memory, extrapolated to the 32 blocks (time x 32; memory is per block,

@@ -1,6 +1,9 @@
 """The toy convergence study: PV variants against STE, stochastic rounding and relax-then-round.
 
-    python -m experiments.toy_study [--seeds 20] [--out experiments/results]
+    python -m experiments.toy_study [--full] [--out experiments/results/toy]
+
+By default a quick run (5 seeds, under a minute on 2 cores) that writes to a scratch folder; --full
+runs the 20 seeds of the published study (about 2.5 minutes) into experiments/results/toy.
 
 Three parts, every method started from the same point (1-D k-means of the continuous optimum):
 1. phi against iterations on least-squares and quadratic problems (d = 64, c = 4, cond = 100);
@@ -24,7 +27,8 @@ from pvtheory import (continuous_optimum, exact_p_step, exact_v_step, global_opt
                       stochastic_rounding_p_step, subspace_p_step)
 from pvtheory.io import save_figure, write_json
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / "toy"
+QUICK = Path("runs") / "toy_quick"
 MAX_ITERS = 300
 
 
@@ -225,11 +229,15 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=20, help="random problems per setting (default 20)")
+    ap.add_argument("--full", action="store_true", help="the published study: 20 seeds into experiments/results/toy")
+    ap.add_argument("--seeds", type=int, default=None, help="random problems per setting (default 5; --full: 20)")
     ap.add_argument("--d", type=int, default=64, help="dimension for parts 1 and 3 (default 64)")
     ap.add_argument("--c", type=int, default=4, help="number of values for parts 1 and 3 (default 4)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and plots")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"folder for the JSON and plots (default {QUICK}; --full: {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
     args = ap.parse_args(argv)
+    args.seeds = args.seeds or (20 if args.full else 5)
+    args.out = args.out or (RESULTS if args.full else QUICK)
     if args.seeds < 1 or args.d < 2 or args.c < 1:
         ap.error("--seeds and --c must be >= 1 and --d >= 2")
     t0 = time.time()

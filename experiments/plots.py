@@ -1,0 +1,114 @@
+"""Plots of the LLM results, from the pipeline's summary JSONs.
+
+    python -m experiments.plots main-table experiments/results/main_table/*.json --out main_table.png
+    python -m experiments.plots curves experiments/results/main_table/ref-llama_1x8g8.json --out curves.png
+
+main-table: validation perplexity against bits per quantized weight, one line per strategy, one panel
+per model (several files of one model and format are merged; a strategy's first value wins).
+curves: the KL loss and the code groups changed at every fine-tuning step, one line per strategy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+
+from pvtheory.io import save_figure  # noqa: E402
+
+ORDER = ("calibrated", "continuous", "ste", "stochastic", "linearized_pv", "pv")
+LABELS = {"calibrated": "calibrated only", "continuous": "continuous only (V)", "ste": "STE",
+          "stochastic": "stochastic rounding", "linearized_pv": "linearized PV", "pv": "PV-Tuning"}
+STYLE = {"pv": dict(color="C3", lw=2.2, marker="o"), "ste": dict(color="C0", marker="s"),
+         "continuous": dict(color="C2", marker="^"), "stochastic": dict(color="C4", marker="v", ls=":"),
+         "linearized_pv": dict(color="C1", marker="D", ls=":"), "calibrated": dict(color="0.5", marker="x", ls="--")}
+
+
+def model_name(summary: dict) -> str:
+    return Path(summary["model"]).name.removesuffix(".gguf")
+
+
+def merge(summaries: Sequence[dict]) -> dict:
+    """{model: {bits: {strategy or "calibrated" or "original": perplexity}}} over every summary."""
+    table: dict = {}
+    for s in summaries:
+        cell = table.setdefault(model_name(s), {}).setdefault(round(s["bits"]["bits_per_quantized_weight"], 3), {})
+        cell.setdefault("original", s["ppl_original"])
+        cell.setdefault("calibrated", s["ppl_calibrated"])
+        for strategy, run in s.get("runs", {}).items():
+            cell.setdefault(strategy, run["ppl"])
+    return table
+
+
+def plot_main_table(summaries: Sequence[dict], path) -> None:
+    """Perplexity against bits per quantized weight for each strategy, a panel per model."""
+    table = merge(summaries)
+    fig, axes = plt.subplots(1, len(table), figsize=(5.2 * len(table), 4.2), squeeze=False)
+    for ax, (model, by_bits) in zip(axes[0], sorted(table.items())):
+        bits = sorted(by_bits)
+        for strategy in ORDER:
+            pts = [(b, by_bits[b][strategy]) for b in bits if strategy in by_bits[b]]
+            if pts:
+                ax.plot(*zip(*pts), label=LABELS[strategy], **STYLE[strategy])
+        ax.axhline(by_bits[bits[0]]["original"], color="k", lw=1, ls="--", label="original (16 bits)")
+        ax.set(title=model, xlabel="bits per quantized weight", ylabel="validation perplexity (512 tokens)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(summary: dict, path, smooth: int = 10) -> None:
+    """KL per step (moving average of `smooth` steps) and code groups changed per step, per strategy."""
+    fig, (kl, codes) = plt.subplots(1, 2, figsize=(11, 4))
+    for strategy in ORDER:
+        run = summary.get("runs", {}).get(strategy)
+        if run is None:
+            continue
+        losses = run["losses"]
+        avg = [sum(losses[max(0, i - smooth + 1): i + 1]) / len(losses[max(0, i - smooth + 1): i + 1])
+               for i in range(len(losses))]
+        style = {k: v for k, v in STYLE[strategy].items() if k != "marker"}
+        kl.plot(avg, label=f"{LABELS[strategy]} ({run['ppl']:.2f})", **style)
+        if strategy != "continuous":
+            codes.plot(run["codes_changed"], label=LABELS[strategy], **style)
+    kl.set(title=f"{model_name(summary)} {summary['format']}: KL to the original",
+           xlabel="fine-tuning step", ylabel=f"KL (moving average of {smooth})")
+    kl.set_yscale("log")
+    codes.set(title="code groups changed per step", xlabel="fine-tuning step", ylabel="groups")
+    codes.set_yscale("symlog", linthresh=10)
+    for ax in (kl, codes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("main-table", "curves"), help="which plot")
+    ap.add_argument("summaries", nargs="+", help="pipeline summary JSONs (curves: one)")
+    ap.add_argument("--out", required=True, help="PNG to write")
+    a = ap.parse_args(argv)
+    summaries = [json.loads(Path(f).read_text()) for f in a.summaries]
+    if a.what == "main-table":
+        plot_main_table(summaries, a.out)
+    else:
+        plot_curves(summaries[0], a.out)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Reproduce the published results on your own GPU (or the toy study on any CPU), one command each.
+
+    python -m experiments.reproduce toy        --out OUT [--full]
+    python -m experiments.reproduce main-table --model ../shared/models/ref-llama --model ../shared/models/ref-mistral \
+                                               --corpus ../shared/corpus --out OUT
+    python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
+    python -m experiments.reproduce kernels    --out OUT
+    python -m experiments.reproduce scale      --out OUT
+    python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
+
+--corpus is a folder holding train.txt.xz and validation.txt.xz. Every step writes into OUT and is
+resumable: rerun the same command after an interruption. Each part prints where its JSON and plots
+went; compare them with experiments/results/ (the numbers the docs quote).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from llm import cli
+from llm.finetune import STRATEGIES
+
+
+def run(*args: str) -> None:
+    """A subprocess of this Python; stop on its failure."""
+    print("+", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], check=True)
+
+
+def pipeline(model, corpus: Path, out: Path, fmt: str, strategies: str, extra: tuple = ()) -> Path:
+    """One `pvtuning pipeline` at the format's preset; returns its summary.json."""
+    folder = out / f"{Path(model).name.removesuffix('.gguf')}_{fmt}"
+    code = cli.main(["pipeline", str(model), "--train", str(corpus / "train.txt.xz"),
+                     "--validation", str(corpus / "validation.txt.xz"), "--out", str(folder),
+                     "--format", fmt, "--strategies", strategies, *extra])
+    if code:
+        raise SystemExit(code)
+    return folder / "summary.json"
+
+
+def plots(summaries: list, out: Path, name: str) -> None:
+    from experiments.plots import plot_curves, plot_main_table
+
+    loaded = [json.loads(p.read_text()) for p in summaries]
+    plot_main_table(loaded, out / f"{name}.png")
+    for path, s in zip(summaries, loaded):
+        plot_curves(s, out / f"curves_{path.parent.name}.png")
+    print(f"plots: {out}/{name}.png, {out}/curves_*.png")
+
+
+def main_table(a) -> None:
+    summaries = [pipeline(m, a.corpus, a.out, fmt, a.strategies) for m in a.model for fmt in a.formats.split(",")]
+    plots(summaries, a.out, "main_table")
+
+
+def smollm2(a) -> None:
+    # sized so that one format's whole pipeline fits in 10 minutes on one H200 (docs/results_smollm2.md)
+    common = ("--nsamples", "512", "--block-tune-steps", "100", "--steps", "80", "--ft-batch-size", "64",
+              "--prompts", str(Path(__file__).with_name("prompts.txt")))
+    summaries = [pipeline(a.model[0], a.corpus, a.out, "2x8g8", "pv,ste,continuous",
+                          common + ("--rounds", "4", "--strategy-settings", '{"pv":{"p_lr":0.03}}')),
+                 pipeline(a.model[0], a.corpus, a.out, "1x8g8", "pv,ste,continuous", common + ("--rounds", "12"))]
+    plots(summaries, a.out, "smollm2")
+
+
+def kernels(a) -> None:
+    run("-m", "experiments.bench_kernels", "--device", "cuda", "--out", str(a.out / "gpu_matvec.json"))
+    run("-m", "experiments.bench_decode", "--seven-b", "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
+
+
+def scale(a) -> None:
+    run("-m", "experiments.bench_scale", "--out", str(a.out / "finetune_step_7b.json"), "--skip", "calibration")
+    run("-m", "experiments.bench_scale", "--out", str(a.out / "calibration_7b_block_12rounds.json"), "--skip",
+        "finetune", "--nsamples", "16", "--rounds", "12", "--block-tune-steps", "300")
+
+
+def multi_gpu(a) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    ck = a.out / "ck-2x8g8"
+    if cli.main(["calibrate", str(a.model[0]), "--train", str(a.corpus / "train.txt.xz"), "--out", str(ck),
+                 "--format", "2x8g8", "--rounds", "4", "--block-tune-steps", "300"]):
+        raise SystemExit(2)
+    name = Path(a.model[0]).name
+    for n in sorted({1, a.gpus}):
+        run("-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "experiments.dist_finetune",
+            "--out", str(a.out / f"{name}_2x8g8_world{n}.json"), "--checkpoint", str(ck), "--model", str(a.model[0]),
+            "--train", str(a.corpus / "train.txt.xz"), "--steps", "100", "--batch-size", "32")
+        run("-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "experiments.dist_finetune",
+            "--out", str(a.out / f"llama2-7b-shape_world{n}.json"), "--random", "7b", "--steps", "4", "--batch-size", "2")
+
+
+def toy(a) -> None:
+    run("-m", "experiments.toy_study", "--out", str(a.out), *(["--full"] if a.full else []))
+
+
+PARTS = {"toy": toy, "main-table": main_table, "smollm2": smollm2, "kernels": kernels, "scale": scale,
+         "multi-gpu": multi_gpu}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=PARTS, help="which results to reproduce")
+    ap.add_argument("--out", type=Path, required=True, help="folder for every output (created)")
+    ap.add_argument("--model", action="append", default=[], help="model directory or GGUF file (repeatable)")
+    ap.add_argument("--corpus", type=Path, help="folder holding train.txt.xz and validation.txt.xz")
+    ap.add_argument("--formats", default="2x8g8,1x8g8", help="main-table: formats, comma-separated")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="main-table: strategies, comma-separated")
+    ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
+    ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
+    a = ap.parse_args(argv)
+    needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus")}
+    missing = [f"--{n}" for n in needs.get(a.part, ()) if not getattr(a, n)]
+    if missing:
+        ap.error(f"{a.part} needs {' and '.join(missing)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    PARTS[a.part](a)
+
+
+if __name__ == "__main__":
+    main()

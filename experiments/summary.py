@@ -1,0 +1,120 @@
+"""experiments/results/summary.json: every headline figure of the README, read from the file it comes from.
+
+    python -m experiments.summary           # rewrite summary.json from the result files
+    python -m experiments.summary --check   # exit 1 if summary.json and the files disagree
+
+Each entry: the figure's name, its value, the result file (relative to experiments/results) and how
+the value is read from it. The tests run --check, so the README's numbers cannot drift from the data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pvtheory.io import write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(file: str) -> dict:
+    return json.loads((RESULTS / file).read_text())
+
+
+def ppl(file: str, what: str) -> Callable[[], float]:
+    """'original', 'calibrated' or a strategy's perplexity in a pipeline summary."""
+    def read() -> float:
+        s = _load(file)
+        return s[f"ppl_{what}"] if what in ("original", "calibrated") else s["runs"][what]["ppl"]
+    return read
+
+
+def key(file: str, *path) -> Callable[[], float]:
+    def read():
+        v = _load(file)
+        for p in path:
+            v = v[p]
+        return v
+    return read
+
+
+def toy_median(problem: str, method: str) -> Callable[[], float]:
+    return lambda: statistics.median(_load("toy/toy_study.json")["convergence"][problem][method]["final"])
+
+
+def decode_tokens_per_s(model: str, fmt: str) -> Callable[[], float]:
+    def read():
+        runs = _load("kernels/gpu_decode_cuda_kernel.json")["runs"]
+        return next(r["graph"]["tokens_per_s"] for r in runs if r["model"] == model and r["format"] == fmt)
+    return read
+
+
+def matvec_speedups(fmt: str) -> Callable[[], list]:
+    """[min, max] speedup over bf16 of one token at the 7B shapes (the layer's own kernel)."""
+    def read():
+        cases = [c for c in _load("kernels/gpu_matvec_cuda_kernel.json")["cases"]
+                 if c["format"] == fmt and c["tokens"] == 1]
+        return [min(c["speedup_vs_bf16"] for c in cases), max(c["speedup_vs_bf16"] for c in cases)]
+    return read
+
+
+HEADLINES = [("toy: exact PV, least squares (median normalized phi)", "toy/toy_study.json", toy_median("least_squares", "exact PV")),
+             ("toy: greedy subspace PV tau=1, least squares", "toy/toy_study.json", toy_median("least_squares", "greedy subspace PV (tau=1)")),
+             ("toy: linearized PV, least squares", "toy/toy_study.json", toy_median("least_squares", "linearized PV")),
+             ("toy: STE, least squares", "toy/toy_study.json", toy_median("least_squares", "STE")),
+             ("toy: stochastic rounding, least squares", "toy/toy_study.json", toy_median("least_squares", "stochastic rounding"))]
+for model in ("ref-llama", "ref-mistral"):
+    for fmt in ("1x8g8", "2x8g8"):
+        f = f"main_table/{model}_{fmt}.json"
+        HEADLINES += [(f"{model} {fmt} {what}", f, ppl(f, what)) for what in ("original", "calibrated", "continuous", "ste", "pv")]
+        HEADLINES.append((f"{model} {fmt} bits per quantized weight", f, key(f, "bits", "bits_per_quantized_weight")))
+for fmt in ("2x8g8", "1x8g8"):
+    f = f"smollm2/pipeline_{fmt}.json"
+    HEADLINES += [(f"SmolLM2-135M {fmt} {what}", f, ppl(f, what)) for what in ("original", "calibrated", "continuous", "ste", "pv")]
+    HEADLINES += [(f"SmolLM2-135M {fmt} bits per quantized weight", f, key(f, "bits", "bits_per_quantized_weight")),
+                  (f"SmolLM2-135M {fmt} whole pipeline seconds", f, key(f, "seconds_total"))]
+HEADLINES += [
+    ("SmolLM2-135M 1x8g8 PV at the 2-bit P step", "smollm2/pv_1x8g8_p_lr0.01.json", key("smollm2/pv_1x8g8_p_lr0.01.json", "ppl")),
+    ("ref-llama 1x8g8 PV fine-tuning seconds", "main_table/ref-llama_1x8g8.json", key("main_table/ref-llama_1x8g8.json", "runs", "pv", "seconds")),
+    ("ref-llama 2x8g8 PV fine-tuning seconds", "main_table/ref-llama_2x8g8.json", key("main_table/ref-llama_2x8g8.json", "runs", "pv", "seconds")),
+    ("kernels: 2x8g8 one-token speedup over bf16 at the 7B shapes [min, max]", "kernels/gpu_matvec_cuda_kernel.json", matvec_speedups("2x8g8")),
+    ("kernels: 1x8g8 one-token speedup over bf16 at the 7B shapes [min, max]", "kernels/gpu_matvec_cuda_kernel.json", matvec_speedups("1x8g8")),
+    ("decoding tokens/s, 7B shape, bf16", "kernels/gpu_decode_cuda_kernel.json", decode_tokens_per_s("llama2-7b-shape", "none")),
+    ("decoding tokens/s, 7B shape, 2x8g8", "kernels/gpu_decode_cuda_kernel.json", decode_tokens_per_s("llama2-7b-shape", "2x8g8")),
+    ("decoding tokens/s, 7B shape, 1x8g8", "kernels/gpu_decode_cuda_kernel.json", decode_tokens_per_s("llama2-7b-shape", "1x8g8")),
+    ("7B-shape PV-Tuning step seconds (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "seconds_per_step")),
+    ("7B-shape PV-Tuning step peak GiB (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "peak_gib")),
+    ("ref-llama fine-tuning tokens/s, 1 GPU", "multi_gpu/ref-llama_2x8g8_world1.json", key("multi_gpu/ref-llama_2x8g8_world1.json", "tokens_per_second")),
+    ("ref-llama fine-tuning tokens/s, 2 GPUs", "multi_gpu/ref-llama_2x8g8_world2.json", key("multi_gpu/ref-llama_2x8g8_world2.json", "tokens_per_second")),
+]
+
+
+def build() -> list:
+    """[{figure, value, file}] read from the result files now."""
+    return [{"figure": name, "value": read(), "file": file} for name, file, read in HEADLINES]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare summary.json with the files; write nothing")
+    a = ap.parse_args(argv)
+    fresh = build()
+    if a.check:
+        stored = json.loads((RESULTS / "summary.json").read_text())["figures"]
+        if stored != fresh:
+            bad = [f["figure"] for f, s in zip(fresh, stored) if f != s] or ["the list of figures"]
+            print(f"summary.json disagrees with the result files: {bad[0]}", file=sys.stderr)
+            return 1
+        print(f"summary.json agrees with the result files ({len(fresh)} figures)")
+        return 0
+    write_json(RESULTS / "summary.json", {"about": "every headline figure of the README and the file it comes from "
+                                                   "(python -m experiments.summary rewrites this)", "figures": fresh})
+    print(f"wrote {RESULTS / 'summary.json'} ({len(fresh)} figures)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
