@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets up everything on a fresh machine, then runs a job.
-#   ./run.sh demo    the toy convergence study (table on the terminal, plots in experiments/results/)
+#   ./run.sh demo    the toy convergence study, quick (5 seeds; --full: the published 20 seeds into experiments/results/toy)
 #   ./run.sh test    the whole test suite
 #   ./run.sh setup   only create .venv and install
 # GPU machines: set TORCH_SPEC to the torch you want (e.g. TORCH_SPEC=torch), or TORCH_SPEC=skip

@@ -77,3 +77,36 @@ def test_bad_format_string(tmp_path):
 def test_generate_with_an_empty_prompt(tmp_path):
     model = tiny_model_dir(tmp_path)
     assert_one_line_error(run_cli("generate", model, "--prompt", "", "--device", "cpu"), "prompt is empty")
+
+
+def test_every_cli_option_has_a_help_line():
+    import argparse
+
+    from llm.cli import build_parser
+
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    missing = [(name, a.dest) for name, sp in subparsers.items() for a in sp._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not missing
+
+
+@pytest.mark.parametrize("fmt,steps,batch,block_steps,pv_p_lr", [("2x8g8", 260, 128, 500, 0.03), ("1x8g8", 220, 64, 1000, 0.1),
+                                                                   ("3x8g8", 200, 64, 1000, 0.01)])
+def test_pipeline_without_flags_runs_the_formats_best_recipe(fmt, steps, batch, block_steps, pv_p_lr):
+    from llm.cli import _calib_cfg, _ft_cfg, _strategy_settings, build_parser
+    from llm.pipeline import strategy_config
+
+    a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", fmt])
+    ft, cal = _ft_cfg(a, "pv"), _calib_cfg(a)
+    assert (ft.steps, ft.batch_size, ft.v_optimizer, ft.lr, cal.block_tune_steps) == (steps, batch, "lamb", 1e-3, block_steps)
+    assert strategy_config(ft, "pv", _strategy_settings(a)).p_lr == pv_p_lr
+
+
+def test_explicit_flags_override_the_preset_and_the_tuned_p_step():
+    from llm.cli import _ft_cfg, _strategy_settings, build_parser
+    from llm.pipeline import strategy_config
+
+    a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", "1x8g8",
+                                   "--steps", "7", "--p-lr", "0.005", "--lr", "3e-4"])
+    cfg = strategy_config(_ft_cfg(a, "pv"), "pv", _strategy_settings(a))
+    assert (cfg.steps, cfg.p_lr, cfg.lr, cfg.tau) == (7, 0.005, 3e-4, 1e-3)  # tau still the tuned one
