@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build on this project's machines
-# Triton for the GPU kernel's tests in Triton's CPU interpreter (the version the device's torch ships with)
+# Triton for the GPU kernel's tests in Triton's CPU interpreter (the version torch 2.11's CUDA build ships with)
 TRITON_SPEC=${TRITON_SPEC:-triton==3.6.0}
 VENV=${VENV:-.venv}
 

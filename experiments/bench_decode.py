@@ -1,6 +1,6 @@
 """End-to-end greedy decoding speed (batch 1): quantized models against the same model in 16 bits.
 
-    python -m experiments.bench_decode --model .cache/models/ref-llama --seven-b --device cuda \
+    python -m experiments.bench_decode --model ../shared/models/ref-llama --seven-b --device cuda \
         --out experiments/results/kernels/gpu_decode.json
     python -m experiments.bench_decode --model ../shared/models/ref-llama --device cpu --dtype float32 \
         --out experiments/results/kernels/cpu_decode.json
