@@ -88,3 +88,15 @@ def test_pipeline_on_a_gguf_model_keeps_the_head_tied_and_writes_continuations(t
     model, meta, _ = load_checkpoint(out / "pv")
     assert meta["base_model"] == str(path.resolve())
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_gguf_without_its_packages_is_one_clear_error(gguf_model, monkeypatch):
+    import importlib.util
+
+    import llm.model
+
+    _, path = gguf_model
+    real = importlib.util.find_spec
+    monkeypatch.setattr(llm.model.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ModelError, match=r"needs the package\(s\) gguf: pip install 'pvtuning\[gguf\]'"):
+        read_config(path)
