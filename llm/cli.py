@@ -51,6 +51,7 @@ def _number(kind, low, low_ok: bool, what: str):
 
 
 POSITIVE_INT = _number(int, 1, True, "an integer")
+SEQ_LEN = _number(int, 2, True, "an integer")  # a window predicts seq_len - 1 tokens
 NONNEG_INT = _number(int, 0, True, "an integer")
 POSITIVE = _number(float, 0.0, False, "a number")
 NONNEG = _number(float, 0.0, True, "a number")
@@ -288,6 +289,10 @@ def cmd_generate(a) -> None:
     prompt = torch.tensor([tok.encode(a.prompt, add_special_tokens=False)], dtype=torch.long)
     if prompt.numel() == 0:
         raise ValueError("the prompt is empty after tokenization")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and prompt.shape[1] + a.new_tokens > limit:
+        raise ValueError(f"the prompt ({prompt.shape[1]} tokens) + --new-tokens {a.new_tokens} exceed the model's "
+                         f"{limit} positions: ask for fewer tokens")
     decoder = GreedyDecoder(model, prompt.shape[1] + a.new_tokens, cuda_graph=False if a.no_cuda_graph else None)
     out = decoder.generate(prompt, a.new_tokens)
     print(tok.decode(out[0].tolist(), skip_special_tokens=True))
@@ -322,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
         p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the data draws and of random choices")
         if data:
-            p.add_argument("--seq-len", type=POSITIVE_INT, default=512, help="tokens per training sequence")
+            p.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per training sequence")
             p.add_argument("--nsamples", type=POSITIVE_INT, default=1024, help="calibration sequences")
 
     def overwrite(p):
@@ -423,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model (directory or GGUF) or checkpoint folder")
     p.add_argument("--validation", required=True, help="validation text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
     p.add_argument("--base", default=None, help="base model of a checkpoint (default: the one it names)")
-    p.add_argument("--seq-len", type=POSITIVE_INT, default=512, help="tokens per window")
+    p.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per window")
     p.add_argument("--eval-windows", type=POSITIVE_INT, default=None, help="the first N windows only")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="windows per forward pass")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU")

@@ -128,6 +128,9 @@ def check_resumable(ckpt, cfg: FinetuneConfig, run: dict) -> bool:
     if not (ckpt / "meta.json").exists() and not ckpt.with_name(f".{ckpt.name}.old").exists():
         return False
     m = read_meta(ckpt)
+    if "finetune" not in m:
+        raise FinetuneError(f"{ckpt} holds a calibrated checkpoint, not a fine-tuning run: give another --out "
+                            "(the calibrated checkpoint is the input of finetune)")
     if m.get("finetune", {}).get("strategy") != cfg.strategy:
         raise FinetuneError(f"{ckpt} holds a {m.get('finetune', {}).get('strategy')!r} run, not {cfg.strategy!r}: "
                             "give another --out, or --overwrite to replace it")

@@ -144,8 +144,8 @@ def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict
     overrides = (settings or {}).get(strategy, {})
     try:
         return replace(base, strategy=strategy, **overrides).validate()
-    except TypeError as e:  # an unknown field name
-        raise FinetuneError(f"settings for {strategy}: {e}") from None
+    except TypeError as e:  # a value of the wrong type meets a range check
+        raise FinetuneError(f"strategy settings for {strategy}: a value has the wrong type ({e})") from None
 
 
 def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,

@@ -96,7 +96,7 @@ def test_token_cache_never_serves_another_file(tmp_path):
 
 @pytest.mark.parametrize("flag,value,pattern", [
     ("--steps", "0", "argument --steps: must be >= 1"),
-    ("--seq-len", "0", "argument --seq-len: must be >= 1"),
+    ("--seq-len", "1", "argument --seq-len: must be >= 2"),
     ("--eval-windows", "0", "argument --eval-windows: must be >= 1"),
     ("--trust-ratio", "-1", "argument --trust-ratio: must be > 0"),
     ("--tau", "1.5", "argument --tau: must lie in (0, 1]"),
