@@ -61,11 +61,9 @@ def matvec_speedups(fmt: str) -> Callable[[], list]:
     return read
 
 
-HEADLINES = [("toy: exact PV, least squares (median normalized phi)", "toy/toy_study.json", toy_median("least_squares", "exact PV")),
-             ("toy: greedy subspace PV tau=1, least squares", "toy/toy_study.json", toy_median("least_squares", "greedy subspace PV (tau=1)")),
-             ("toy: linearized PV, least squares", "toy/toy_study.json", toy_median("least_squares", "linearized PV")),
-             ("toy: STE, least squares", "toy/toy_study.json", toy_median("least_squares", "STE")),
-             ("toy: stochastic rounding, least squares", "toy/toy_study.json", toy_median("least_squares", "stochastic rounding"))]
+HEADLINES = [(f"toy: {method}, {problem} (median normalized phi)", "toy/toy_study.json", toy_median(problem, method))
+             for problem in ("least_squares", "quadratic")
+             for method in ("exact PV", "greedy subspace PV (tau=1)", "linearized PV", "STE", "stochastic rounding")]
 for model in ("ref-llama", "ref-mistral"):
     for fmt in ("1x8g8", "2x8g8"):
         f = f"main_table/{model}_{fmt}.json"
