@@ -234,15 +234,15 @@ def cmd_finetune(a) -> None:
     n = finetune_nsamples(cfg, a.nsamples, a.ft_nsamples)
     run = {"base_model": model_identity(base), "start": fingerprint(Path(a.checkpoint) / "model.safetensors"),
            "train": fingerprint(a.train), "seq_len": a.seq_len, "ft_nsamples": n}
-    if a.overwrite:
-        if D.rank() == 0:
-            remove_out(a.out)
-        D.barrier()
-    else:
+    if not a.overwrite:
         check_resumable(a.out, cfg, run)
     student, meta, _ = load_checkpoint(a.checkpoint, base, dev)
     seqs = train_sequences(base, a.train, a.seq_len, n, a.seed + 1)
     teacher = load_model(base, torch.float32, dev)
+    if a.overwrite:  # only now, with the data read and the models loaded
+        if D.rank() == 0:
+            remove_out(a.out)
+        D.barrier()
     rep = finetune(student, teacher, seqs, cfg, device=dev, checkpoint_dir=a.out,
                    meta={"base_model": str(Path(base).resolve()), "run": run})
     if D.rank() == 0:

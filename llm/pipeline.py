@@ -12,7 +12,7 @@ import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.checkpoint import check_out, check_same_run, load_checkpoint, read_meta, remove_out, save_checkpoint
-from llm.data import calibration_sequences, fingerprint, tokenize, windows
+from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import STRATEGIES, FinetuneConfig, FinetuneError, check_resumable, finetune
 from llm.formats import QuantFormat, model_bits
@@ -167,9 +167,8 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         raise FinetuneError("no strategy to run: name at least one")
     calib.validate()
     configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}
-    for path, what in ((train, "train"), (validation, "validation")):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{what} corpus file not found: {path}")
+    for path, what in ((train, "train corpus"), (validation, "validation corpus")):
+        check_corpus(path, what)
     if seq_len < 2 or nsamples < 1 or (max_eval_windows is not None and max_eval_windows < 1) or new_tokens < 1:
         raise ValueError("seq_len must be >= 2 and nsamples, eval windows and new_tokens >= 1")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -178,13 +177,12 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     n_ft = finetune_nsamples(finetune_cfg, nsamples, ft_nsamples)
     run = {"base_model": model_identity(model_dir), "train": fingerprint(train), "seq_len": seq_len,
            "nsamples": nsamples, "calibration": asdict(calib)}
-    if (out / "calibrated" / "meta.json").exists():
-        check_same_run(out / "calibrated", read_meta(out / "calibrated").get("run"), run)
     ft_run = dict(run, ft_nsamples=n_ft)
-    for strategy in strategies:
-        check_resumable(out / strategy, configs[strategy], ft_run)
-    if overwrite:
-        remove_out(out)
+    if not overwrite:
+        if (out / "calibrated" / "meta.json").exists():
+            check_same_run(out / "calibrated", read_meta(out / "calibrated").get("run"), run)
+        for strategy in strategies:
+            check_resumable(out / strategy, configs[strategy], ft_run)
     amp = finetune_cfg.amp
     t0 = time.time()
     tokens = train_tokens(model_dir, train)  # one stream, two independent draws from it
@@ -203,6 +201,8 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     texts = {"prompts": list(prompts)}
     if prompts:
         texts["original"] = continuations(teacher, tokenizer, prompts, new_tokens, device)
+    if overwrite:  # only now, with the data read and the models loaded: a bad input loses nothing
+        remove_out(out)
     calibrated = out / "calibrated"
     if (calibrated / "meta.json").exists():
         student, meta, _ = load_checkpoint(calibrated, model_dir, device)

@@ -249,3 +249,18 @@ def test_corpus_without_a_text_field_is_one_line_error(setup, tmp_path, capsys):
     (tmp_path / "v.jsonl").write_text('{"content": "x"}\n')
     assert_one_line(cli(capsys, "eval", model, "--validation", tmp_path / "v.jsonl", "--device", "cpu"),
                     'no string field "text"')
+
+
+def test_pipeline_overwrite_replaces_a_user_folder_only_after_its_inputs_pass(setup, tmp_path, capsys):
+    model, train, val = setup
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    assert_one_line(cli(capsys, "pipeline", model, "--train", bad, "--validation", val, "--out", mine, "--overwrite",
+                        *CALIB, *FT[:4], "--strategies", "continuous"), "not UTF-8")
+    assert (mine / "notes.txt").exists()  # a failure before any work deletes nothing
+    assert cli(capsys, "pipeline", model, "--train", train, "--validation", val, "--out", mine, "--overwrite",
+               *CALIB, *FT[:4], "--strategies", "continuous", "--eval-windows", "2")[0] == 0
+    assert not (mine / "notes.txt").exists() and (mine / "summary.json").exists()
