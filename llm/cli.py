@@ -108,6 +108,7 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
     return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size_ft"],
                           micro_batch_size=p["micro_batch_size"], lr=p["lr"], lr_schedule=a.lr_schedule,
                           v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), p_select=a.p_select, trust_ratio=a.trust_ratio,
+                          p_warmup=a.p_warmup,
                           beam_width=a.beam_width, train_other=not a.freeze_other,
                           grad_checkpointing=a.grad_checkpointing, logit_chunk=a.logit_chunk or None,
                           seed=a.seed).validate()
@@ -383,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
         p.add_argument("--untuned", action="store_true",
                        help="do not apply the tuned per-strategy settings (library defaults for unset flags)")
+        p.add_argument("--p-warmup", type=NONNEG_INT, default=0,
+                       help="steps whose P step only accumulates its Adam moments before any code may change "
+                            "(the first step's update is p_lr x sign(gradient) everywhere)")
         p.add_argument("--p-select", default="update", choices=("update", "gain"),
                        help="pv: re-encode the groups with the largest update, or the largest decrease of the linear model")
         p.add_argument("--trust-ratio", type=POSITIVE, default=None,

@@ -66,6 +66,7 @@ class FinetuneConfig:
     p_metric: str = "euclidean"  # re-encode nearest in "euclidean" or the "adam" metric diag(sqrt v)
     p_state_dtype: str = "float32"  # the P step's per-weight moments; "bfloat16" halves their memory (7B scale)
     tau: float = 0.01  # fraction of code groups the pv strategy may change per step
+    p_warmup: int = 0  # steps whose P step only accumulates its moments (no code changes, no STE update)
     p_select: str = "update"  # pv's greedy subspace: the groups with the largest "update", or the largest model "gain"
     trust_ratio: Optional[float] = None  # reject code changes with ||dw|| > trust_ratio * ||w|| per group
     beam_width: int = 4
@@ -100,6 +101,8 @@ class FinetuneConfig:
             raise FinetuneError(f"trust_ratio must be > 0 (or None: no trust region), got {self.trust_ratio}")
         if not (0 <= self.p_beta1 < 1 and 0 <= self.p_beta2 < 1):
             raise FinetuneError(f"p_beta1 and p_beta2 must lie in [0, 1), got {self.p_beta1} and {self.p_beta2}")
+        if self.p_warmup < 0:
+            raise FinetuneError(f"p_warmup must be >= 0, got {self.p_warmup}")
         if self.beam_width < 1 or self.checkpoint_every < 1:
             raise FinetuneError("beam_width and checkpoint_every must be >= 1")
         if self.logit_chunk is not None and self.logit_chunk < 1:
@@ -289,6 +292,8 @@ class CodeStep:
             m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m.float() + (1 - cfg.p_beta1) * g
             self.m[name] = m.to(dtype)
             g = m / (1 - cfg.p_beta1 ** self.t)
+        if self.t <= cfg.p_warmup:  # the moments average a few steps before any code may move
+            return 0
         precond = (v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8
         update = p_lr * g / precond
         metric = precond if cfg.p_metric == "adam" else None

@@ -207,3 +207,12 @@ def test_chunked_kl_has_the_value_and_gradients_of_the_full_kl():
     assert len(g_full) == len(g_chunked) > 0
     for a, b in zip(g_full, g_chunked):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * a.abs().max()), (a - b).abs().max() / a.abs().max()
+
+
+@pytest.mark.parametrize("strategy", ["pv", "ste"])
+def test_p_warmup_changes_no_code_until_the_moments_have_averaged(strategy):
+    teacher, student = calibrated("llama")
+    cfg = FinetuneConfig(strategy=strategy, steps=5, batch_size=4, p_lr=3e-2, tau=0.05, p_warmup=3)
+    rep = finetune(student, teacher, SEQS, cfg, progress=False)
+    assert rep["codes_changed"][:3] == [0, 0, 0]
+    assert sum(rep["codes_changed"][3:]) > 0
