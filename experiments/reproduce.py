@@ -4,7 +4,7 @@
     python -m experiments.reproduce main-table --model ../shared/models/ref-llama --model ../shared/models/ref-mistral \
                                                --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
-    python -m experiments.reproduce kernels    --out OUT
+    python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
 
@@ -69,7 +69,8 @@ def smollm2(a) -> None:
 
 def kernels(a) -> None:
     run("-m", "experiments.bench_kernels", "--device", "cuda", "--out", str(a.out / "gpu_matvec.json"))
-    run("-m", "experiments.bench_decode", "--seven-b", "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
+    models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the 7B shape
+    run("-m", "experiments.bench_decode", "--seven-b", *models, "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
 
 
 def scale(a) -> None:
