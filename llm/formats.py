@@ -164,29 +164,18 @@ class AQLMLinear(QuantizedLinearBase):
                              weights=None if weights is None else weights.detach().float())
 
     @torch.no_grad()
-    def nearest_other_codes(self, target: Tensor) -> Tensor:
+    def nearest_other_codes(self, target: Tensor, candidate_budget: int = 1 << 25) -> Tensor:
         """Per group, the nearest code tuple to the target among those that differ from the current
-        one in exactly one codebook (for M = 1: the nearest other entry). Used by stochastic rounding."""
+        one in exactly one codebook (for M = 1: the nearest other entry). Used by stochastic rounding.
+        Groups go candidate_budget // K at a time, so the (groups, K) distances stay bounded."""
         M, K, g = self.codebooks.shape
         cb = self.codebooks.detach().float()
         s = self.scales.detach().float()
         s = torch.where(s == 0, torch.ones_like(s), s)
         t = (target.float() / s.unsqueeze(1)).reshape(-1, g)
         codes = self.codes_view()
-        total = sum(cb[m][codes[:, m]] for m in range(M))
-        best_d = torch.full((t.shape[0],), float("inf"), device=t.device)
-        best = codes.clone()
-        for m in range(M):
-            resid = t - (total - cb[m][codes[:, m]])  # what codebook m alone should reproduce
-            d = (cb[m] * cb[m]).sum(1).unsqueeze(0) - 2.0 * resid @ cb[m].T  # (n, K)
-            d.scatter_(1, codes[:, m:m + 1], float("inf"))
-            dm, km = d.min(1)
-            better = dm < best_d
-            best_d = torch.where(better, dm, best_d)
-            cand = codes.clone()
-            cand[:, m] = km
-            best = torch.where(better.unsqueeze(1), cand, best)
-        return best
+        chunk = max(1, candidate_budget // K)
+        return torch.cat([_nearest_other(t[i: i + chunk], codes[i: i + chunk], cb) for i in range(0, len(t), chunk)])
 
     def continuous_parameters(self) -> list:
         return [p for p in (self.codebooks, self.scales, self.bias) if p is not None]
@@ -196,6 +185,25 @@ class AQLMLinear(QuantizedLinearBase):
         y = kernels.aqlm_forward(self, x)
         return super().forward(x) if y is None else y
 
+
+
+def _nearest_other(t: Tensor, codes: Tensor, cb: Tensor) -> Tensor:
+    """AQLMLinear.nearest_other_codes for the groups t (n, g) with codes (n, M) and codebooks cb (M, K, g)."""
+    M = cb.shape[0]
+    total = sum(cb[m][codes[:, m]] for m in range(M))
+    best_d = torch.full((t.shape[0],), float("inf"), device=t.device)
+    best = codes.clone()
+    for m in range(M):
+        resid = t - (total - cb[m][codes[:, m]])  # what codebook m alone should reproduce
+        d = (cb[m] * cb[m]).sum(1).unsqueeze(0) - 2.0 * resid @ cb[m].T  # (n, K)
+        d.scatter_(1, codes[:, m:m + 1], float("inf"))
+        dm, km = d.min(1)
+        better = dm < best_d
+        best_d = torch.where(better, dm, best_d)
+        cand = codes.clone()
+        cand[:, m] = km
+        best = torch.where(better.unsqueeze(1), cand, best)
+    return best
 
 
 class ScalarLinear(QuantizedLinearBase):

@@ -153,7 +153,7 @@ class Codebooks:
         Minimizes sum_i w_i (decode_i - target_i)^2 per group, w = `weights` (1 if None). Groups
         outside `groups` keep their codes. M = 1: exact nearest entry. M > 1: beam search over the
         codebooks started from the current codes, so a group's error never increases. Groups are
-        processed `chunk` at a time, at most `candidate_budget` beam candidates at once (memory).
+        processed `chunk` at a time, at most `candidate_budget` distances or beam candidates at once (memory).
         """
         if target.shape != tuple(self.shape):
             raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(self.shape)}")
@@ -170,8 +170,10 @@ class Codebooks:
             w = (s * s).expand_as(t) if w is None else w * s * s
         codes = self.codes.clone()
         idx = torch.arange(self.num_groups, device=codes.device) if groups is None else groups.reshape(-1)
-        if self.num_codebooks > 1:  # beam search holds (chunk, beam, K) candidates at once
-            chunk = max(1, min(chunk, candidate_budget // (beam_width * self.codebook_size)))
+        # a chunk holds (chunk, K) distances (M = 1) or (chunk, beam, K) beam candidates (M > 1): bound both,
+        # or a 4096-entry VQ codebook on a 7B layer would need a (1M, 4096) matrix per chunk
+        per_group = self.codebook_size * (beam_width if self.num_codebooks > 1 else 1)
+        chunk = max(1, min(chunk, candidate_budget // per_group))
         for start in range(0, idx.numel(), chunk):
             sel = idx[start:start + chunk]
             wsel = None if w is None else w[sel]

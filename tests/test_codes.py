@@ -86,3 +86,42 @@ def test_search_under_a_metric_matches_brute_force(seed, M):
     assert torch.allclose(got_err, errs.min(1).values)
     if M == 1:
         assert torch.equal(nearest_entry(t, cb[0], metric=A), errs.argmin(1))
+
+
+@given(st.integers(0, 1000), st.sampled_from([1, 2]), st.sampled_from([16, 64]))
+def test_encode_holds_at_most_the_candidate_budget_and_chunking_never_changes_codes(seed, M, K):
+    import pvtheory.codes as codes_mod
+
+    gen = torch.Generator().manual_seed(seed)
+    p = Codebooks(torch.randint(0, K, (60, M), generator=gen), torch.randn(M, K, 4, generator=gen), (12, 20))
+    target = torch.randn(12, 20, generator=gen)
+    w = torch.rand(12, 20, generator=gen) + 0.1
+    whole = p.encode(target, weights=w, beam_width=2)
+    seen = []
+    real = codes_mod.weighted_sq_distances
+
+    def recording(t, entries, *a, **k):
+        seen.append(t.shape[0] * entries.shape[0])
+        return real(t, entries, *a, **k)
+
+    codes_mod.weighted_sq_distances = recording
+    try:
+        budget = 2 * K * (2 if M > 1 else 1)  # two groups' candidates at a time
+        chunked = p.encode(target, weights=w, beam_width=2, candidate_budget=budget)
+    finally:
+        codes_mod.weighted_sq_distances = real
+    assert torch.equal(whole, chunked)
+    if M == 1:  # one (chunk, K) distance matrix at a time
+        assert seen and max(seen) <= budget
+
+
+def test_nearest_other_codes_in_chunks_equal_all_at_once():
+    from llm.formats import QuantFormat, make_quantized
+
+    torch.manual_seed(0)
+    layer = make_quantized(torch.nn.Linear(64, 24, bias=False), QuantFormat.parse("2x6g8"))
+    with torch.no_grad():
+        layer.codebooks.normal_()
+        layer.set_codes(torch.randint(0, 64, layer.codes_view().shape))
+    target = torch.randn(24, 64)
+    assert torch.equal(layer.nearest_other_codes(target), layer.nearest_other_codes(target, candidate_budget=64 * 5))
