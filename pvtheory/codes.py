@@ -209,6 +209,16 @@ def nearest_entry(t: Tensor, entries: Tensor, w: Optional[Tensor] = None, metric
     return weighted_sq_distances(t, entries, w, metric).argmin(dim=1)
 
 
+def nearest_entry_chunked(t: Tensor, entries: Tensor, w: Optional[Tensor] = None, budget: int = 1 << 24) -> Tensor:
+    """nearest_entry over rows of t taken budget // K at a time: the (rows, K) distances stay bounded
+    (k-means of millions of groups against 4096 entries would otherwise need a (n, 4096) matrix)."""
+    chunk = max(1, budget // max(1, entries.shape[0]))
+    if len(t) <= chunk:
+        return nearest_entry(t, entries, w)
+    return torch.cat([nearest_entry(t[i: i + chunk], entries, None if w is None else w[i: i + chunk])
+                      for i in range(0, len(t), chunk)])
+
+
 def beam_search(
     t: Tensor, codebooks: Tensor, start: Tensor, w: Optional[Tensor], beam_width: int, metric: Optional[Tensor] = None
 ) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pvtheory.checks import as_tensor, check_finite, check_positive_int
-from pvtheory.codes import Codebooks, decode, nearest_entry, scalar
+from pvtheory.codes import Codebooks, decode, nearest_entry, nearest_entry_chunked, scalar
 
 EXACT_1D_LIMIT = 2000
 
@@ -153,11 +153,11 @@ def kmeans(X: Tensor, K: int, iters: int = 25, seed: int = 0, weights: Optional[
         d2 = torch.minimum(d2, ((sample - centers[k]) ** 2).sum(1))
     w = torch.ones_like(X) if weights is None else weights
     for _ in range(iters):
-        codes = nearest_entry(X, centers, weights)
+        codes = nearest_entry_chunked(X, centers, weights)
         num = torch.zeros_like(centers).index_add_(0, codes, w * X)
         den = torch.zeros_like(centers).index_add_(0, codes, w)
         centers = torch.where(den > 0, num / den.clamp_min(1e-30), centers)
-    return nearest_entry(X, centers, weights), centers
+    return nearest_entry_chunked(X, centers, weights), centers
 
 
 def residual_kmeans(

@@ -125,3 +125,13 @@ def test_nearest_other_codes_in_chunks_equal_all_at_once():
         layer.set_codes(torch.randint(0, 64, layer.codes_view().shape))
     target = torch.randn(24, 64)
     assert torch.equal(layer.nearest_other_codes(target), layer.nearest_other_codes(target, candidate_budget=64 * 5))
+
+
+@given(st.integers(0, 1000), st.booleans())
+def test_nearest_entry_in_chunks_equals_all_at_once(seed, weighted):
+    from pvtheory.codes import nearest_entry_chunked
+
+    gen = torch.Generator().manual_seed(seed)
+    t, entries = torch.randn(50, 4, generator=gen), torch.randn(16, 4, generator=gen)
+    w = torch.rand(50, 4, generator=gen) + 0.1 if weighted else None
+    assert torch.equal(nearest_entry_chunked(t, entries, w, budget=16 * 3), nearest_entry(t, entries, w))
