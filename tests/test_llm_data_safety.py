@@ -264,3 +264,34 @@ def test_pipeline_overwrite_replaces_a_user_folder_only_after_its_inputs_pass(se
     assert cli(capsys, "pipeline", model, "--train", train, "--validation", val, "--out", mine, "--overwrite",
                *CALIB, *FT[:4], "--strategies", "continuous", "--eval-windows", "2")[0] == 0
     assert not (mine / "notes.txt").exists() and (mine / "summary.json").exists()
+
+
+def test_pipeline_killed_midway_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, train, val = setup
+    args = ["pipeline", model, "--train", train, "--validation", val, *CALIB, "--steps", "12", "--ft-batch-size", "2",
+            "--strategies", "pv,continuous", "--eval-windows", "2"]
+    env = dict(os.environ, PVTUNING_CACHE=str(tmp_path / "cache"))
+    whole = tmp_path / "whole"
+    subprocess.run([sys.executable, "-m", "llm.cli", *map(str, args), "--out", str(whole)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "llm.cli", *map(str, args), "--out", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "calibrated" / "meta.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # during fine-tuning (or just after calibration)
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "llm.cli", *map(str, args), "--out", str(cut)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert a["ppl_calibrated"] == b["ppl_calibrated"]
+    for s in ("pv", "continuous"):
+        assert b["runs"][s]["losses"] == pytest.approx(a["runs"][s]["losses"], rel=1e-6)
+        assert b["runs"][s]["ppl"] == pytest.approx(a["runs"][s]["ppl"], rel=1e-6)
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in whole.iterdir())  # nothing stale left
