@@ -163,6 +163,13 @@ def _short(v) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def has_checkpoint(path) -> bool:
+    """True if `path` holds a checkpoint's meta.json, after recovering an interrupted write."""
+    path = Path(path)
+    recover(path)
+    return (path / "meta.json").is_file()
+
+
 def read_meta(path) -> dict:
     """meta.json of a checkpoint folder (after recovering an interrupted write)."""
     path = Path(path)

@@ -253,11 +253,11 @@ def cmd_finetune(a) -> None:
 
 def _load_model_or_checkpoint(path, base, dev) -> tuple:
     """(model, the model its tokenizer comes from) for a model (directory or GGUF) or one of our checkpoints."""
-    from llm.checkpoint import load_checkpoint
+    from llm.checkpoint import has_checkpoint, load_checkpoint
     from llm.model import load_model
 
     path = Path(path)
-    if path.is_dir() and ((path / "meta.json").exists() or path.with_name(f".{path.name}.old").exists()):
+    if has_checkpoint(path):
         model, meta, _ = load_checkpoint(path, base, dev)
         return model, base or meta["base_model"]
     return load_model(path, torch.float32, dev), path

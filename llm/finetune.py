@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from llm import distributed as D
-from llm.checkpoint import check_same_run, read_meta, read_tensors, save_checkpoint
+from llm.checkpoint import check_same_run, has_checkpoint, read_meta, read_tensors, save_checkpoint
 from llm.formats import quantized_layers
 from llm.optim import Lamb
 
@@ -120,7 +120,6 @@ def run_settings(cfg: FinetuneConfig) -> dict:
     d.pop("checkpoint_every")
     if cfg.lr_schedule == "constant":
         d.pop("steps")
-    d["betas"] = list(d["betas"])
     return d
 
 
@@ -128,7 +127,7 @@ def check_resumable(ckpt, cfg: FinetuneConfig, run: dict) -> bool:
     """True if `ckpt` holds a checkpoint of this run (same strategy and settings, `run` = base model, data
     and starting point) to resume; False if it holds none; FinetuneError / CheckpointError for another run's."""
     ckpt = Path(ckpt)
-    if not (ckpt / "meta.json").exists() and not ckpt.with_name(f".{ckpt.name}.old").exists():
+    if not has_checkpoint(ckpt):
         return False
     m = read_meta(ckpt)
     if "finetune" not in m:
@@ -435,7 +434,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                                         D.local_slice(batch_for_step(sequences, step, cfg.batch_size, cfg.seed)),
                                         cfg, device, amp)
             if not math.isfinite(loss):  # before any step: the model is still the last good one
-                if ckpt is not None and (ckpt / "meta.json").exists():
+                if ckpt is not None and has_checkpoint(ckpt):
                     where = f"; the last good checkpoint (step {read_meta(ckpt)['step']}) is kept in {ckpt}"
                 else:
                     where = "; no checkpoint had been written yet" if ckpt else ""

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
-from llm.checkpoint import check_out, check_same_run, load_checkpoint, read_meta, remove_out, save_checkpoint
+from llm.checkpoint import (check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out,
+                            save_checkpoint)
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import STRATEGIES, FinetuneConfig, FinetuneError, check_resumable, finetune
@@ -75,11 +76,12 @@ def continuations(model, tokenizer, prompts: Sequence[str], new_tokens: int, dev
     """The greedy continuation (text after the prompt) of each prompt by `model`, through the same dense
     forward as the evaluation (no decoding kernels)."""
     out, was_enabled = [], kernels.enabled()
+    model = model.to(device).eval()
     kernels.set_enabled(False)
     try:
         for prompt in prompts:
             ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], dtype=torch.long)
-            decoder = GreedyDecoder(model.to(device).eval(), ids.shape[1] + new_tokens, cuda_graph=False)
+            decoder = GreedyDecoder(model, ids.shape[1] + new_tokens, cuda_graph=False)
             seq = decoder.generate(ids, new_tokens)
             out.append(tokenizer.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
     finally:
@@ -179,7 +181,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
            "nsamples": nsamples, "calibration": asdict(calib)}
     ft_run = dict(run, ft_nsamples=n_ft)
     if not overwrite:
-        if (out / "calibrated" / "meta.json").exists():
+        if has_checkpoint(out / "calibrated"):
             check_same_run(out / "calibrated", read_meta(out / "calibrated").get("run"), run)
         for strategy in strategies:
             check_resumable(out / strategy, configs[strategy], ft_run)
@@ -204,7 +206,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     if overwrite:  # only now, with the data read and the models loaded: a bad input loses nothing
         remove_out(out)
     calibrated = out / "calibrated"
-    if (calibrated / "meta.json").exists():
+    if has_checkpoint(calibrated):
         student, meta, _ = load_checkpoint(calibrated, model_dir, device)
         summary["calibration_seconds"] = meta.get("calibration_seconds")
         summary["calibration_phase_seconds"] = meta.get("calibration", {}).get("phase_seconds")

@@ -295,3 +295,12 @@ def test_pipeline_killed_midway_resumes_to_the_uninterrupted_result(setup, tmp_p
         assert b["runs"][s]["losses"] == pytest.approx(a["runs"][s]["losses"], rel=1e-6)
         assert b["runs"][s]["ppl"] == pytest.approx(a["runs"][s]["ppl"], rel=1e-6)
     assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in whole.iterdir())  # nothing stale left
+
+
+def test_a_checkpoint_left_only_as_old_by_a_kill_is_used_by_every_command(calibrated, setup, capsys):
+    _, _, val = setup
+    os.replace(calibrated, calibrated.with_name(f".{calibrated.name}.old"))  # the kill fell between the renames
+    code, lines = cli(capsys, "eval", calibrated, "--validation", val, "--eval-windows", "2", "--seq-len", "16",
+                      "--device", "cpu")
+    assert code == 0 and not lines
+    assert C.is_checkpoint(calibrated) and not calibrated.with_name(f".{calibrated.name}.old").exists()
