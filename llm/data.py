@@ -23,23 +23,21 @@ def read_text(path, max_chars: Optional[int] = None) -> str:
     datasets' save_to_disk (its "text" column); documents are joined by blank lines."""
     path = Path(path)
     check_corpus(path)
-    if path.is_dir():
-        text = "\n\n".join(_datasets_texts(path))
-    elif path.suffix == ".parquet":
-        text = "\n\n".join(_parquet_texts(path))
-    elif path.suffix == ".jsonl" or path.name.endswith(".jsonl.xz"):
-        text = "\n\n".join(_jsonl_texts(path))
-    else:
-        text = None
-    if text is not None:
-        return text if max_chars is None else text[:max_chars]
     try:
-        with _open_text(path) as f:
-            return f.read() if max_chars is None else f.read(max_chars)
+        if path.is_dir():
+            text = "\n\n".join(_datasets_texts(path))
+        elif path.suffix == ".parquet":
+            text = "\n\n".join(_parquet_texts(path))
+        elif path.suffix == ".jsonl" or path.name.endswith(".jsonl.xz"):
+            text = "\n\n".join(_jsonl_texts(path))
+        else:
+            with _open_text(path) as f:
+                return f.read() if max_chars is None else f.read(max_chars)
     except lzma.LZMAError as e:
         raise ValueError(f"corpus file {path} is not valid xz ({e}): give a .txt or an intact .txt.xz") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"corpus file {path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+    return text if max_chars is None else text[:max_chars]
 
 
 def _open_text(path: Path):
@@ -48,22 +46,17 @@ def _open_text(path: Path):
 
 def _jsonl_texts(path: Path) -> list:
     texts = []
-    try:
-        with _open_text(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {number} is not JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path} line {number} has no string field \"text\"")
-                texts.append(row["text"])
-    except lzma.LZMAError as e:
-        raise ValueError(f"corpus file {path} is not valid xz ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path} line {number} has no string field \"text\"")
+            texts.append(row["text"])
     return texts
 
 
