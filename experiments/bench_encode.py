@@ -42,7 +42,7 @@ def _peak(device: str) -> float:
 
 
 def measure(fmt: str, out_features: int, in_features: int, device: str) -> dict:
-    """Seconds of encode(all groups) and nearest_other_codes, and the peak memory of both."""
+    """Seconds of encode(all groups) and nearest_beyond (stochastic rounding's other code), and the peak memory of both."""
     from llm.formats import QuantFormat, make_quantized
 
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def measure(fmt: str, out_features: int, in_features: int, device: str) -> dict:
     layer.encode(target, weights=weights)
     sync()
     t1 = time.perf_counter()
-    layer.nearest_other_codes(target)
+    layer.as_param().nearest_beyond(target, layer.codes_view())
     sync()
     t2 = time.perf_counter()
     peak = _peak(device)

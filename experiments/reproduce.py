@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from llm import cli
-from llm.finetune import STRATEGIES
+from llm.strategies import BUILTIN
 
 
 def run(*args: str) -> None:
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", action="append", default=[], help="model directory or GGUF file (repeatable)")
     ap.add_argument("--corpus", type=Path, help="folder holding train.txt.xz and validation.txt.xz")
     ap.add_argument("--formats", default="2x8g8,1x8g8", help="main-table: formats, comma-separated")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="main-table: strategies, comma-separated")
+    ap.add_argument("--strategies", default=",".join(BUILTIN), help="main-table: strategies, comma-separated")
     ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
     a = ap.parse_args(argv)

@@ -217,3 +217,60 @@ def read_tensors(file) -> dict:
     except Exception as e:  # safetensors raises its own error type on a damaged header or a short file
         raise CheckpointError(f"{file} is damaged or truncated ({str(e).splitlines()[0][:80]}): "
                               "rerun the command that wrote it, with --overwrite") from None
+
+
+# --- step states as flat tensors ------------------------------------------------------------------
+# A P or V step's state is any tree of dicts, lists, tensors, torch.Generators, numbers and None
+# (pvtheory.steps.Step). It is stored as safetensors entries named by their path, the leaf's kind
+# after '#': "p/<layer>/inner/v", "p/<layer>/t#int", "p/<layer>/inner#generator".
+def flatten_state(state, prefix: str) -> dict:
+    """The tensors that store `state` under names starting with `prefix`."""
+    if isinstance(state, dict):
+        out = {f"{prefix}#dict": torch.zeros(0)}
+        for k, v in state.items():
+            if "/" in str(k) or "#" in str(k):
+                raise ValueError(f"a state key may not contain '/' or '#', got {k!r}")
+            out.update(flatten_state(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(state, (list, tuple)):
+        out = {f"{prefix}#list": torch.tensor(len(state))}
+        for i, v in enumerate(state):
+            out.update(flatten_state(v, f"{prefix}/{i}"))
+        return out
+    if isinstance(state, torch.Tensor):
+        return {prefix: state.detach()}
+    if isinstance(state, torch.Generator):
+        return {f"{prefix}#generator": state.get_state()}
+    if isinstance(state, bool) or isinstance(state, int):
+        return {f"{prefix}#int": torch.tensor(int(state))}
+    if isinstance(state, float):
+        return {f"{prefix}#float": torch.tensor(state, dtype=torch.float64)}
+    if state is None:
+        return {f"{prefix}#none": torch.zeros(0)}
+    raise TypeError(f"a step state may hold dicts, lists, tensors, generators, numbers and None; got {type(state).__name__}")
+
+
+def unflatten_state(flat: dict, prefix: str, device=None):
+    """The state that flatten_state(state, prefix) stored; tensors moved to `device`."""
+    for kind in ("", "#dict", "#list", "#generator", "#int", "#float", "#none"):
+        if prefix + kind in flat:
+            break
+    else:
+        raise KeyError(f"no stored state named {prefix!r}")
+    t = flat[prefix + kind]
+    if kind == "":
+        return t.to(device) if device is not None else t
+    if kind == "#generator":
+        gen = torch.Generator()
+        gen.set_state(t.cpu())
+        return gen
+    if kind == "#int":
+        return int(t)
+    if kind == "#float":
+        return float(t)
+    if kind == "#none":
+        return None
+    if kind == "#list":
+        return [unflatten_state(flat, f"{prefix}/{i}", device) for i in range(int(t))]
+    keys = {k[len(prefix) + 1:].split("/")[0].split("#")[0] for k in flat if k.startswith(prefix + "/")}
+    return {k: unflatten_state(flat, f"{prefix}/{k}", device) for k in sorted(keys)}

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from llm.calibrate import CalibrationConfig
-from llm.finetune import STRATEGIES, FinetuneConfig
+from llm.finetune import FinetuneConfig
+from llm.strategies import strategy_names
 
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, KeyError)
 
@@ -160,14 +161,38 @@ def _read_prompts(path) -> list:
     return prompts
 
 
-def _strategies(text: str) -> list:
+def _strategies(text: str, flag: str = "--strategies") -> list:
     names = [s.strip() for s in text.split(",") if s.strip()]
+    known = strategy_names()
     if not names:
-        raise ValueError(f"--strategies {text!r} names no strategy; choose from {', '.join(STRATEGIES)}")
-    unknown = [s for s in names if s not in STRATEGIES]
+        raise ValueError(f"{flag} {text!r} names no strategy; choose from {', '.join(known)}")
+    unknown = [s for s in names if s not in known]
     if unknown:
-        raise ValueError(f"--strategies: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        raise ValueError(f"{flag}: unknown strategy {unknown[0]!r}; choose from {', '.join(known)} "
+                         "(or register yours in a module given to --import)")
     return names
+
+
+def import_plugins(modules) -> None:
+    """Import each --import module (a dotted name, or a .py file) for what it registers (strategies)."""
+    import importlib
+    import importlib.util
+
+    for name in modules or ():
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file: {name}")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except Exception as e:  # the user's code: any error it raises is reported on one line
+            text = str(e).strip().splitlines()
+            raise ValueError(f"--import {name}: {type(e).__name__}: {text[0] if text else ''}") from None
 
 
 def cmd_pipeline(a) -> None:
@@ -222,6 +247,7 @@ def cmd_finetune(a) -> None:
     from llm.model import load_model, read_config
     from llm.pipeline import finetune_nsamples, model_identity, strategy_config, train_sequences
 
+    _strategies(a.strategy, "--strategy")
     meta = read_meta(a.checkpoint)
     a.format = meta.get("calibration", {}).get("format") or next(iter(meta.get("quantized_layers", {}).values()), "")
     base = a.model or meta.get("base_model")
@@ -393,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reject code changes that move a group by more than this times its norm")
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
         p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (memory)")
+        p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                       help="a module (dotted name or .py file) to import first, e.g. one that registers a strategy "
+                            "with llm.strategies.register_strategy; repeatable")
         p.add_argument("--logit-chunk", type=NONNEG_INT, default=4096,
                        help="tokens whose logits the KL loss forms at once (recomputed in backward; 0: all at once)")
 
@@ -402,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="train text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
     p.add_argument("--validation", required=True, help="validation text (same kinds as --train)")
     p.add_argument("--out", required=True, help="output folder: checkpoints and summary.json")
-    p.add_argument("--strategies", default="pv", help=f"comma-separated, of {', '.join(STRATEGIES)}")
+    p.add_argument("--strategies", default="pv",
+                   help=f"comma-separated, of {', '.join(strategy_names())} or one registered by --import")
     p.add_argument("--eval-windows", type=POSITIVE_INT, default=None, help="evaluate on the first N windows only")
     p.add_argument("--prompts", default=None,
                    help="a text file of prompts, one a line: the summary gets each model's greedy continuation")
@@ -422,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="train text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
     p.add_argument("--out", required=True, help="checkpoint folder to write (resumed if it holds this run)")
     p.add_argument("--model", default=None, help="the original model (default: the checkpoint's base_model)")
-    p.add_argument("--strategy", default="pv", choices=STRATEGIES, help="how codes change during fine-tuning")
+    p.add_argument("--strategy", default="pv",
+                   help=f"how codes change during fine-tuning: {', '.join(strategy_names())} or one registered by --import")
     p.add_argument("--preset", default="auto", help="recipe filling the options you leave out (see pipeline --help)")
     p.add_argument("--beam-width", type=POSITIVE_INT, default=4, help="beam of the code search (AQLM)")
     common(p), ft_args(p), overwrite(p)
@@ -461,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        import_plugins(getattr(args, "imports", None))
         args.fn(args)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)

@@ -6,18 +6,19 @@ strategies compare at equal steps and data, and a resumed run equals an uninterr
 
     continuous     V step only: Adam on codebooks, scales, norms (optionally embeddings and head)
     ste            straight-through: a shadow copy U of each weight moves by the update, codes = encode(U)
-    stochastic     stochastic rounding: each group moves to its nearest other code with the probability
-                   that the target W - update has moved along the segment towards it
+    stochastic     stochastic rounding of W - update between its nearest codes (unbiased)
     linearized_pv  naive linearized PV: every group re-encoded against W - update
     pv             PV-Tuning: only the fraction tau of groups with the largest update are re-encoded
 
-The update of the dequantized weights W is Adam-like, by default with beta1 = 0 (the official
-PV-Tuning setting): u = p_lr * m / (sqrt(v) + eps), m and v EMAs of g and g^2 (bias-corrected).
-With p_metric = "adam" the new codes are the nearest to W - u in the metric diag(sqrt v), which
-makes them minimize the preconditioned linear model <m, W' - W> + ||W' - W||^2_{sqrt v} / (2 p_lr).
-The V step is Adam (or LAMB, `v_optimizer="lamb"`, as in the official recipe) on the continuous parameters,
-optionally with a cosine decay of lr and p_lr; the P step reuses the layer's encode (beam search for AQLM,
-nearest grid point for scalar), as pvtheory's subspace P step does on toy problems.
+(or any strategy registered in llm.strategies). Every P step is a pvtheory Step, the same object
+that runs on toy problems: it sees each layer as a discrete-continuous parameter (layer.as_param())
+and the loss through dL/dW of the batch, preconditioned by Adam (pvtheory.preconditioners): the
+update of the dequantized weights W is u = p_lr * m / (sqrt(v) + eps), m and v EMAs of g and g^2
+(bias-corrected; beta1 = 0 by default, the official PV-Tuning setting). With p_metric = "adam" the
+new codes are the nearest to W - u in the metric diag(sqrt v), which makes them minimize the
+preconditioned linear model <m, W' - W> + ||W' - W||^2_{sqrt v} / (2 p_lr). The V step is Adam (or
+LAMB, `v_optimizer="lamb"`, as in the official recipe) on the continuous parameters, optionally
+with a cosine decay of lr and p_lr, or a pvtheory V step on the layers' codebooks and scales.
 
 A step's global batch (batch_size sequences) may be split over processes (llm.distributed: data
 parallel, each layer's P step on one owner rank) and, within a process, into micro-batches whose
@@ -39,11 +40,15 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from llm import distributed as D
-from llm.checkpoint import check_same_run, has_checkpoint, read_meta, read_tensors, save_checkpoint
+from llm.checkpoint import (check_same_run, flatten_state, has_checkpoint, read_meta, read_tensors, save_checkpoint,
+                            unflatten_state)
 from llm.formats import quantized_layers
 from llm.optim import Lamb
-
-STRATEGIES = ("continuous", "ste", "stochastic", "linearized_pv", "pv")
+from llm.strategies import is_strategy, p_step_for, strategy_names
+from pvtheory.objectives import ObservedGradient
+from pvtheory.pv import pv_iteration
+from pvtheory.steps import Step, stateless
+from pvtheory.v_steps import no_v_step
 
 
 class FinetuneError(RuntimeError):
@@ -79,8 +84,8 @@ class FinetuneConfig:
     seed: int = 0
 
     def validate(self) -> "FinetuneConfig":
-        if self.strategy not in STRATEGIES:
-            raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not is_strategy(self.strategy):
+            raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(strategy_names())}")
         if self.p_state_dtype not in ("float32", "bfloat16"):
             raise FinetuneError(f"p_state_dtype must be 'float32' or 'bfloat16', got {self.p_state_dtype!r}")
         if self.p_select not in ("update", "gain"):
@@ -204,43 +209,40 @@ def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list:
 
 
 class CodeStep:
-    """The P-step half of a fine-tuning step for every quantized layer of a model. Under
-    torch.distributed each layer's P step runs on its owner rank, which alone keeps its state."""
+    """The PV half of a fine-tuning step that acts on the quantized layers: for each layer, one
+    iteration of pvtheory's Algorithm 1 (pvtheory.pv.pv_iteration) on the layer as a discrete-
+    continuous parameter (layer.as_param()) and the loss as the observed gradient dL/dW. The P step is
+    the strategy's (llm.strategies); the V step is `v_step` if given (a pvtheory Step; the layer's V then
+    leaves the model's optimizer), else nothing here (the model's optimizer takes it). Under
+    torch.distributed each layer's steps run on its owner rank, which alone keeps their state."""
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, v_step: Optional[Step] = None) -> None:
         self.cfg = cfg
         self.layers = quantized_layers(model)
         self.owner = D.layer_owners({n: m.out_features * m.in_features for n, m in self.layers.items()})
-        self.v: dict = {}  # second moments of the weight gradients
-        self.m: dict = {}  # first moments (only with p_beta1 > 0)
-        self.t = 0
-        self.shadow: dict = {}  # STE's continuous copies
-        if cfg.strategy == "ste":
-            with torch.no_grad():
-                self.shadow = {n: m.weight().detach().float().clone() for n, m in self.layers.items() if self.owns(n)}
+        self.p_steps = {n: p_step_for(cfg, seed=cfg.seed * 100_003 + i) for i, n in enumerate(self.layers)}
+        self.v_step = v_step
+        self.active = v_step is not None or any(s is not None for s in self.p_steps.values())
+        self.states: dict = {}  # layer name -> (P step state, V step state)
 
     def owns(self, name: str) -> bool:
         return self.owner[name] == D.rank()
 
     def state_dict(self) -> dict:
-        """This rank's P-step state (under torch.distributed, the layers it owns)."""
-        out = {f"p.v.{n}": v for n, v in self.v.items()}
-        out.update({f"p.m.{n}": m for n, m in self.m.items()})
-        out.update({f"p.shadow.{n}": u for n, u in self.shadow.items()})
-        out["p.t"] = torch.tensor(self.t)
+        """This rank's step states (under torch.distributed, those of the layers it owns), as tensors."""
+        out = {}
+        for name, (p_state, v_state) in self.states.items():
+            out.update(flatten_state(p_state, f"p/{name}"))
+            out.update(flatten_state(v_state, f"v/{name}"))
         return out
 
     def load_state_dict(self, state: dict, device) -> None:
         """Restore from a (whole-model) state; each rank keeps the layers it owns."""
-        def part(prefix: str) -> dict:
-            return {k[len(prefix):]: v.to(device) for k, v in state.items()
-                    if k.startswith(prefix) and self.owns(k[len(prefix):])}
-
-        self.t = int(state.get("p.t", torch.tensor(0)))
-        self.v, self.m = part("p.v."), part("p.m.")
-        shadow = part("p.shadow.")
-        if shadow:
-            self.shadow = shadow
+        if any(k.startswith("p.") for k in state):
+            raise FinetuneError("this checkpoint stores the P step's state in an older layout that cannot be "
+                                "resumed: fine-tune into another --out, or --overwrite to restart this one")
+        self.states = {n: (unflatten_state(state, f"p/{n}", device), unflatten_state(state, f"v/{n}", device))
+                       for n in self.layers if self.owns(n) and any(k.startswith(f"p/{n}#") for k in state)}
 
     @contextmanager
     def capturing(self, enabled: bool = True) -> Iterator["CodeStep"]:
@@ -257,109 +259,45 @@ class CodeStep:
 
     @torch.no_grad()
     def step(self, step: int) -> int:
-        """Apply the strategy's code update to every layer from its captured weight gradient
-        (summed over processes onto the layer's owner, whose new codes every rank then receives).
-        Returns the number of code groups changed."""
-        self.t += 1
-        p_lr = self.cfg.p_lr * step_size_factor(self.cfg, step)
+        """Run every layer's P (and V) step from its captured weight gradient (summed over processes
+        onto the layer's owner, whose new codes and values every rank then receives). Returns the
+        number of code groups changed."""
         changed = 0
-        for index, (name, layer) in enumerate(self.layers.items()):
+        for name, layer in self.layers.items():
             g = layer.weight_grad
             layer.weight_grad = None
             if g is None:
                 continue
             D.reduce_sum_to(g, self.owner[name])
             if self.owns(name):
-                gen = torch.Generator().manual_seed((self.cfg.seed * 7_919 + step) * 100_003 + index)
-                changed += self._update_layer(name, layer, g, p_lr, gen)
+                changed += self._update_layer(name, layer, g)
             D.broadcast_from(layer.codes, self.owner[name])
+            if self.v_step is not None:
+                for v in layer.value_parameters():
+                    D.broadcast_from(v.data, self.owner[name])
         if D.is_distributed():
             total = torch.tensor(float(changed), device=next(iter(self.layers.values())).codes.device)
             D.all_reduce_sum_([total])
             changed = int(total.item())
         return changed
 
-    def _update_layer(self, name: str, layer: nn.Module, g: Tensor, p_lr: float, gen: torch.Generator) -> int:
-        """One layer's P step from its weight gradient g at this step's p_lr; returns the number of groups changed."""
-        cfg = self.cfg
-        dtype = getattr(torch, cfg.p_state_dtype)
-        v = self.v.get(name)
-        v = (1 - cfg.p_beta2) * g * g if v is None else cfg.p_beta2 * v.float() + (1 - cfg.p_beta2) * g * g
-        self.v[name] = v.to(dtype)
-        if cfg.p_beta1 > 0:
-            m = self.m.get(name)
-            m = (1 - cfg.p_beta1) * g if m is None else cfg.p_beta1 * m.float() + (1 - cfg.p_beta1) * g
-            self.m[name] = m.to(dtype)
-            g = m / (1 - cfg.p_beta1 ** self.t)
-        if self.t <= cfg.p_warmup:  # the moments average a few steps before any code may move
-            return 0
-        precond = (v / (1 - cfg.p_beta2 ** self.t)).sqrt() + 1e-8
-        update = p_lr * g / precond
-        metric = precond if cfg.p_metric == "adam" else None
-        W = layer.weight().detach().float()
-        old = layer.codes_view()
-        gs = layer.group_size
-        if cfg.strategy == "ste":
-            self.shadow[name] -= update
-            target, groups = self.shadow[name], None
-        else:
-            target = W - update
-            groups = None
-            if cfg.strategy == "pv" and cfg.p_select == "update":
-                scores = update.reshape(-1, gs).norm(dim=1)
-                k = max(1, int(math.ceil(cfg.tau * scores.numel())))
-                groups = torch.topk(scores, k).indices
-        if cfg.strategy == "stochastic":
-            new = layer.nearest_other_codes(target)
-        elif cfg.strategy == "pv" and cfg.p_select == "gain":
-            new = self._greedy_by_gain(layer, W, target, old, metric)
-        else:
-            new = layer.encode(target, groups=groups, beam_width=cfg.beam_width, weights=metric)
-        moved = (new != old).any(1)
-        if moved.any() and (cfg.strategy == "stochastic" or cfg.trust_ratio is not None):
-            W_new = _weight_with_codes(layer, new, old).reshape(-1, gs)
-            w_old, t = W.reshape(-1, gs), target.reshape(-1, gs)
-            delta = W_new - w_old
-            keep = moved.clone()
-            if cfg.strategy == "stochastic":
-                # stochastic rounding between the current code and its nearest neighbour towards the
-                # target: move with probability = how far the target went along w_old -> w_new
-                lam = ((t - w_old) * delta).sum(1) / (delta * delta).sum(1).clamp_min(1e-30)
-                keep &= torch.rand(lam.shape, generator=gen).to(lam.device) < lam.clamp(0, 1)
-            if cfg.trust_ratio is not None:
-                keep &= delta.norm(dim=1) <= cfg.trust_ratio * w_old.norm(dim=1).clamp_min(1e-12)
-            new = torch.where(keep.unsqueeze(1), new, old)
-            moved = keep
-        layer.set_codes(new)
-        return int(moved.sum())
-
-    def _greedy_by_gain(self, layer: nn.Module, W: Tensor, target: Tensor, old: Tensor, metric: Optional[Tensor]) -> Tensor:
-        """The greedy subspace by model decrease: every group is re-encoded towards the target, and only
-        the fraction tau whose new codes lower the preconditioned linear model
-        <g, w' - w> + ||w' - w||^2_P / (2 p_lr) = (||w' - t||^2_P - ||w - t||^2_P) / (2 p_lr) the most
-        (and do lower it) take them. Unlike ranking by the update's size, this ranks by what re-encoding
-        actually achieves: a group whose rounding snaps back gains nothing."""
-        gs = layer.group_size
-        cand = layer.encode(target, groups=None, beam_width=self.cfg.beam_width, weights=metric)
-        W_cand = _weight_with_codes(layer, cand, old)
-        gain = (W - target) ** 2 - (W_cand - target) ** 2
-        if metric is not None:
-            gain = gain * metric.float()
-        gain = gain.reshape(-1, gs).sum(1)
-        k = max(1, int(math.ceil(self.cfg.tau * gain.numel())))
-        top = torch.topk(gain, k).indices
-        top = top[gain[top] > 0]
-        new = old.clone()
-        new[top] = cand[top]
-        return new
+    def _update_layer(self, name: str, layer: nn.Module, g: Tensor) -> int:
+        """One layer's PV iteration from its weight gradient g; returns the number of groups changed."""
+        param, objective = layer.as_param(), ObservedGradient(g)
+        p_step = self.p_steps[name] or KEEP_CODES
+        v_step = self.v_step or no_v_step()
+        if name not in self.states:
+            self.states[name] = (p_step.init(param, objective), v_step.init(param, objective))
+        after_p, after_v, p_state, v_state, changed = pv_iteration(param, objective, p_step, v_step, *self.states[name])
+        self.states[name] = (p_state, v_state)
+        if changed:
+            layer.set_codes(after_p.codes)
+        if self.v_step is not None:
+            layer.set_values(after_v.values)
+        return changed
 
 
-def _weight_with_codes(layer: nn.Module, codes: Tensor, current: Tensor) -> Tensor:
-    """The layer's dequantized weight (float32) had it these codes; the layer keeps `current`."""
-    layer.set_codes(codes)
-    W = layer.weight().detach().float()
-    layer.set_codes(current)
-    return W
+KEEP_CODES = stateless("keep codes", lambda param, objective: param)
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
@@ -383,8 +321,12 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, device) -> No
 
 def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: FinetuneConfig, device=None,
              checkpoint_dir=None, resume: bool = True, meta: Optional[dict] = None, progress: bool = True,
-             on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+             on_step: Optional[Callable[[int, float], None]] = None, v_step: Optional[Step] = None) -> dict:
     """Fine-tune `student` (quantized) towards `teacher` on `sequences` (n, T); returns a report.
+
+    Each step: the batch's gradient, then for every quantized layer the strategy's P step and, if
+    `v_step` (a pvtheory Step) is given, that V step on the layer's codebooks and scales (see
+    CodeStep); then cfg's optimizer (Adam or LAMB) on every other trainable parameter.
 
     With checkpoint_dir, writes a checkpoint every cfg.checkpoint_every steps and at the end, and
     (resume=True) continues from the checkpoint found there. A non-finite loss stops the run with
@@ -399,9 +341,13 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = trainable_parameters(student, cfg)
+    stepped_by_v = set()  # the layers' V, when the given V step and not the optimizer takes it
+    if v_step is not None:
+        stepped_by_v = {id(p) for m in quantized_layers(student).values() for p in m.value_parameters()}
+        params = [p for p in params if id(p) not in stepped_by_v]
     opt = (Lamb if cfg.v_optimizer == "lamb" else torch.optim.Adam)(params, lr=cfg.lr, betas=tuple(cfg.betas))
-    code_step = CodeStep(student, cfg)
-    capture = cfg.strategy != "continuous"
+    code_step = CodeStep(student, cfg, v_step)
+    capture = code_step.active
     losses, changed, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run = dict((meta or {}).get("run", {}), finetune=run_settings(cfg))  # what makes a checkpoint this run's
@@ -440,7 +386,10 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                     where = "; no checkpoint had been written yet" if ckpt else ""
                 raise FinetuneError(f"loss became {loss} at step {step}: stopped{where} (try a smaller --lr / --p-lr)")
             D.all_reduce_sum_(p.grad for p in params)
-            changed.append(code_step.step(step) if capture else 0)  # P step from the gradient at W
+            changed.append(code_step.step(step) if capture else 0)  # P (and V) steps from the gradient at W
+            for p in student.parameters():
+                if id(p) in stepped_by_v:
+                    p.grad = None
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * step_size_factor(cfg, step)
             opt.step()  # V step

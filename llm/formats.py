@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm import kernels
-from pvtheory.codes import Codebooks, decode
+from pvtheory.codes import Codebooks, ScalarGrid, decode
 
 BITS_PER_FLOAT = 16  # codebooks, scales and zeros are stored in 16 bits
 
@@ -110,6 +110,12 @@ class QuantizedLinearBase(nn.Module):
     def bits_per_weight(self) -> float:
         return self.fmt.bits_per_weight(self.out_features, self.in_features)
 
+    @torch.no_grad()
+    def set_values(self, values) -> None:
+        """Write a V step's values (as_param().values) into the layer's parameters."""
+        for p, v in zip(self.value_parameters(), values):
+            p.copy_(v.reshape(p.shape).to(p.dtype))
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt}, bits/w={self.bits_per_weight():.3f}"
 
@@ -144,6 +150,16 @@ class AQLMLinear(QuantizedLinearBase):
         """The layer as pvtheory's Codebooks (shares the codebooks and scales tensors)."""
         return Codebooks(self.codes_view(), self.codebooks, (self.out_features, self.in_features), self.scales)
 
+    def as_param(self) -> Codebooks:
+        """The layer's discrete-continuous parameter for the P and V steps: its Codebooks in float32,
+        detached (the steps return new values; set_values writes them back)."""
+        return Codebooks(self.codes_view(), self.codebooks.detach().float(), (self.out_features, self.in_features),
+                         self.scales.detach().float())
+
+    def value_parameters(self) -> list:
+        """The parameters that make V, in the order of as_param().values."""
+        return [self.codebooks, self.scales]
+
     def set_codes(self, codes: Tensor) -> None:
         self.codes.copy_(codes.reshape(self.codes.shape).to(self.codes.dtype))
 
@@ -156,26 +172,8 @@ class AQLMLinear(QuantizedLinearBase):
         """Codes (n_groups, M) nearest to the target weight in the given groups (beam search for M > 1),
         in the metric sum_i weights_i (w_i - target_i)^2 (Euclidean if weights is None)."""
         with torch.no_grad():
-            cb = self.as_codebooks()
-            cb = cb.with_values(cb.codebooks.detach().float(), cb.scales.detach().float())
-            cuda = target.is_cuda  # bigger chunks there: fewer kernel launches, memory to spare
-            return cb.encode(target.detach().float(), groups=groups, beam_width=beam_width,
-                             chunk=1 << 20 if cuda else 1 << 16, candidate_budget=1 << 25 if cuda else 1 << 22,
-                             weights=None if weights is None else weights.detach().float())
-
-    @torch.no_grad()
-    def nearest_other_codes(self, target: Tensor, candidate_budget: int = 1 << 25) -> Tensor:
-        """Per group, the nearest code tuple to the target among those that differ from the current
-        one in exactly one codebook (for M = 1: the nearest other entry). Used by stochastic rounding.
-        Groups go candidate_budget // K at a time, so the (groups, K) distances stay bounded."""
-        M, K, g = self.codebooks.shape
-        cb = self.codebooks.detach().float()
-        s = self.scales.detach().float()
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        t = (target.float() / s.unsqueeze(1)).reshape(-1, g)
-        codes = self.codes_view()
-        chunk = max(1, candidate_budget // K)
-        return torch.cat([_nearest_other(t[i: i + chunk], codes[i: i + chunk], cb) for i in range(0, len(t), chunk)])
+            return self.as_param().encode(target.detach().float(), groups=groups, beam_width=beam_width,
+                                          weights=None if weights is None else weights.detach().float())
 
     def continuous_parameters(self) -> list:
         return [p for p in (self.codebooks, self.scales, self.bias) if p is not None]
@@ -185,25 +183,6 @@ class AQLMLinear(QuantizedLinearBase):
         y = kernels.aqlm_forward(self, x)
         return super().forward(x) if y is None else y
 
-
-
-def _nearest_other(t: Tensor, codes: Tensor, cb: Tensor) -> Tensor:
-    """AQLMLinear.nearest_other_codes for the groups t (n, g) with codes (n, M) and codebooks cb (M, K, g)."""
-    M = cb.shape[0]
-    total = sum(cb[m][codes[:, m]] for m in range(M))
-    best_d = torch.full((t.shape[0],), float("inf"), device=t.device)
-    best = codes.clone()
-    for m in range(M):
-        resid = t - (total - cb[m][codes[:, m]])  # what codebook m alone should reproduce
-        d = (cb[m] * cb[m]).sum(1).unsqueeze(0) - 2.0 * resid @ cb[m].T  # (n, K)
-        d.scatter_(1, codes[:, m:m + 1], float("inf"))
-        dm, km = d.min(1)
-        better = dm < best_d
-        best_d = torch.where(better, dm, best_d)
-        cand = codes.clone()
-        cand[:, m] = km
-        best = torch.where(better.unsqueeze(1), cand, best)
-    return best
 
 
 class ScalarLinear(QuantizedLinearBase):
@@ -234,26 +213,20 @@ class ScalarLinear(QuantizedLinearBase):
     def weight(self) -> Tensor:
         return self._expand(self.scales) * (self.codes.to(self.scales.dtype) - self._expand(self.zeros))
 
+    def as_param(self) -> ScalarGrid:
+        """The layer's discrete-continuous parameter for the P and V steps, in float32, detached."""
+        return ScalarGrid(self.codes_view(), self.scales.detach().float(), self.zeros.detach().float(),
+                          self.fmt.bits, (self.out_features, self.in_features))
+
+    def value_parameters(self) -> list:
+        """The parameters that make V, in the order of as_param().values."""
+        return [self.scales, self.zeros]
+
     def encode(self, target: Tensor, groups: Optional[Tensor] = None, beam_width: int = 1,
                weights: Optional[Tensor] = None) -> Tensor:
-        """Nearest grid point: clamp(round(target / scale + zero), 0, 2^b - 1), only in `groups`.
-        Groups are single weights here, so a diagonal metric (`weights`) does not change the answer."""
+        """Nearest grid point: clamp(round(target / scale + zero), 0, 2^b - 1), only in `groups`."""
         with torch.no_grad():
-            s, z = self._expand(self.scales.detach().float()), self._expand(self.zeros.detach().float())
-            s = torch.where(s == 0, torch.ones_like(s), s)
-            new = torch.clamp(torch.round(target.float() / s + z), 0, (1 << self.fmt.bits) - 1).long().reshape(-1, 1)
-            if groups is None:
-                return new
-            codes = self.codes_view().clone()
-            codes[groups] = new[groups]
-            return codes
-
-    @torch.no_grad()
-    def nearest_other_codes(self, target: Tensor) -> Tensor:
-        """The neighbouring grid point (code +- 1) on the target's side of the current one."""
-        codes = self.codes.long()
-        up = target.float() > self.weight().detach().float()
-        return torch.clamp(codes + torch.where(up, 1, -1), 0, (1 << self.fmt.bits) - 1).reshape(-1, 1)
+            return self.as_param().encode(target.detach().float(), groups=groups)
 
     def continuous_parameters(self) -> list:
         return [p for p in (self.scales, self.zeros, self.bias) if p is not None]

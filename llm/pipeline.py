@@ -15,7 +15,8 @@ from llm.checkpoint import (check_out, check_same_run, has_checkpoint, load_chec
                             save_checkpoint)
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
-from llm.finetune import STRATEGIES, FinetuneConfig, FinetuneError, check_resumable, finetune
+from llm.finetune import FinetuneConfig, FinetuneError, check_resumable, finetune
+from llm.strategies import is_strategy, strategy_names
 from llm.formats import QuantFormat, model_bits
 from llm import kernels
 from llm.generate import GreedyDecoder
@@ -129,8 +130,8 @@ def check_strategy_settings(settings: Optional[dict]) -> None:
     never a silently ignored setting)."""
     fields = set(FinetuneConfig.__dataclass_fields__) - {"strategy"}
     for name, entry in (settings or {}).items():
-        if name not in STRATEGIES:
-            raise FinetuneError(f"strategy settings name an unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+        if not is_strategy(name):
+            raise FinetuneError(f"strategy settings name an unknown strategy {name!r}; known: {', '.join(strategy_names())}")
         if not isinstance(entry, dict):
             raise FinetuneError(f"strategy settings for {name} must be a JSON object of settings, got {entry!r}")
         unknown = sorted(set(entry) - fields)
@@ -141,8 +142,8 @@ def check_strategy_settings(settings: Optional[dict]) -> None:
 def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict] = None) -> FinetuneConfig:
     """`base` for `strategy`, with that strategy's entry of `settings` ({strategy: {field: value}}) applied."""
     check_strategy_settings(settings)
-    if strategy not in STRATEGIES:
-        raise FinetuneError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not is_strategy(strategy):
+        raise FinetuneError(f"unknown strategy {strategy!r}; choose one of {', '.join(strategy_names())}")
     overrides = (settings or {}).get(strategy, {})
     try:
         return replace(base, strategy=strategy, **overrides).validate()
@@ -251,7 +252,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
 def is_pipeline_out(path) -> bool:
     """A folder written by run_pipeline: summary.json, calibrated/ and one folder per strategy, nothing else."""
     names = {f.name for f in Path(path).iterdir() if not f.name.startswith(".")}
-    return bool(names) and names <= {"summary.json", "calibrated", *STRATEGIES} and (
+    return bool(names) and names <= {"summary.json", "calibrated", *strategy_names()} and (
         "summary.json" in names or "calibrated" in names)
 
 

@@ -2,8 +2,8 @@
 
 - ste_p_step: straight-through estimation. A continuous shadow u (the step's state) moves by
   the gradient taken at its quantized point, x = Q(u); x is re-quantized from u every step.
-- stochastic_rounding_p_step: y = x - lr grad phi(x), each coordinate rounded at random to one of
-  its two neighbouring values, unbiasedly (scalar codes).
+- stochastic_rounding_p_step: y = x - lr grad phi(x), each group rounded at random between its two
+  nearest codes around y, unbiasedly (with scalar codes: the two values around each coordinate).
 - relax_then_round: the continuous optimum, then the best c-value rounding of it (optimal 1-D
   k-means), then an exact V step.
 """
@@ -20,54 +20,64 @@ from torch import Tensor
 from pvtheory.codes import Codebooks
 from pvtheory.init import init_scalar
 from pvtheory.objectives import Objective
+from pvtheory.p_steps import rounding_weights
 from pvtheory.steps import Step, point
 from pvtheory.v_steps import solve_values_exactly
 
 
-def _step_size(lr: Optional[float], objective: Objective) -> float:
-    return lr if lr is not None else 1.0 / objective.L
+def _moved_by_gradient(x: Tensor, grad: Tensor, objective: Objective, lr: Optional[float]) -> Tensor:
+    """x - lr grad, or x - grad / D with D = phi's curvature (1 / L on toys, a preconditioner on LLMs)."""
+    if lr is not None:
+        return x - lr * grad
+    D = objective.curvature()
+    return x - grad / D if isinstance(D, Tensor) else x - (1.0 / D) * grad
 
 
-def ste_p_step(lr: Optional[float] = None) -> Step:
-    """Straight-through estimation: u <- u - lr grad phi(Q(u)); codes = nearest to u (lr = 1/L by default)."""
+def ste_p_step(lr: Optional[float] = None, metric: str = "euclidean", beam_width: int = 4) -> Step:
+    """Straight-through estimation: u <- u - lr grad phi(Q(u)); codes = nearest to u (lr = 1/L, or the
+    inverse of phi's diagonal curvature, by default)."""
 
     def init(param: Codebooks, objective: Objective) -> Tensor:
         return point(param).clone()
 
     def update(param: Codebooks, objective: Objective, u: Tensor):
-        u = u - _step_size(lr, objective) * objective.grad(point(param))
-        codes = param.encode(u.reshape(param.shape), chunk=1 << 20)
+        u = _moved_by_gradient(u, objective.grad(point(param)), objective, lr)
+        weights = rounding_weights(param, objective, metric) if lr is None else None
+        codes = param.encode(u.reshape(param.shape), weights=weights, beam_width=beam_width)
         return param.with_codes(codes), u
 
     return Step("STE", init, update, deterministic=False)
 
 
-def stochastic_round(y: Tensor, values: Tensor, gen: torch.Generator) -> Tensor:
-    """Codes of an unbiased random rounding of each y_i to its neighbours among the sorted values."""
-    sorted_vals, order = torch.sort(values)
-    hi = torch.bucketize(y, sorted_vals).clamp(1, len(values) - 1) if len(values) > 1 else torch.zeros_like(y, dtype=torch.long)
-    if len(values) == 1:
-        return torch.zeros_like(y, dtype=torch.long)
-    lo = hi - 1
-    a, b = sorted_vals[lo], sorted_vals[hi]
-    p_hi = ((y - a) / torch.where(b > a, b - a, torch.ones_like(b))).clamp(0.0, 1.0)
-    up = torch.rand(y.shape, generator=gen, dtype=y.dtype) < p_hi
-    return order[torch.where(up, hi, lo)]
+def stochastic_rounding_p_step(lr: Optional[float] = None, seed: int = 0, beam_width: int = 4,
+                               start: str = "nearest") -> Step:
+    """y = x - lr grad phi(x), rounded at random between codes q and the nearest codes q' on y's side
+    of q, with the probability that makes the rounding unbiased along q -> q'.
 
-
-def stochastic_rounding_p_step(lr: Optional[float] = None, seed: int = 0) -> Step:
-    """y = x - lr grad phi(x), rounded stochastically to the values (scalar codes only)."""
+    start="nearest": q = the nearest codes to y (with scalar codes: between the two values around
+    each y_i, as in the paper); "current": q = the current codes, so a group moves by at most one
+    code and nothing is re-encoded (the LLM setting, where a step's update is far smaller than the
+    spacing of the codes and re-encoding every group would be a linearized P step in disguise).
+    """
+    if start not in ("nearest", "current"):
+        raise ValueError(f"start must be 'nearest' or 'current', got {start!r}")
 
     def init(param: Codebooks, objective: Objective):
-        if param.group_size != 1 or param.num_codebooks != 1:
-            raise ValueError("stochastic rounding is defined here for scalar codes (g = 1, M = 1)")
         return torch.Generator().manual_seed(seed)
 
     def update(param: Codebooks, objective: Objective, gen: torch.Generator):
         x = point(param)
-        y = x - _step_size(lr, objective) * objective.grad(x)
-        codes = stochastic_round(y, param.codebooks[0, :, 0], gen)
-        return param.with_codes(codes.reshape(-1, 1)), gen
+        y = _moved_by_gradient(x, objective.grad(x), objective, lr).reshape(param.shape)
+        q = param.encode(y, beam_width=beam_width) if start == "nearest" else param.codes
+        q_far = param.nearest_beyond(y, q)
+        g = param.group_size
+        a = param.with_codes(q).decode().reshape(-1, g)
+        delta = param.with_codes(q_far).decode().reshape(-1, g) - a
+        lam = (((y.reshape(-1, g) - a) * delta).sum(1) / (delta * delta).sum(1).clamp_min(1e-30)).clamp(0, 1)
+        r = torch.rand(lam.shape, generator=gen, dtype=lam.dtype).to(lam.device)
+        # P(move) = lam either way; the orientation reproduces the classic "round up if r < p_up" draws
+        move = torch.where(delta.sum(1) > 0, r < lam, r >= 1 - lam) & (delta != 0).any(1)
+        return param.with_codes(torch.where(move.unsqueeze(1), q_far, q)), gen
 
     return Step("stochastic rounding", init, update, deterministic=False)
 

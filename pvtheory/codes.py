@@ -107,6 +107,15 @@ class Codebooks:
     def with_values(self, codebooks: Tensor, scales: Optional[Tensor] = None) -> "Codebooks":
         return replace(self, codebooks=codebooks, scales=self.scales if scales is None else scales)
 
+    @property
+    def values(self) -> tuple:
+        """V as a tuple of tensors: the codebooks, and the row scales if there are any."""
+        return (self.codebooks,) if self.scales is None else (self.codebooks, self.scales)
+
+    def with_value_tuple(self, values: Sequence[Tensor]) -> "Codebooks":
+        """The parameter with V replaced by `values`, in the order of `values`."""
+        return self.with_values(values[0], values[1] if len(values) > 1 else None)
+
     def distinct_values(self) -> int:
         """Number of distinct coordinate values of decode(P, V) (at most c in the scalar case)."""
         return int(torch.unique(self.decode()).numel())
@@ -145,29 +154,24 @@ class Codebooks:
         groups: Optional[Tensor] = None,
         weights: Optional[Tensor] = None,
         beam_width: int = 4,
-        chunk: int = 65536,
-        candidate_budget: int = 1 << 22,
+        chunk: Optional[int] = None,
+        candidate_budget: Optional[int] = None,
     ) -> Tensor:
         """Codes whose decoding is nearest to `target` in the groups `groups` (all if None).
 
         Minimizes sum_i w_i (decode_i - target_i)^2 per group, w = `weights` (1 if None). Groups
         outside `groups` keep their codes. M = 1: exact nearest entry. M > 1: beam search over the
         codebooks started from the current codes, so a group's error never increases. Groups are
-        processed `chunk` at a time, at most `candidate_budget` distances or beam candidates at once (memory).
+        processed `chunk` at a time, at most `candidate_budget` distances or beam candidates at once (memory;
+        by default larger on a GPU, where fewer, bigger kernels pay and memory is there).
         """
         if target.shape != tuple(self.shape):
             raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(self.shape)}")
         check_finite("target", target)
-        g = self.group_size
         cb = self.codebooks
-        t = target.reshape(-1, g).to(cb.dtype)
-        w = None if weights is None else weights.reshape(-1, g).to(cb.dtype)
-        if self.scales is not None:
-            # ||s c - t||_w^2 = s^2 ||c - t/s||_w^2: encode against t/s, weights scaled by s^2.
-            s = self.scales.to(cb.dtype)[torch.arange(self.num_groups, device=t.device) * g // self.shape[-1]]
-            s = torch.where(s == 0, torch.ones_like(s), s).reshape(-1, 1)
-            t = t / s
-            w = (s * s).expand_as(t) if w is None else w * s * s
+        chunk = chunk or (1 << 20 if target.is_cuda else 1 << 16)
+        candidate_budget = candidate_budget or (1 << 25 if target.is_cuda else 1 << 22)
+        t, w = self._unscaled(target, weights)
         codes = self.codes.clone()
         idx = torch.arange(self.num_groups, device=codes.device) if groups is None else groups.reshape(-1)
         # a chunk holds (chunk, K) distances (M = 1) or (chunk, beam, K) beam candidates (M > 1): bound both,
@@ -182,6 +186,135 @@ class Codebooks:
             else:
                 codes[sel] = beam_search(t[sel], cb, codes[sel], wsel, beam_width)
         return codes
+
+    def _unscaled(self, target: Tensor, weights: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-group targets (n, g) and weights with the row scales divided out:
+        ||s c - t||_w^2 = s^2 ||c - t/s||_w^2, so encode against t/s with weights s^2 w."""
+        g, cb = self.group_size, self.codebooks
+        t = target.reshape(-1, g).to(cb.dtype)
+        w = None if weights is None else weights.reshape(-1, g).to(cb.dtype)
+        if self.scales is None:
+            return t, w
+        s = self.scales.to(cb.dtype)[torch.arange(self.num_groups, device=t.device) * g // self.shape[-1]]
+        s = torch.where(s == 0, torch.ones_like(s), s).reshape(-1, 1)
+        return t / s, (s * s).expand_as(t) if w is None else w * s * s
+
+    @torch.no_grad()
+    def nearest_beyond(self, target: Tensor, codes: Tensor, candidate_budget: int = 1 << 25) -> Tensor:
+        """Per group, the code tuple nearest to the target among those that differ from `codes` in one
+        codebook and lie on the target's side of q = decode(codes): (c - q) . (t - q) > 0. Groups with
+        none (the target at q, or q at the edge of the codebooks) keep `codes`. With scalar codes and q
+        the value nearest to t, this is the other end of the bracket of values around t (stochastic
+        rounding rounds between the two).
+        Groups go candidate_budget // K at a time, so the (groups, K) distances stay bounded."""
+        t, _ = self._unscaled(target)
+        chunk = max(1, candidate_budget // self.codebook_size)
+        return torch.cat([_nearest_beyond(t[i: i + chunk], codes[i: i + chunk], self.codebooks)
+                          for i in range(0, len(t), chunk)])
+
+
+def _nearest_beyond(t: Tensor, codes: Tensor, cb: Tensor) -> Tensor:
+    """Codebooks.nearest_beyond for unscaled group targets t (n, g), codes (n, M), codebooks cb (M, K, g)."""
+    M = cb.shape[0]
+    q = sum(cb[m][codes[:, m]] for m in range(M))  # (n, g)
+    best_d = torch.full((t.shape[0],), float("inf"), device=t.device, dtype=t.dtype)
+    best = codes.clone()
+    for m in range(M):
+        own = cb[m][codes[:, m]]
+        resid = t - (q - own)  # what codebook m alone should reproduce
+        d = (cb[m] * cb[m]).sum(1).unsqueeze(0) - 2.0 * resid @ cb[m].T  # (n, K), up to a per-row constant
+        # candidate c = q - own + e lies beyond t iff (e - own) . (t - q) > 0
+        beyond = (cb[m] @ (t - q).T).T - (own * (t - q)).sum(1, keepdim=True) > 0
+        d = torch.where(beyond, d, torch.full_like(d, float("inf")))
+        d = d + (resid * resid).sum(1, keepdim=True)  # comparable across codebooks
+        dm, km = d.min(1)
+        better = dm < best_d
+        best_d = torch.where(better, dm, best_d)
+        cand = codes.clone()
+        cand[:, m] = km
+        best = torch.where(better.unsqueeze(1), cand, best)
+    return best
+
+
+@dataclass(frozen=True)
+class ScalarGrid:
+    """A scalar grid with a scale and a zero per group of G coordinates of a row (GPTQ's format):
+    x[o, i] = scales[o, i // G] * (codes[o, i] - zeros[o, i // G]), codes in [0, 2^bits).
+
+    P = the integer codes, V = (scales, zeros). Every coordinate is its own code group for the P
+    steps (group_size 1), with the same surface as Codebooks: decode, encode, nearest_beyond,
+    with_codes, values.
+    """
+
+    codes: Tensor  # P: (rows * cols, 1), int64
+    scales: Tensor  # V: (rows, cols / G)
+    zeros: Tensor  # V: (rows, cols / G)
+    bits: int
+    shape: tuple  # (rows, cols)
+
+    def __post_init__(self) -> None:
+        rows, cols = self.shape
+        if self.scales.dim() != 2 or self.scales.shape[0] != rows or cols % self.scales.shape[1]:
+            raise ValueError(f"scales {tuple(self.scales.shape)} do not tile a ({rows}, {cols}) grid")
+        if self.zeros.shape != self.scales.shape or self.codes.shape != (rows * cols, 1):
+            raise ValueError(f"zeros {tuple(self.zeros.shape)} and codes {tuple(self.codes.shape)} do not match "
+                             f"scales {tuple(self.scales.shape)} and shape {tuple(self.shape)}")
+
+    group_size = 1
+    num_codebooks = 1
+
+    @property
+    def codebook_size(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def num_groups(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def values(self) -> tuple:
+        return (self.scales, self.zeros)
+
+    def group_coordinates(self, groups: Tensor) -> Tensor:
+        return groups.reshape(-1)
+
+    def _expand(self, t: Tensor) -> Tensor:
+        return t.repeat_interleave(self.shape[1] // t.shape[1], dim=1)
+
+    def decode(self, scales: Optional[Tensor] = None, zeros: Optional[Tensor] = None) -> Tensor:
+        s = self.scales if scales is None else scales
+        z = self.zeros if zeros is None else zeros
+        return self._expand(s) * (self.codes.reshape(self.shape).to(s.dtype) - self._expand(z))
+
+    def with_codes(self, codes: Tensor) -> "ScalarGrid":
+        return replace(self, codes=codes)
+
+    def with_value_tuple(self, values: Sequence[Tensor]) -> "ScalarGrid":
+        return replace(self, scales=values[0], zeros=values[1])
+
+    def _grid_position(self, target: Tensor) -> Tensor:
+        s, z = self._expand(self.scales), self._expand(self.zeros)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        return (target.reshape(self.shape).to(s.dtype) / s + z).reshape(-1, 1)
+
+    def encode(self, target: Tensor, groups: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+               beam_width: int = 1, **_) -> Tensor:
+        """Nearest grid point, clamp(round(t / s + z), 0, 2^bits - 1), in `groups` only. Groups are
+        single coordinates, so a diagonal metric (`weights`) does not change the answer."""
+        if target.numel() != self.num_groups:
+            raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(self.shape)}")
+        check_finite("target", target)
+        new = torch.clamp(torch.round(self._grid_position(target)), 0, self.codebook_size - 1).long()
+        if groups is None:
+            return new
+        codes = self.codes.clone()
+        codes[groups] = new[groups]
+        return codes
+
+    def nearest_beyond(self, target: Tensor, codes: Tensor) -> Tensor:
+        """The neighbouring grid point (code +- 1) on the target's side of `codes` (kept at the edges)."""
+        step = torch.sign(self._grid_position(target) - codes.to(self.scales.dtype)).long()
+        return torch.clamp(codes + step, 0, self.codebook_size - 1)
 
 
 def weighted_sq_distances(t: Tensor, entries: Tensor, w: Optional[Tensor] = None, metric: Optional[Tensor] = None) -> Tensor:

@@ -7,7 +7,7 @@ P step solvers use; every convex objective can write itself in cvxpy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -44,6 +44,12 @@ class Objective(ABC):
         """L_G for each block of g consecutive coordinates (the per-group step of greedy scores)."""
         return torch.tensor([self.L_subspace(torch.arange(j, j + g)) for j in range(0, self.d, g)],
                             dtype=torch.float64)
+
+    def curvature(self, coords: Optional[Tensor] = None) -> Union[float, Tensor]:
+        """The curvature a linearized P step divides the gradient by on the coordinates `coords` (all if
+        None): phi's smoothness constant there (L_S, or L) by default; a model with a diagonal
+        preconditioner (LocalQuadraticModel) returns it per coordinate instead."""
+        return self.L if coords is None else self.L_subspace(coords)
 
     def quadratic(self) -> Optional[tuple[Tensor, Tensor, float]]:
         """(Q, q, const) with phi(x) = 1/2 x'Qx - q'x + const (dense Q), or None if phi is not quadratic."""
@@ -264,3 +270,68 @@ class Autograd(Objective):
         if self._L is None:
             raise NotImplementedError("this Autograd objective was built without L")
         return self._L
+
+
+class ObservedGradient(Objective):
+    """phi known only through its gradient at the current point, as at LLM scale, where dL/dW of a layer
+    comes from a backward pass over a batch: grad returns that gradient; value and L are unknown,
+    so a P step that needs them (the exact P step) fails with a clear error here. Wrap it in a
+    preconditioner (pvtheory.preconditioners) to give linearized steps a curvature."""
+
+    def __init__(self, grad: Tensor) -> None:
+        self.g = grad.reshape(-1)
+        self.d = self.g.numel()
+
+    def value(self, x: Tensor) -> Tensor:
+        raise NotImplementedError("phi's value is not observed here, only its gradient at one point: "
+                                  "use a P step that needs only gradients (linearized, subspace, STE, stochastic)")
+
+    def grad(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"x has {x.shape[-1]} coordinates, phi expects d = {self.d}")
+        return self.g
+
+
+class LocalQuadraticModel(Objective):
+    """The model of phi around x0 that a preconditioned P step minimizes over the codes:
+
+        m(x) = <g, x - x0> + 1/2 sum_i D_i (x_i - x0_i)^2,   D > 0 a diagonal curvature,
+
+    e.g. g = Adam's first moment of dL/dW and D = (sqrt(v_hat) + eps) / p_lr. Its gradient at x0 is g,
+    its curvature per coordinate is D (so a linearized step targets x0 - g / D, Adam's update), and
+    it is separable: its exact P step is the D-weighted nearest codes to x0 - g / D."""
+
+    separable = True
+    is_quadratic = True
+
+    def __init__(self, x0: Tensor, g: Tensor, D: Tensor) -> None:
+        if not (x0.shape == g.shape == D.shape):
+            raise ValueError(f"x0, g and D must have one shape, got {tuple(x0.shape)}, {tuple(g.shape)}, {tuple(D.shape)}")
+        self.x0, self.g, self.D = (t if t.dim() == 1 else t.reshape(-1) for t in (x0, g, D))
+        self.d = self.x0.numel()
+
+    def value(self, x: Tensor) -> Tensor:
+        r = x - self.x0
+        return (self.g * r).sum(-1) + 0.5 * (self.D * r * r).sum(-1)
+
+    def grad(self, x: Tensor) -> Tensor:
+        if x is self.x0:  # the steps ask at x0 (pvtheory.steps.point keeps it): the gradient exactly
+            return self.g
+        return self.g + self.D * (x - self.x0)
+
+    @property
+    def L(self) -> float:
+        return float(self.D.max())
+
+    def L_subspace(self, S: Tensor) -> float:
+        return float(self.D[S].max()) if S.numel() else 0.0
+
+    def group_smoothness(self, g: int) -> Tensor:
+        return self.D.reshape(-1, g).max(1).values
+
+    def curvature(self, coords: Optional[Tensor] = None) -> Tensor:
+        return self.D if coords is None else self.D[coords]
+
+    def separable_form(self) -> tuple[Tensor, Tensor]:
+        """(D, t): m = 1/2 sum D (x - t)^2 + const with t = x0 - g / D."""
+        return self.D, self.x0 - self.g / self.D

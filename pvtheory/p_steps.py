@@ -12,6 +12,7 @@ is a well-defined fixed point.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Optional, Union
 
 import torch
@@ -26,56 +27,105 @@ ENUMERATION_LIMIT = 1 << 20  # assignments the exact P step may enumerate
 
 
 # --- linearized steps -------------------------------------------------------------------------
-def linearized_p_step(L: Optional[float] = None) -> Step:
-    """y = nearest codes to x - grad phi(x) / L (the paper's linearized P step)."""
+# A linearized P step rounds x - grad phi(x) / D to the codes, D = objective.curvature(): phi's
+# smoothness constant (L, L_S) on toy problems, a diagonal preconditioner (Adam's, see
+# pvtheory.preconditioners) on LLMs. metric="curvature" rounds in the norm ||.||_D, which makes the
+# new codes minimize the model <grad, y - x> + ||y - x||^2_D / 2 exactly (the same as Euclidean
+# rounding when D is a scalar); "euclidean" rounds to the nearest codes.
+METRICS = ("euclidean", "curvature")
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+
+
+def rounding_weights(param, objective: Objective, metric: str) -> Optional[Tensor]:
+    """The per-coordinate weights of the rounding (None: Euclidean)."""
+    D = objective.curvature() if metric == "curvature" else None
+    return D.reshape(param.shape) if isinstance(D, Tensor) else None
+
+
+def linearized_p_step(L: Optional[float] = None, metric: str = "euclidean", beam_width: int = 4) -> Step:
+    """y = nearest codes to x - grad phi(x) / L (the paper's linearized P step; L = phi's curvature)."""
+    _check_metric(metric)
 
     def update(param: Codebooks, objective: Objective) -> Codebooks:
         x = point(param)
-        step = 1.0 / (L if L is not None else objective.L)
-        target = (x - step * objective.grad(x)).reshape(param.shape)
-        return param.with_codes(param.encode(target))
+        grad = objective.grad(x)
+        D = L if L is not None else objective.curvature()
+        target = x - grad / D if isinstance(D, Tensor) else x - (1.0 / D) * grad
+        weights = rounding_weights(param, objective, metric) if L is None else None
+        return param.with_codes(param.encode(target.reshape(param.shape), weights=weights, beam_width=beam_width))
 
     return stateless("linearized P", update)
 
 
-def group_scores(param: Codebooks, objective: Objective, x: Tensor, grad: Tensor, score: str) -> Tensor:
-    """Greedy selection score of each group.
+def group_curvature(param, objective: Objective) -> Tensor:
+    """The curvature of each group, (n_groups, g) per coordinate or (n_groups, 1) per group (L_G)."""
+    D = objective.curvature()
+    if isinstance(D, Tensor) and D.numel() == objective.d:
+        return D.reshape(-1, param.group_size)
+    return objective.group_smoothness(param.group_size).unsqueeze(1)
 
-    "change": how far the group's decoded value would move if it alone were re-encoded with its
-    own step 1 / L_G (zero for groups whose rounding snaps back: they cannot gain);
-    "gradient": the norm of the group's gradient block.
+
+SCORES = ("change", "gain", "update", "gradient")
+
+
+def group_scores(param, objective: Objective, x: Tensor, grad: Tensor, score: str, metric: str = "euclidean",
+                 beam_width: int = 4) -> Tensor:
+    """Greedy selection score of each group, each group linearized with its own curvature D_G:
+
+    "update": the size of the proposed move ||grad_G / D_G|| (no rounding: the cheapest);
+    "gradient": the size of the gradient block ||grad_G||;
+    "change": how far the group's decoded value moves if it alone is re-encoded towards x - grad_G / D_G
+    (zero for groups whose rounding snaps back: they cannot gain);
+    "gain": how much that re-encoding lowers the rounding's error ||y - target||^2 in the step's metric
+    (in the curvature metric: twice the decrease of the linear model; <= 0 where nothing is gained).
     """
     g = param.group_size
+    G = grad.reshape(-1, g)
     if score == "gradient":
-        return grad.reshape(-1, g).norm(dim=1)
-    L_G = objective.group_smoothness(g).to(x.dtype).clamp_min(1e-300)
-    proposal = (x.reshape(-1, g) - grad.reshape(-1, g) / L_G.unsqueeze(1)).reshape(param.shape)
-    moved = param.with_codes(param.encode(proposal)).decode().reshape(-1, g)
-    return (moved - x.reshape(-1, g)).norm(dim=1)
+        return G.norm(dim=1)
+    D_G = group_curvature(param, objective).to(x.dtype).clamp_min(1e-300)
+    move = G / D_G
+    if score == "update":
+        return move.norm(dim=1)
+    xg = x.reshape(-1, g)
+    target = xg - move
+    weights = rounding_weights(param, objective, metric)
+    codes = param.encode(target.reshape(param.shape), weights=weights, beam_width=beam_width)
+    moved = param.with_codes(codes).decode().reshape(-1, g)
+    if score == "change":
+        return (moved - xg).norm(dim=1)
+    w = 1.0 if weights is None else weights.reshape(-1, g)
+    return (w * ((xg - target) ** 2 - (moved - target) ** 2)).sum(1)
 
 
 def subspace_size(tau: Union[int, float], num_groups: int) -> int:
-    """tau as a count of groups: an int is a count, a float in (0, 1] a fraction of the groups."""
+    """tau as a count of groups: an int is a count, a float in (0, 1] the fraction ceil(tau * groups)."""
     if isinstance(tau, float):
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau as a fraction must lie in (0, 1], got {tau}")
-        return max(1, int(round(tau * num_groups)))
+        return max(1, math.ceil(tau * num_groups - 1e-9))
     return min(check_positive_int("tau", tau), num_groups)
 
 
 def subspace_p_step(
-    tau: Union[int, float], select: str = "greedy", seed: int = 0, L_S: Optional[float] = None, score: str = "change"
+    tau: Union[int, float], select: str = "greedy", seed: int = 0, L_S: Optional[float] = None, score: str = "change",
+    metric: str = "euclidean", beam_width: int = 4,
 ) -> Step:
-    """Linearized P step on a subspace S of tau groups, step 1 / L_S (L_S = phi's constant on S).
+    """Linearized P step on a subspace S of tau groups, step 1 / L_S (L_S = phi's curvature on S).
 
-    select="greedy": the tau groups with the largest proposed change (see group_scores; score=
-    "gradient" ranks by gradient norm instead); "random": uniform without replacement (the
-    setting of the paper's convergence theorem). Either way phi never increases.
+    select="greedy": the tau groups with the largest score (see group_scores; with score="gain"
+    only those that gain); "random": uniform without replacement (the setting of the paper's
+    convergence theorem). With L_S = phi's smoothness constant on S phi never increases.
     """
     if select not in ("greedy", "random"):
         raise ValueError(f"select must be 'greedy' or 'random', got {select!r}")
-    if score not in ("change", "gradient"):
-        raise ValueError(f"score must be 'change' or 'gradient', got {score!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    _check_metric(metric)
 
     def init(param: Codebooks, objective: Objective):
         return torch.Generator().manual_seed(seed)
@@ -85,18 +135,42 @@ def subspace_p_step(
         grad = objective.grad(x)
         k = subspace_size(tau, param.num_groups)
         if select == "greedy":
-            S = torch.topk(group_scores(param, objective, x, grad, score), k).indices
+            scores = group_scores(param, objective, x, grad, score, metric, beam_width)
+            S = torch.topk(scores, k).indices
+            if score == "gain":
+                S = S[scores[S] > 0]
         else:
-            S = torch.randperm(param.num_groups, generator=gen)[:k]
+            S = torch.randperm(param.num_groups, generator=gen)[:k].to(x.device)
         coords = param.group_coordinates(S)
-        LS = L_S if L_S is not None else objective.L_subspace(coords)
-        if LS <= 0:  # phi is constant on S: nothing to gain
+        D = L_S if L_S is not None else objective.curvature(coords)
+        if S.numel() == 0 or (not isinstance(D, Tensor) and D <= 0):  # phi is constant on S: nothing to gain
             return param, gen
         target = x.clone()
-        target[coords] = x[coords] - grad[coords] / LS
-        return param.with_codes(param.encode(target.reshape(param.shape), groups=S)), gen
+        target[coords] = x[coords] - grad[coords] / D
+        weights = rounding_weights(param, objective, metric) if L_S is None else None
+        codes = param.encode(target.reshape(param.shape), groups=S, weights=weights, beam_width=beam_width)
+        return param.with_codes(codes), gen
 
     return Step(f"subspace P ({select}, tau={tau})", init, update, deterministic=(select == "greedy"))
+
+
+def trust_region(inner: Step, ratio: float) -> Step:
+    """`inner`, with every group's change undone where it moves the group's decoded value by more
+    than ratio * its norm: ||y_G - x_G|| > ratio * ||x_G||."""
+    if not ratio > 0:
+        raise ValueError(f"the trust ratio must be > 0, got {ratio}")
+
+    def update(param: Codebooks, objective: Objective, state):
+        new, state = inner.update(param, objective, state)
+        moved = (new.codes != param.codes).any(1)
+        if not moved.any():
+            return new, state
+        g = param.group_size
+        x, y = param.decode().reshape(-1, g), new.decode().reshape(-1, g)
+        keep = moved & ((y - x).norm(dim=1) <= ratio * x.norm(dim=1).clamp_min(1e-12))
+        return param.with_codes(torch.where(keep.unsqueeze(1), new.codes, param.codes)), state
+
+    return Step(f"{inner.name}, trust ratio {ratio}", inner.init, update, inner.deterministic)
 
 
 # --- exact steps --------------------------------------------------------------------------------

@@ -48,10 +48,17 @@ class PVResult:
 
 
 def _values_moved(a: Codebooks, b: Codebooks) -> float:
-    moved = float((a.codebooks - b.codebooks).abs().max())
-    if a.scales is not None:
-        moved = max(moved, float((a.scales - b.scales).abs().max()))
-    return moved
+    return max(float((u - v).abs().max()) for u, v in zip(a.values, b.values))
+
+
+def pv_iteration(param: Codebooks, objective: Objective, p_step: Step, v_step: Step, p_state, v_state):
+    """One iteration of the paper's Algorithm 1: the P step changes the codes with V fixed, then the V
+    step changes V with the new codes fixed. Returns (P step's result, V step's result, both states,
+    the number of groups whose codes changed). The same function runs a toy problem and an LLM layer."""
+    after_p, p_state = p_step.update(param, objective, p_state)
+    changed = int((after_p.codes != param.codes).any(dim=1).sum())
+    after_v, v_state = v_step.update(after_p, objective, v_state)
+    return after_p, after_v, p_state, v_state, changed
 
 
 def pv(
@@ -86,10 +93,8 @@ def pv(
     stalled, reason, k = 0, STOP_MAX_ITERS, 0
     for k in range(1, max_iters + 1):
         before = trace[-1]["phi"]
-        after_p, p_state = p_step.update(param, objective, p_state)
-        changed = int((after_p.codes != param.codes).any(dim=1).sum())
+        after_p, after_v, p_state, v_state, changed = pv_iteration(param, objective, p_step, v_step, p_state, v_state)
         trace.append({"iteration": k, "step": "P", "phi": phi(after_p), "changed": changed})
-        after_v, v_state = v_step.update(after_p, objective, v_state)
         moved = _values_moved(after_p, after_v)
         trace.append({"iteration": k, "step": "V", "phi": phi(after_v), "changed": 0})
         if not np.isfinite(trace[-1]["phi"]):
@@ -97,7 +102,7 @@ def pv(
         param = after_v
         if callback is not None:
             callback(k, param)
-        scale = 1e-12 * (1.0 + float(param.codebooks.abs().max()))
+        scale = 1e-12 * (1.0 + max(float(v.abs().max()) for v in param.values))
         if p_step.deterministic and v_step.deterministic and changed == 0 and moved <= scale:
             reason = STOP_FIXED_POINT
             break

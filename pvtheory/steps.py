@@ -33,5 +33,10 @@ def stateless(name: str, update: Callable[[Codebooks, Objective], Codebooks], de
 
 
 def point(param: Codebooks):
-    """The flat decoded point x of a parameter (phi's argument)."""
-    return param.decode().reshape(-1)
+    """The flat decoded point x of a parameter (phi's argument). Parameters are immutable, so the
+    decoding is kept on the instance: the steps that read x one after the other decode it once."""
+    x = getattr(param, "_point", None)
+    if x is None:
+        x = param.decode().reshape(-1)
+        object.__setattr__(param, "_point", x)
+    return x

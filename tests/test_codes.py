@@ -115,7 +115,7 @@ def test_encode_holds_at_most_the_candidate_budget_and_chunking_never_changes_co
         assert seen and max(seen) <= budget
 
 
-def test_nearest_other_codes_in_chunks_equal_all_at_once():
+def test_nearest_beyond_in_chunks_equals_all_at_once():
     from llm.formats import QuantFormat, make_quantized
 
     torch.manual_seed(0)
@@ -124,7 +124,8 @@ def test_nearest_other_codes_in_chunks_equal_all_at_once():
         layer.codebooks.normal_()
         layer.set_codes(torch.randint(0, 64, layer.codes_view().shape))
     target = torch.randn(24, 64)
-    assert torch.equal(layer.nearest_other_codes(target), layer.nearest_other_codes(target, candidate_budget=64 * 5))
+    p, codes = layer.as_param(), layer.codes_view()
+    assert torch.equal(p.nearest_beyond(target, codes), p.nearest_beyond(target, codes, candidate_budget=64 * 5))
 
 
 @given(st.integers(0, 1000), st.booleans())

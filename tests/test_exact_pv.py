@@ -25,6 +25,8 @@ def test_exact_pv_stops_at_a_fixed_point_with_at_most_c_values(case):
     result = pv(phi, x0, exact_p_step(), exact_v_step(), max_iters=200)
     assert result.stop_reason == STOP_FIXED_POINT
     assert result.param.distinct_values() <= c
-    # at the fixed point a further P step changes no code
+    # at the fixed point a further P step gains nothing (codes may change only between ties of phi: the
+    # last V step may move the values by rounding error)
     again, _ = exact_p_step().update(result.param, phi, None)
-    assert bool((again.codes == result.param.codes).all())
+    before = float(phi.value(result.param.decode().reshape(-1)))
+    assert float(phi.value(again.decode().reshape(-1))) >= before - 1e-9 * (1 + abs(before))

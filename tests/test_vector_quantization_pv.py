@@ -5,7 +5,9 @@ from hypothesis import given, strategies as st
 
 from pvtheory import (Autograd, adam_v_step, continuous_optimum, exact_v_step, linearized_p_step, pv,
                       random_problem, residual_kmeans, subspace_p_step)
-from pvtheory.baselines import stochastic_round
+from pvtheory.baselines import stochastic_rounding_p_step
+from pvtheory.codes import Codebooks, scalar
+from pvtheory.objectives import ObservedGradient
 
 
 def monotone(phis):
@@ -38,12 +40,31 @@ def test_autograd_objective_gradient_matches_the_closed_form():
     assert torch.allclose(auto.grad(x), phi.grad(x)) and torch.allclose(auto.value(x), phi.value(x))
 
 
-def test_stochastic_rounding_is_unbiased():
+def _rounded(param, y: torch.Tensor, seed: int = 0):
+    """One stochastic rounding step from param towards y (the step x - 1 * grad with grad = x - y)."""
+    step = stochastic_rounding_p_step(lr=1.0, seed=seed)
+    x = param.decode().reshape(-1)
+    new, _ = step.update(param, ObservedGradient(x - y.reshape(-1)), step.init(param, None))
+    return new
+
+
+def test_stochastic_rounding_is_unbiased_between_the_two_values_around_y():
     values = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
-    y = torch.full((200_000,), 1.5, dtype=torch.float64)
-    codes = stochastic_round(y, values, torch.Generator().manual_seed(0))
-    assert set(codes.unique().tolist()) == {1, 2}  # only the two neighbours 1 and 3
-    assert abs(float(values[codes].mean()) - 1.5) < 0.01
+    n = 200_000
+    for start in (0, 1, 2):  # wherever x is, y = 1.5 rounds to 1 or 3
+        new = _rounded(scalar(torch.full((n,), start), values), torch.full((n,), 1.5, dtype=torch.float64))
+        assert set(new.codes.unique().tolist()) == {1, 2}
+        assert abs(float(new.decode().mean()) - 1.5) < 0.01
+
+
+def test_stochastic_rounding_of_vectors_is_unbiased_along_the_segment_between_two_codes():
+    cb = torch.tensor([[[0.0, 0.0], [1.0, 2.0], [-3.0, 5.0]]], dtype=torch.float64)  # M = 1, K = 3, g = 2
+    n = 100_000
+    param = Codebooks(torch.zeros(n, 1, dtype=torch.long), cb, (n, 2))
+    y = torch.tensor([0.3, 0.6], dtype=torch.float64).expand(n, 2)  # 30% of the way from entry 0 to entry 1
+    new = _rounded(param, y)
+    assert set(new.codes.unique().tolist()) == {0, 1}
+    assert torch.allclose(new.decode().mean(0), y[0], atol=0.01)
 
 
 def test_objectives_accept_numpy_points():
