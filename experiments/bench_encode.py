@@ -1,5 +1,5 @@
-"""Time and peak memory of a layer's P-step projections (encode; nearest other codes, stochastic rounding's
-step) for large codebooks, on the CPU or a GPU: one layer, random codes and codebooks, Adam-like weights.
+"""Time and peak memory of a layer's P-step projections (encode; nearest_beyond, the other code of stochastic
+rounding) for large codebooks, on the CPU or a GPU: one layer, random codes and codebooks, Adam-like weights.
 
     python -m experiments.bench_encode --formats vq12g8,1x8g8 --shape 1024 4096 --out encode.json
     python -m experiments.bench_encode --formats vq12g8,1x8g8 --shape 1024 4096 --kmeans --out kmeans.json
@@ -64,7 +64,7 @@ def measure(fmt: str, out_features: int, in_features: int, device: str) -> dict:
     t2 = time.perf_counter()
     peak = _peak(device)
     return {"format": fmt, "shape": [out_features, in_features], "groups": layer.codes_view().shape[0],
-            "codebook_entries": K, "encode_seconds": round(t1 - t0, 2), "nearest_other_seconds": round(t2 - t1, 2),
+            "codebook_entries": K, "encode_seconds": round(t1 - t0, 2), "nearest_beyond_seconds": round(t2 - t1, 2),
             "peak_gib": round(peak, 2), "device": device}
 
 

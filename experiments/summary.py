@@ -88,6 +88,16 @@ HEADLINES += [
     ("ref-llama fine-tuning tokens/s, 1 GPU", "multi_gpu/ref-llama_2x8g8_world1.json", key("multi_gpu/ref-llama_2x8g8_world1.json", "tokens_per_second")),
     ("ref-llama fine-tuning tokens/s, 2 GPUs", "multi_gpu/ref-llama_2x8g8_world2.json", key("multi_gpu/ref-llama_2x8g8_world2.json", "tokens_per_second")),
 ]
+for fmt in ("2x8g8", "1x8g8"):  # the main table rerun with fine-tuning's P steps as pvtheory Steps
+    f = f"main_table/rerun_ref-llama_{fmt}.json"
+    HEADLINES += [(f"ref-llama {fmt} rerun {what}", f, ppl(f, what)) for what in ("calibrated", "pv", "ste")]
+    g = "main_table/finetune_step_seconds_ref-llama.json"
+    HEADLINES += [(f"ref-llama {fmt} {s} median seconds per step, {v}", g, key(g, fmt, v, "strategies", s, "median_step_seconds"))
+                  for s in ("pv", "ste") for v in ("before", "after")]
+for fmt in ("int2g128", "vq8g4"):  # representations at about 2 bits
+    f = f"representations/ref-llama_{fmt}.json"
+    HEADLINES += [(f"ref-llama {fmt} {what}", f, ppl(f, what))
+                  for what in ("calibrated", "continuous", "ste", "stochastic", "linearized_pv", "pv")]
 
 
 def build() -> list:

@@ -217,22 +217,23 @@ def _nearest_beyond(t: Tensor, codes: Tensor, cb: Tensor) -> Tensor:
     """Codebooks.nearest_beyond for unscaled group targets t (n, g), codes (n, M), codebooks cb (M, K, g)."""
     M = cb.shape[0]
     q = sum(cb[m][codes[:, m]] for m in range(M))  # (n, g)
+    step = t - q
     best_d = torch.full((t.shape[0],), float("inf"), device=t.device, dtype=t.dtype)
     best = codes.clone()
     for m in range(M):
         own = cb[m][codes[:, m]]
         resid = t - (q - own)  # what codebook m alone should reproduce
-        d = (cb[m] * cb[m]).sum(1).unsqueeze(0) - 2.0 * resid @ cb[m].T  # (n, K), up to a per-row constant
-        # candidate c = q - own + e lies beyond t iff (e - own) . (t - q) > 0
-        beyond = (cb[m] @ (t - q).T).T - (own * (t - q)).sum(1, keepdim=True) > 0
-        d = torch.where(beyond, d, torch.full_like(d, float("inf")))
-        d = d + (resid * resid).sum(1, keepdim=True)  # comparable across codebooks
+        d = torch.addmm((cb[m] * cb[m]).sum(1).unsqueeze(0), resid, cb[m].T, alpha=-2.0)  # (n, K), less |resid|^2
+        # candidate q - own + e lies on t's side of q iff (e - own) . (t - q) > 0
+        d.masked_fill_(step @ cb[m].T <= (own * step).sum(1, keepdim=True), float("inf"))
         dm, km = d.min(1)
+        if M > 1:
+            dm = dm + (resid * resid).sum(1)  # comparable across codebooks
         better = dm < best_d
         best_d = torch.where(better, dm, best_d)
-        cand = codes.clone()
-        cand[:, m] = km
-        best = torch.where(better.unsqueeze(1), cand, best)
+        best[:, m] = torch.where(better, km, best[:, m])
+        if m > 0:  # a later codebook wins: the earlier codebooks keep their codes
+            best[:, :m] = torch.where(better.unsqueeze(1), codes[:, :m], best[:, :m])
     return best
 
 

@@ -136,3 +136,24 @@ def test_nearest_entry_in_chunks_equals_all_at_once(seed, weighted):
     t, entries = torch.randn(50, 4, generator=gen), torch.randn(16, 4, generator=gen)
     w = torch.rand(50, 4, generator=gen) + 0.1 if weighted else None
     assert torch.equal(nearest_entry_chunked(t, entries, w, budget=16 * 3), nearest_entry(t, entries, w))
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_nearest_beyond_is_the_nearest_single_codebook_change_on_the_targets_side(M):
+    gen = torch.Generator().manual_seed(M)
+    n, K, g = 40, 6, 3
+    cb = torch.randn(M, K, g, generator=gen, dtype=torch.float64)
+    p = Codebooks(torch.randint(0, K, (n, M), generator=gen), cb, (n, g))
+    target = torch.randn(n, g, generator=gen, dtype=torch.float64)
+    got = p.nearest_beyond(target, p.codes)
+    q = p.decode()
+    for i in range(n):
+        best, best_d = p.codes[i], float("inf")
+        for m in range(M):
+            for k in range(K):
+                c = p.codes[i].clone()
+                c[m] = k
+                v = sum(cb[j][c[j]] for j in range(M))
+                if float((v - q[i]) @ (target[i] - q[i])) > 0 and float(((v - target[i]) ** 2).sum()) < best_d:
+                    best, best_d = c, float(((v - target[i]) ** 2).sum())
+        assert torch.equal(got[i], best)
