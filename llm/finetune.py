@@ -241,8 +241,11 @@ class CodeStep:
         if any(k.startswith("p.") for k in state):
             raise FinetuneError("this checkpoint stores the P step's state in an older layout that cannot be "
                                 "resumed: fine-tune into another --out, or --overwrite to restart this one")
+        def stored(prefix: str) -> bool:  # a state tree stored under exactly this name
+            return any(k == prefix or k.startswith((prefix + "#", prefix + "/")) for k in state)
+
         self.states = {n: (unflatten_state(state, f"p/{n}", device), unflatten_state(state, f"v/{n}", device))
-                       for n in self.layers if self.owns(n) and any(k.startswith(f"p/{n}#") for k in state)}
+                       for n in self.layers if self.owns(n) and stored(f"p/{n}")}
 
     @contextmanager
     def capturing(self, enabled: bool = True) -> Iterator["CodeStep"]:

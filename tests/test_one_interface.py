@@ -212,3 +212,40 @@ def test_trust_region_undoes_exactly_the_changes_larger_than_the_ratio(ratio):
     x, y = param.decode().reshape(-1, 4), free.decode().reshape(-1, 4)
     small = (y - x).norm(dim=1) <= ratio * x.norm(dim=1)
     assert torch.equal(kept.codes[small], free.codes[small]) and torch.equal(kept.codes[~small], param.codes[~small])
+
+
+def test_a_user_step_whose_state_is_one_tensor_resumes_exactly(tmp_path, registered):
+    def momentum_sign_step(lr: float) -> Step:
+        """Linearized step along a momentum of the gradient; the state is one tensor."""
+        def init(param, objective):
+            return torch.zeros(param.num_groups * param.group_size)
+
+        def update(param, objective, m):
+            m = 0.9 * m + objective.grad(point(param))
+            return param.with_codes(param.encode((point(param) - lr * m.sign()).reshape(param.shape))), m
+
+        return Step("momentum sign", init, update, deterministic=False)
+
+    registered("momentum_sign", lambda cfg, seed: momentum_sign_step(cfg.p_lr))
+    teacher, student = calibrated()
+    cfg = dict(strategy="momentum_sign", batch_size=4, lr=1e-3, p_lr=1e-2, checkpoint_every=2, seed=3)
+    whole = copy.deepcopy(student)
+    rep_whole = finetune(whole, teacher, SEQS, FinetuneConfig(steps=6, **cfg), progress=False)
+    finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=3, **cfg), checkpoint_dir=tmp_path / "ck",
+             progress=False)
+    rep = finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=6, **cfg), checkpoint_dir=tmp_path / "ck",
+                   progress=False)
+    assert rep["resumed_at"] == 3 and rep["losses"] == pytest.approx(rep_whole["losses"], rel=1e-5)
+    assert rep["codes_changed"] == rep_whole["codes_changed"]
+
+
+def test_bfloat16_moments_are_stored_in_bfloat16_and_fine_tune(tmp_path):
+    from llm.checkpoint import read_tensors
+
+    teacher, student = calibrated()
+    cfg = FinetuneConfig(strategy="pv", steps=3, batch_size=4, p_lr=3e-3, tau=0.05, p_state_dtype="bfloat16")
+    rep = finetune(student, teacher, SEQS, cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    state = read_tensors(tmp_path / "ck" / "state.safetensors")
+    moments = [v for k, v in state.items() if k.startswith("p/") and k.endswith("/v")]
+    assert moments and all(v.dtype == torch.bfloat16 for v in moments)
+    assert all(math.isfinite(l) for l in rep["losses"])
