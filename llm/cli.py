@@ -111,6 +111,7 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
                           v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), p_select=a.p_select, trust_ratio=a.trust_ratio,
                           p_warmup=a.p_warmup,
                           beam_width=a.beam_width, train_other=not a.freeze_other,
+                          shard_teacher=not getattr(a, "replicate_teacher", False),
                           grad_checkpointing=a.grad_checkpointing, logit_chunk=a.logit_chunk or None,
                           seed=a.seed).validate()
 
@@ -265,7 +266,8 @@ def cmd_finetune(a) -> None:
         check_resumable(a.out, cfg, run)
     student, meta, _ = load_checkpoint(a.checkpoint, base, dev)
     seqs = train_sequences(base, a.train, a.seq_len, n, a.seed + 1)
-    teacher = load_model(base, torch.float32, dev)
+    # a teacher sharded over the processes is loaded on the CPU: sharding moves only each process's shards
+    teacher = load_model(base, torch.float32, "cpu" if D.is_distributed() and cfg.shard_teacher else dev)
     if a.overwrite:  # only now, with the data read and the models loaded
         if D.rank() == 0:
             remove_out(a.out)
@@ -418,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-ratio", type=POSITIVE, default=None,
                        help="reject code changes that move a group by more than this times its norm")
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
+        p.add_argument("--replicate-teacher", action="store_true",
+                       help="under torchrun: a whole teacher in every process instead of its layers sharded (FSDP2)")
         p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (memory)")
         p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
                        help="a module (dotted name or .py file) to import first, e.g. one that registers a strategy "

@@ -1,7 +1,9 @@
 """Fine-tuning on several processes (GPUs) with torch.distributed: data parallel, P step sharded.
 
-Every rank holds the quantized student (2 bits a weight: small) and the teacher, and computes the
-loss on its own slice of the global batch. Then:
+Every rank holds the quantized student (2 bits a weight: small) and computes the loss on its own
+slice of the global batch. The teacher only runs forward: its decoder layers are sharded over the ranks
+with PyTorch's FSDP2 (`shard_for_inference`), each rank keeping 1/world of their parameters and
+gathering one layer's at a time, so its memory per process falls with the number of processes. Then:
 
 - V step: the gradients of the continuous parameters are summed over ranks (all-reduce), so every
   rank takes the same Adam step and the replicas stay identical;
@@ -22,7 +24,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
@@ -55,6 +57,35 @@ def init_from_env(backend: Optional[str] = None) -> torch.device:
         dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
                                 **({"device_id": device} if cuda else {}))
     return device
+
+
+def decoder_layers(model: nn.Module) -> list:
+    """The transformer blocks of a Hugging Face causal LM (the largest ModuleList named "layers")."""
+    lists = [m for n, m in model.named_modules() if n.split(".")[-1] == "layers" and isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard the parameters of `model`'s decoder layers over the ranks with FSDP2 (fully_shard), in place:
+    each rank keeps 1/world of every layer and all-gathers one layer's parameters for its forward, then
+    frees them. For a model that only runs forward (the teacher); the same outputs as the whole model.
+    Sharding moves the shards to `device`, so a model loaded on the CPU never needs a whole copy there.
+    Without torch.distributed, or if already sharded, the model is returned as it is."""
+    if not is_distributed() or getattr(model, "sharded_for_inference", False):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # explicit: each layer is a root here
+    model.sharded_for_inference = True
+    return model
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameters this process holds of `model` (a sharded parameter counts its local shard)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
 
 
 def local_slice(batch: Tensor) -> Tensor:

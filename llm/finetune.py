@@ -80,6 +80,7 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast on CUDA
     grad_checkpointing: bool = False
     logit_chunk: Optional[int] = 4096  # tokens whose logits are formed at once for the KL loss (None: all)
+    shard_teacher: bool = True  # under torch.distributed: the teacher's layers sharded over the processes (FSDP2)
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -123,6 +124,7 @@ def run_settings(cfg: FinetuneConfig) -> dict:
     shorter one exactly; the data drawn for it is part of the caller's run identity)."""
     d = asdict(cfg)
     d.pop("checkpoint_every")
+    d.pop("shard_teacher")  # where the teacher's parameters live, not what it computes
     if cfg.lr_schedule == "constant":
         d.pop("steps")
     return d
@@ -340,6 +342,8 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     cfg.validate()
     device = torch.device(device or next(student.parameters()).device)
     student.to(device).train()
+    if cfg.shard_teacher:
+        D.shard_for_inference(teacher, device)
     teacher.to(device).eval()
     if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,7 +1,7 @@
 """Data-parallel fine-tuning: micro-batches and processes split a step without changing it.
 
-Two gloo processes on the CPU stand in for two GPUs: at the same global batch they give the loss
-curve and the model of one process, and their checkpoint (P-step state gathered from the layers'
+Two gloo processes on the CPU stand in for two GPUs: at the same global batch, with the teacher's
+layers sharded between them, they give the loss curve and the model of one process, and their checkpoint (P-step state gathered from the layers'
 owners) resumes in one process as if the run had never been split.
 """
 import copy
@@ -63,7 +63,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             teacher, student = calibrated()
             rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, **CFG),
                            checkpoint_dir=f"{out_dir}/ck-{strategy}", progress=False)
-            result[strategy] = {"losses": rep["losses"], "changed": rep["codes_changed"], "world": rep["world_size"]}
+            result[strategy] = {"losses": rep["losses"], "changed": rep["codes_changed"], "world": rep["world_size"],
+                                "teacher_local": D.local_numel(teacher)}
             if rank == 1:  # the replicas must agree: rank 1 saves its copy beside rank 0's checkpoint
                 torch.save(student.state_dict(), f"{out_dir}/rank1-{strategy}.pt")
         if rank == 0:
@@ -79,7 +80,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_give_the_loss_curve_of_one_and_resume_in_one(tmp_path):
+def test_two_gloo_processes_with_a_sharded_teacher_give_the_loss_curve_of_one_and_resume_in_one(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -93,6 +94,10 @@ def test_two_gloo_processes_give_the_loss_curve_of_one_and_resume_in_one(tmp_pat
         one = copy.deepcopy(student)
         rep_one = finetune(one, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=6, **CFG), progress=False)
         assert result[strategy]["world"] == 2
+        # each process held half of the teacher's decoder layers (FSDP2), the rest whole
+        layers = sum(p.numel() for layer in D.decoder_layers(teacher) for p in layer.parameters())
+        total = sum(p.numel() for p in teacher.parameters())
+        assert result[strategy]["teacher_local"] == total - layers // 2
         assert result[strategy]["losses"] == pytest.approx(rep_one["losses"][:4], rel=1e-5)
         assert result[strategy]["changed"] == rep_one["codes_changed"][:4]
         ck = tmp_path / f"ck-{strategy}"
