@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from llm import distributed as D
 from llm.formats import AQLMLinear, QuantFormat, ScalarLinear, make_quantized
 from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, set_module
 from pvtheory.codes import beam_search, decode, nearest_entry
@@ -457,7 +458,9 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
     """Quantize every listed linear of every block of `model` in place; returns a report.
 
     The model may live on the CPU: each block is moved to `device` while it is calibrated
-    (embeddings too, for the first forward), then moved back.
+    (embeddings too, for the first forward), then moved back. Under torch.distributed (every rank
+    calling this with the same arguments) the layers of a block are dealt out to the ranks by size,
+    each quantized by its owner and broadcast; every rank ends with the same model.
     """
     fmt = QuantFormat.parse(cfg.fmt)
     home = next(model.parameters()).device
@@ -491,10 +494,18 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
             with timed(phases, "hessians"):
                 H, outputs = collect_hessians(block, inputs, kwargs, group)
             targets = outputs if targets is None else targets  # the original block's outputs
-            for name, linear in block_linears(block, group).items():
+            linears = block_linears(block, group)
+            owner = D.layer_owners({n: m.out_features * m.in_features for n, m in linears.items()})
+            for name, linear in linears.items():  # under torch.distributed, each on its owner rank
                 tl = time.time()
-                qlayer, errs = quantize_linear(linear, H[name], fmt, cfg, phases)
-                set_module(block, name, qlayer.to(device))
+                if owner[name] == D.rank():
+                    qlayer, errs = quantize_linear(linear, H[name], fmt, cfg, phases)
+                else:
+                    qlayer, errs = make_quantized(linear, fmt), None
+                qlayer = qlayer.to(device)
+                D.broadcast_module_(qlayer, owner[name])
+                errs = D.broadcast_object(errs, owner[name])
+                set_module(block, name, qlayer)
                 report["layers"].append(asdict(LayerReport(f"model.layers.{i}.{name}", errs, round(time.time() - tl, 3))))
             del H, outputs
         losses = []
@@ -502,6 +513,7 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
             with timed(phases, "block_tune"):
                 losses = tune_block(block, inputs, targets, kwargs, cfg.block_tune_steps, cfg.block_tune_lr,
                                     cfg.block_tune_tau, cfg.block_tune_p_lr, cfg.beam_width, cfg.seed)
+                D.broadcast_module_(block, 0)  # replicas that drifted apart by floating point agree again
         with timed(phases, "block_outputs"):
             outputs = run_block(block, inputs, kwargs)
         mse = sum(float(F.mse_loss(o.float(), t.float())) for o, t in zip(outputs, targets)) / len(inputs)

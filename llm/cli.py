@@ -112,6 +112,7 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
                           p_warmup=a.p_warmup,
                           beam_width=a.beam_width, train_other=not a.freeze_other,
                           shard_teacher=not getattr(a, "replicate_teacher", False),
+                          p_state_dtype=a.p_state_dtype, p_grad_dtype=a.p_grad_dtype,
                           grad_checkpointing=a.grad_checkpointing, logit_chunk=a.logit_chunk or None,
                           seed=a.seed).validate()
 
@@ -214,6 +215,7 @@ def cmd_pipeline(a) -> None:
 def cmd_calibrate(a) -> None:
     from dataclasses import asdict
 
+    from llm import distributed as D
     from llm.calibrate import calibrate
     from llm.checkpoint import check_out, check_same_run, is_checkpoint, read_meta, save_checkpoint
     from llm.data import fingerprint
@@ -224,7 +226,7 @@ def cmd_calibrate(a) -> None:
     read_config(a.model)
     cfg = _calib_cfg(a)
     _corpus(a.train, "--train")
-    dev = _device(a.device)
+    dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)
     run = {"base_model": model_identity(a.model), "train": fingerprint(a.train), "seq_len": a.seq_len,
            "nsamples": a.nsamples, "calibration": asdict(cfg)}
@@ -235,6 +237,8 @@ def cmd_calibrate(a) -> None:
     seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples)
     model = load_model(a.model, torch.float32, "cpu")
     report = calibrate(model, seqs, cfg, device=dev)
+    if D.rank() > 0:  # every rank holds the same model; the first writes it
+        return
     save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report, "run": run})
     print(f"calibrated {a.model} to {a.format} ({model_bits(model)['bits_per_quantized_weight']:.3f} bits per "
           f"quantized weight) in {report['seconds']} s: {a.out}")
@@ -420,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-ratio", type=POSITIVE, default=None,
                        help="reject code changes that move a group by more than this times its norm")
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
+        p.add_argument("--p-state-dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="precision of the P step's per-weight moments (bfloat16 halves their memory)")
+        p.add_argument("--p-grad-dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="under torchrun: precision in which dL/dW is summed onto each layer's owner")
         p.add_argument("--replicate-teacher", action="store_true",
                        help="under torchrun: a whole teacher in every process instead of its layers sharded (FSDP2)")
         p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (memory)")

@@ -59,12 +59,6 @@ def init_from_env(backend: Optional[str] = None) -> torch.device:
     return device
 
 
-def decoder_layers(model: nn.Module) -> list:
-    """The transformer blocks of a Hugging Face causal LM (the largest ModuleList named "layers")."""
-    lists = [m for n, m in model.named_modules() if n.split(".")[-1] == "layers" and isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
-
-
 def shard_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     """Shard the parameters of `model`'s decoder layers over the ranks with FSDP2 (fully_shard), in place:
     each rank keeps 1/world of every layer and all-gathers one layer's parameters for its forward, then
@@ -75,6 +69,8 @@ def shard_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from llm.model import decoder_layers
 
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
@@ -129,6 +125,52 @@ def layer_owners(sizes: dict) -> dict:
     return owners
 
 
+def _owner_buckets(tensors: dict, owner: dict, bucket_numel: int) -> list:
+    """[(rank, [names])]: each rank's tensors in flat buckets of at most bucket_numel elements (one
+    collective per bucket instead of one per tensor), in the same order on every rank."""
+    buckets = []
+    for r in range(world_size()):
+        current, size = [], 0
+        for name, t in tensors.items():
+            if owner[name] != r:
+                continue
+            if current and size + t.numel() > bucket_numel:
+                buckets.append((r, current))
+                current, size = [], 0
+            current.append(name)
+            size += t.numel()
+        if current:
+            buckets.append((r, current))
+    return buckets
+
+
+def reduce_to_owners_(tensors: dict, owner: dict, dtype: Optional[torch.dtype] = None,
+                      bucket_numel: int = 1 << 26) -> None:
+    """Sum each tensor (name -> tensor, the same names on every rank) over ranks onto its owner rank, in
+    place, in flat buckets per owner; with `dtype` (e.g. bfloat16) the sums travel in that precision
+    (half the bytes of float32). Others' copies are left undefined."""
+    if not is_distributed():
+        return
+    for r, names in _owner_buckets(tensors, owner, bucket_numel):
+        flat = torch.cat([tensors[n].reshape(-1).to(dtype or tensors[n].dtype) for n in names])
+        dist.reduce(flat, dst=r)
+        if rank() == r:
+            for n, part in zip(names, flat.split([tensors[n].numel() for n in names])):
+                tensors[n].copy_(part.view_as(tensors[n]))
+
+
+def broadcast_from_owners_(tensors: dict, owner: dict, bucket_numel: int = 1 << 28) -> None:
+    """Overwrite each tensor (name -> tensor) on every rank with its owner's, in flat byte buckets per owner."""
+    if not is_distributed():
+        return
+    raw = {n: t.view(-1).view(torch.uint8) for n, t in tensors.items()}
+    for r, names in _owner_buckets(raw, owner, bucket_numel):
+        flat = torch.cat([raw[n] for n in names])
+        dist.broadcast(flat, src=r)
+        for n, part in zip(names, flat.split([raw[n].numel() for n in names])):
+            raw[n].copy_(part)
+
+
 def reduce_sum_to(t: Tensor, owner: int) -> None:
     """Sum `t` over ranks onto rank `owner` (others' copies are left undefined)."""
     if is_distributed():
@@ -136,9 +178,26 @@ def reduce_sum_to(t: Tensor, owner: int) -> None:
 
 
 def broadcast_from(t: Tensor, owner: int) -> None:
-    """Overwrite `t` on every rank with rank `owner`'s."""
+    """Overwrite `t` on every rank with rank `owner`'s (any dtype: 16-bit codes travel as bytes, which
+    NCCL and gloo both carry)."""
     if is_distributed():
-        dist.broadcast(t, src=owner)
+        dist.broadcast(t.view(torch.uint8) if t.dtype in (torch.int16, torch.bool) else t, src=owner)
+
+
+def broadcast_module_(module: nn.Module, owner: int) -> None:
+    """Overwrite every parameter and buffer of `module` on every rank with rank `owner`'s."""
+    if is_distributed():
+        for t in module.state_dict().values():
+            broadcast_from(t.data, owner)
+
+
+def broadcast_object(obj, owner: int):
+    """Rank `owner`'s `obj` (any picklable value) on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=owner)
+    return box[0]
 
 
 def gather_to_first(state: dict) -> dict:

@@ -70,6 +70,7 @@ class FinetuneConfig:
     p_beta2: float = 0.95
     p_metric: str = "euclidean"  # re-encode nearest in "euclidean" or the "adam" metric diag(sqrt v)
     p_state_dtype: str = "float32"  # the P step's per-weight moments; "bfloat16" halves their memory (7B scale)
+    p_grad_dtype: str = "float32"  # dL/dW summed over processes in this precision ("bfloat16": half the bytes)
     tau: float = 0.01  # fraction of code groups the pv strategy may change per step
     p_warmup: int = 0  # steps whose P step only accumulates its moments (no code changes, no STE update)
     p_select: str = "update"  # pv's greedy subspace: the groups with the largest "update", or the largest model "gain"
@@ -87,8 +88,9 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         if not is_strategy(self.strategy):
             raise FinetuneError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(strategy_names())}")
-        if self.p_state_dtype not in ("float32", "bfloat16"):
-            raise FinetuneError(f"p_state_dtype must be 'float32' or 'bfloat16', got {self.p_state_dtype!r}")
+        if self.p_state_dtype not in ("float32", "bfloat16") or self.p_grad_dtype not in ("float32", "bfloat16"):
+            raise FinetuneError(f"p_state_dtype and p_grad_dtype must be 'float32' or 'bfloat16', got "
+                                f"{self.p_state_dtype!r} and {self.p_grad_dtype!r}")
         if self.p_select not in ("update", "gain"):
             raise FinetuneError(f"p_select must be 'update' or 'gain', got {self.p_select!r}")
         if self.v_optimizer not in ("adam", "lamb"):
@@ -265,21 +267,21 @@ class CodeStep:
     @torch.no_grad()
     def step(self, step: int) -> int:
         """Run every layer's P (and V) step from its captured weight gradient (summed over processes
-        onto the layer's owner, whose new codes and values every rank then receives). Returns the
-        number of code groups changed."""
-        changed = 0
+        onto the layer's owner, in buckets, in cfg.p_grad_dtype; every rank then receives the owners'
+        new codes and values). Returns the number of code groups changed."""
+        grads = {}
         for name, layer in self.layers.items():
-            g = layer.weight_grad
+            if layer.weight_grad is not None:
+                grads[name] = layer.weight_grad
             layer.weight_grad = None
-            if g is None:
-                continue
-            D.reduce_sum_to(g, self.owner[name])
-            if self.owns(name):
-                changed += self._update_layer(name, layer, g)
-            D.broadcast_from(layer.codes, self.owner[name])
-            if self.v_step is not None:
-                for v in layer.value_parameters():
-                    D.broadcast_from(v.data, self.owner[name])
+        D.reduce_to_owners_(grads, self.owner, getattr(torch, self.cfg.p_grad_dtype))
+        changed = sum(self._update_layer(n, self.layers[n], g) for n, g in grads.items() if self.owns(n))
+        D.broadcast_from_owners_({n: self.layers[n].codes for n in grads}, self.owner)
+        if self.v_step is not None:
+            D.broadcast_from_owners_({f"{n}/{i}": v.data for n in grads
+                                      for i, v in enumerate(self.layers[n].value_parameters())},
+                                     {f"{n}/{i}": self.owner[n] for n in grads
+                                      for i, _ in enumerate(self.layers[n].value_parameters())})
         if D.is_distributed():
             total = torch.tensor(float(changed), device=next(iter(self.layers.values())).codes.device)
             D.all_reduce_sum_([total])

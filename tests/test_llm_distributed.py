@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from llm import distributed as D
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.finetune import FinetuneConfig, finetune
+from llm.model import decoder_layers
 from llm_helpers import tiny_model
 
 SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1))
@@ -67,6 +68,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                 "teacher_local": D.local_numel(teacher)}
             if rank == 1:  # the replicas must agree: rank 1 saves its copy beside rank 0's checkpoint
                 torch.save(student.state_dict(), f"{out_dir}/rank1-{strategy}.pt")
+        teacher, student = calibrated()  # the P step's gradients summed over processes in bfloat16
+        rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, p_grad_dtype="bfloat16", **CFG),
+                       progress=False)
+        result["pv_bf16"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
         if rank == 0:
             with open(f"{out_dir}/result.json", "w") as f:
                 json.dump(result, f)
@@ -95,7 +100,7 @@ def test_two_gloo_processes_with_a_sharded_teacher_give_the_loss_curve_of_one_an
         rep_one = finetune(one, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=6, **CFG), progress=False)
         assert result[strategy]["world"] == 2
         # each process held half of the teacher's decoder layers (FSDP2), the rest whole
-        layers = sum(p.numel() for layer in D.decoder_layers(teacher) for p in layer.parameters())
+        layers = sum(p.numel() for layer in decoder_layers(teacher) for p in layer.parameters())
         total = sum(p.numel() for p in teacher.parameters())
         assert result[strategy]["teacher_local"] == total - layers // 2
         assert result[strategy]["losses"] == pytest.approx(rep_one["losses"][:4], rel=1e-5)
@@ -110,3 +115,42 @@ def test_two_gloo_processes_with_a_sharded_teacher_give_the_loss_curve_of_one_an
                        progress=False)
         assert rep["losses"] == pytest.approx(rep_one["losses"], rel=1e-5)
         assert_same_model(one, resumed)
+        if strategy == "pv":  # bfloat16 sums: the loss curve of one process within bfloat16 noise
+            assert result["pv_bf16"]["losses"] == pytest.approx(rep_one["losses"][:4], rel=1e-2)
+
+
+def _calibration_worker(rank: int, world: int, port: int, out_dir: str, fmt: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init_from_env(backend="gloo")
+    try:
+        model = tiny_model("llama")
+        report = calibrate(model, SEQS, CalibrationConfig(fmt=fmt, rounds=2, batch_size=8, block_tune_steps=3),
+                           progress=False)
+        torch.save({"state": model.state_dict(), "errors": [l["relative_error"] for l in report["layers"]]},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("fmt", ["1x6g8", "int2g16"])
+def test_calibration_spread_over_two_processes_gives_the_model_of_one(tmp_path, fmt):
+    """Each process quantizes the layers it owns and broadcasts them: both end with one process's model."""
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    mp.spawn(_calibration_worker, args=(2, _free_port(), str(tmp_path), fmt), nprocs=2, join=True)
+    one = tiny_model("llama")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the same order of floating-point sums
+    try:
+        report = calibrate(one, SEQS, CalibrationConfig(fmt=fmt, rounds=2, batch_size=8, block_tune_steps=3),
+                           progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["errors"] == [l["relative_error"] for l in report["layers"]]
+        assert all(torch.equal(got["state"][k], v) for k, v in one.state_dict().items())
