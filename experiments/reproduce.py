@@ -4,6 +4,7 @@
     python -m experiments.reproduce main-table --model ../shared/models/ref-llama --model ../shared/models/ref-mistral \
                                                --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
+    python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
@@ -67,6 +68,23 @@ def smollm2(a) -> None:
     plots(summaries, a.out, "smollm2")
 
 
+def representations(a) -> None:
+    from experiments.representations import WIDTHS, choose_formats, layer_shapes, markdown, table
+    from pvtheory.io import write_json
+
+    for model in a.model:
+        summaries = []
+        for width, reps in choose_formats(layer_shapes(model)).items():
+            preset = WIDTHS[width][1]
+            for fmt, _ in reps.values():
+                summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, ("--preset", preset)))
+        result = table([json.loads(p.read_text()) for p in summaries])
+        name = Path(model).name.removesuffix(".gguf")
+        write_json(a.out / f"representations_{name}.json", result)
+        print(markdown(result))
+        print(f"table: {a.out}/representations_{name}.json")
+
+
 def kernels(a) -> None:
     run("-m", "experiments.bench_kernels", "--device", "cuda", "--out", str(a.out / "gpu_matvec.json"))
     models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the 7B shape
@@ -98,8 +116,8 @@ def toy(a) -> None:
     run("-m", "experiments.toy_study", "--out", str(a.out), *(["--full"] if a.full else []))
 
 
-PARTS = {"toy": toy, "main-table": main_table, "smollm2": smollm2, "kernels": kernels, "scale": scale,
-         "multi-gpu": multi_gpu}
+PARTS = {"toy": toy, "main-table": main_table, "smollm2": smollm2, "representations": representations,
+         "kernels": kernels, "scale": scale, "multi-gpu": multi_gpu}
 
 
 def main(argv=None) -> None:
@@ -110,11 +128,13 @@ def main(argv=None) -> None:
     ap.add_argument("--model", action="append", default=[], help="model directory or GGUF file (repeatable)")
     ap.add_argument("--corpus", type=Path, help="folder holding train.txt.xz and validation.txt.xz")
     ap.add_argument("--formats", default="2x8g8,1x8g8", help="main-table: formats, comma-separated")
-    ap.add_argument("--strategies", default=",".join(BUILTIN), help="main-table: strategies, comma-separated")
+    ap.add_argument("--strategies", default=",".join(BUILTIN),
+                    help="main-table, representations: strategies, comma-separated")
     ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
     a = ap.parse_args(argv)
-    needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus")}
+    needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus"),
+             "representations": ("model", "corpus")}
     missing = [f"--{n}" for n in needs.get(a.part, ()) if not getattr(a, n)]
     if missing:
         ap.error(f"{a.part} needs {' and '.join(missing)}")
