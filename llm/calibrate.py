@@ -426,7 +426,8 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
     code_step = None
     if tau > 0:
-        code_step = CodeStep(block, FinetuneConfig(strategy="pv", tau=tau, p_lr=p_lr, beam_width=beam_width, seed=seed))
+        code_step = CodeStep(block, FinetuneConfig(strategy="pv", tau=tau, p_lr=p_lr, beam_width=beam_width, seed=seed),
+                             distributed=False)  # every process tunes the whole block (the first one's is kept)
     losses = []
     with torch.enable_grad(), (code_step.capturing() if code_step else nullcontext()):
         for step in range(steps):

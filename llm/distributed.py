@@ -171,6 +171,49 @@ def broadcast_from_owners_(tensors: dict, owner: dict, bucket_numel: int = 1 << 
             raw[n].copy_(part)
 
 
+class GradientBuckets:
+    """dL/dW of each layer summed onto its owner rank while backward still runs. `add` is called as each
+    layer's gradient is complete (backward hooks fire in the same order on every rank); a layer joins
+    its owner's open bucket, and a full bucket is reduced at once, asynchronously, in `dtype` (float32
+    or bfloat16). A rank that does not own a layer lets go of its gradient as soon as its bucket is
+    sent, and of the bucket once the reduction is done. `finish` sends the last buckets, waits, and
+    returns the summed gradients of the layers this rank owns."""
+
+    def __init__(self, owner: dict, dtype: Optional[torch.dtype] = None, bucket_numel: int = 1 << 25) -> None:
+        self.owner, self.dtype, self.limit = owner, dtype, bucket_numel
+        self.open: dict = {r: [] for r in range(world_size())}  # owner -> [(name, gradient)] not yet sent
+        self.inflight: list = []  # (work, flat, [(name, gradient or None)], owner)
+
+    def add(self, name: str, grad: Tensor) -> None:
+        r = self.owner[name]
+        self.open[r].append((name, grad))
+        if sum(g.numel() for _, g in self.open[r]) >= self.limit:
+            self._send(r)
+        # buckets whose reduction is done: a non-owner no longer needs them
+        self.inflight = [e for e in self.inflight if e[3] == rank() or not e[0].is_completed()]
+
+    def _send(self, r: int) -> None:
+        entries, self.open[r] = self.open[r], []
+        flat = torch.cat([g.reshape(-1).to(self.dtype or g.dtype) for _, g in entries])
+        work = dist.reduce(flat, dst=r, async_op=True)
+        keep = entries if rank() == r else [(n, None) for n, _ in entries]
+        self.inflight.append((work, flat, keep, r))
+
+    def finish(self) -> dict:
+        for r in range(world_size()):
+            if self.open[r]:
+                self._send(r)
+        owned = {}
+        for work, flat, entries, r in self.inflight:
+            work.wait()
+            if r == rank():
+                for (name, g), part in zip(entries, flat.split([g.numel() for _, g in entries])):
+                    g.copy_(part.view_as(g))
+                    owned[name] = g
+        self.inflight = []
+        return owned
+
+
 def reduce_sum_to(t: Tensor, owner: int) -> None:
     """Sum `t` over ranks onto rank `owner` (others' copies are left undefined)."""
     if is_distributed():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -220,14 +220,19 @@ class CodeStep:
     leaves the model's optimizer), else nothing here (the model's optimizer takes it). Under
     torch.distributed each layer's steps run on its owner rank, which alone keeps their state."""
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig, v_step: Optional[Step] = None) -> None:
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, v_step: Optional[Step] = None,
+                 distributed: bool = True) -> None:
         self.cfg = cfg
         self.layers = quantized_layers(model)
-        self.owner = D.layer_owners({n: m.out_features * m.in_features for n, m in self.layers.items()})
+        self.distributed = distributed and D.is_distributed()  # False: this process steps every layer alone
+        self.owner = (D.layer_owners({n: m.out_features * m.in_features for n, m in self.layers.items()})
+                      if self.distributed else {n: D.rank() for n in self.layers})
         self.p_steps = {n: p_step_for(cfg, seed=cfg.seed * 100_003 + i) for i, n in enumerate(self.layers)}
         self.v_step = v_step
         self.active = v_step is not None or any(s is not None for s in self.p_steps.values())
         self.states: dict = {}  # layer name -> (P step state, V step state)
+        self.buckets: Optional[D.GradientBuckets] = None  # gradients on their way to their owners
+        self.last_micro_batch = False
 
     def owns(self, name: str) -> bool:
         return self.owner[name] == D.rank()
@@ -254,15 +259,39 @@ class CodeStep:
     @contextmanager
     def capturing(self, enabled: bool = True) -> Iterator["CodeStep"]:
         """Inside, every layer captures dL/dW in backward (what step() reads); on exit, even by an
-        error, capture is off and nothing captured is left behind."""
+        error, capture is off and nothing captured is left behind. Under torch.distributed the
+        gradients of the last micro-batch's backward travel to their owners while it runs
+        (llm.distributed.GradientBuckets)."""
+        names = {id(layer): name for name, layer in self.layers.items()}
+
+        def complete(layer) -> None:  # a layer's dL/dW of the whole step is ready
+            if self.buckets is not None and self.last_micro_batch:
+                self.buckets.add(names[id(layer)], layer.weight_grad)
+                layer.weight_grad = None
+
         for layer in self.layers.values():
             layer.capture_weight_grad = enabled
+            layer.on_weight_grad = complete if self.distributed else None
         try:
             yield self
         finally:
             for layer in self.layers.values():
                 layer.capture_weight_grad = False
                 layer.weight_grad = None
+                layer.on_weight_grad = None
+            self.buckets = None
+
+    @contextmanager
+    def last_backward(self) -> Iterator[None]:
+        """Around the step's last backward pass: each layer's gradient is then complete as soon as its
+        hook fires, and under torch.distributed starts for its owner at once."""
+        if self.distributed and self.active:
+            self.buckets = D.GradientBuckets(self.owner, getattr(torch, self.cfg.p_grad_dtype))
+        self.last_micro_batch = True
+        try:
+            yield
+        finally:
+            self.last_micro_batch = False
 
     @torch.no_grad()
     def step(self, step: int) -> int:
@@ -274,15 +303,20 @@ class CodeStep:
             if layer.weight_grad is not None:
                 grads[name] = layer.weight_grad
             layer.weight_grad = None
-        D.reduce_to_owners_(grads, self.owner, getattr(torch, self.cfg.p_grad_dtype))
+        if self.distributed:  # any not sent during backward
+            D.reduce_to_owners_(grads, self.owner, getattr(torch, self.cfg.p_grad_dtype))
+        if self.buckets is not None:
+            grads.update(self.buckets.finish())
+            self.buckets = None
         changed = sum(self._update_layer(n, self.layers[n], g) for n, g in grads.items() if self.owns(n))
-        D.broadcast_from_owners_({n: self.layers[n].codes for n in grads}, self.owner)
+        stepped = list(self.layers) if self.distributed else []  # every rank: the same names, in order
+        D.broadcast_from_owners_({n: self.layers[n].codes for n in stepped}, self.owner)
         if self.v_step is not None:
-            D.broadcast_from_owners_({f"{n}/{i}": v.data for n in grads
+            D.broadcast_from_owners_({f"{n}/{i}": v.data for n in stepped
                                       for i, v in enumerate(self.layers[n].value_parameters())},
-                                     {f"{n}/{i}": self.owner[n] for n in grads
+                                     {f"{n}/{i}": self.owner[n] for n in stepped
                                       for i, _ in enumerate(self.layers[n].value_parameters())})
-        if D.is_distributed():
+        if self.distributed:
             total = torch.tensor(float(changed), device=next(iter(self.layers.values())).codes.device)
             D.all_reduce_sum_([total])
             changed = int(total.item())
@@ -387,7 +421,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                          disable=not progress or D.rank() > 0, initial=start, total=cfg.steps):
             loss = accumulate_gradients(student, teacher, opt,
                                         D.local_slice(batch_for_step(sequences, step, cfg.batch_size, cfg.seed)),
-                                        cfg, device, amp)
+                                        cfg, device, amp, code_step.last_backward)
             if not math.isfinite(loss):  # before any step: the model is still the last good one
                 if ckpt is not None and has_checkpoint(ckpt):
                     where = f"; the last good checkpoint (step {read_meta(ckpt)['step']}) is kept in {ckpt}"
@@ -415,14 +449,16 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
 
 
 def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, batch: Tensor,
-                         cfg: FinetuneConfig, device: torch.device, amp: bool) -> float:
+                         cfg: FinetuneConfig, device: torch.device, amp: bool,
+                         last_backward: Callable[[], Iterator[None]] = nullcontext) -> float:
     """Gradients of this process's share of the step's loss on `batch` (its rows of the global
     batch), micro-batch by micro-batch; returns the global batch's loss (summed over processes).
     Each micro-batch's mean-token KL is weighted by its share of the global batch, so the sum over
     micro-batches and processes is the global batch's mean."""
     opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    for micro in batch.split(cfg.micro_batch_size or len(batch)):
+    micros = batch.split(cfg.micro_batch_size or len(batch))
+    for i, micro in enumerate(micros):
         micro = micro.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if cfg.logit_chunk:
@@ -432,7 +468,8 @@ def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.opti
                     teacher_logits = teacher(input_ids=micro).logits
                 loss = kl_loss(student(input_ids=micro).logits, teacher_logits)
             loss = loss * (len(micro) / cfg.batch_size)
-        loss.backward()
+        with last_backward() if i == len(micros) - 1 else nullcontext():
+            loss.backward()
         total += loss.detach()
     D.all_reduce_sum_([total])
     return total.item()

@@ -96,10 +96,13 @@ class QuantizedLinearBase(nn.Module):
         self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
         self.capture_weight_grad = False
         self.weight_grad: Optional[Tensor] = None
+        self.on_weight_grad = None  # called with the layer after each captured gradient (P-step bookkeeping)
 
     def _store_grad(self, grad: Tensor) -> None:
         g = grad.detach().float()
         self.weight_grad = g if self.weight_grad is None else self.weight_grad + g
+        if self.on_weight_grad is not None:
+            self.on_weight_grad(self)
 
     def forward(self, x: Tensor) -> Tensor:
         W = self.weight()

@@ -72,6 +72,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, p_grad_dtype="bfloat16", **CFG),
                        progress=False)
         result["pv_bf16"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
+        teacher, student = calibrated()  # two micro-batches a process: the gradients travel in the second,
+        D.GradientBuckets.__init__.__defaults__ = (None, 1000)  # a bucket per layer, sent during backward
+        rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, micro_batch_size=2, **CFG),
+                       progress=False)
+        result["pv_micro"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
         if rank == 0:
             with open(f"{out_dir}/result.json", "w") as f:
                 json.dump(result, f)
@@ -117,6 +122,8 @@ def test_two_gloo_processes_with_a_sharded_teacher_give_the_loss_curve_of_one_an
         assert_same_model(one, resumed)
         if strategy == "pv":  # bfloat16 sums: the loss curve of one process within bfloat16 noise
             assert result["pv_bf16"]["losses"] == pytest.approx(rep_one["losses"][:4], rel=1e-2)
+            assert result["pv_micro"]["losses"] == pytest.approx(rep_one["losses"][:4], rel=1e-5)
+            assert result["pv_micro"]["changed"] == rep_one["codes_changed"][:4]
 
 
 def _calibration_worker(rank: int, world: int, port: int, out_dir: str, fmt: str) -> None:
