@@ -87,7 +87,9 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
         times.append(time.time())
 
+    D.shard_for_inference(teacher, device)  # as finetune would: the peak below counts only this process's shards
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     rep = finetune(student, teacher, seqs, cfg, device=device, progress=D.rank() == 0, on_step=on_step)
