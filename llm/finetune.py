@@ -250,6 +250,7 @@ class CodeStep:
         if any(k.startswith("p.") for k in state):
             raise FinetuneError("this checkpoint stores the P step's state in an older layout that cannot be "
                                 "resumed: fine-tune into another --out, or --overwrite to restart this one")
+
         def stored(prefix: str) -> bool:  # a state tree stored under exactly this name
             return any(k == prefix or k.startswith((prefix + "#", prefix + "/")) for k in state)
 
