@@ -7,13 +7,15 @@
 """
 from pvtheory.baselines import (continuous_optimum, relax_then_round, ste_p_step,
                                 stochastic_rounding_p_step)
-from pvtheory.codes import Codebooks, decode, scalar
+from pvtheory.codes import Codebooks, ScalarGrid, decode, scalar
 from pvtheory.init import init_scalar, kmeans, kmeans_1d, residual_kmeans, uniform_grid
-from pvtheory.objectives import Autograd, LeastSquares, Logistic, Objective, Quadratic, SeparableQuadratic
+from pvtheory.objectives import (Autograd, LeastSquares, LocalQuadraticModel, Logistic, Objective, ObservedGradient,
+                                 Quadratic, SeparableQuadratic)
 from pvtheory.optimum import global_optimum, global_optimum_miqp
-from pvtheory.p_steps import exact_p_step, linearized_p_step, subspace_p_step
+from pvtheory.p_steps import exact_p_step, linearized_p_step, subspace_p_step, trust_region
+from pvtheory.preconditioners import adam_preconditioned
 from pvtheory.problems import random_problem
-from pvtheory.pv import PVResult, is_pv_stationary, pv
+from pvtheory.pv import PVResult, is_pv_stationary, pv, pv_iteration
 from pvtheory.steps import Step
 from pvtheory.v_steps import adam_v_step, cvxpy_v_step, exact_v_step, gradient_v_step, no_v_step
 
@@ -23,5 +25,6 @@ __all__ = [
     "uniform_grid", "exact_p_step", "linearized_p_step", "subspace_p_step", "exact_v_step",
     "cvxpy_v_step", "gradient_v_step", "adam_v_step", "no_v_step", "ste_p_step",
     "stochastic_rounding_p_step", "relax_then_round", "continuous_optimum", "pv", "PVResult",
-    "is_pv_stationary", "global_optimum", "global_optimum_miqp", "Step",
+    "is_pv_stationary", "global_optimum", "global_optimum_miqp", "Step", "ScalarGrid", "ObservedGradient",
+    "LocalQuadraticModel", "trust_region", "adam_preconditioned", "pv_iteration",
 ]
