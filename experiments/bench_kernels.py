@@ -3,8 +3,9 @@
     python -m experiments.bench_kernels --device cuda --out experiments/results/kernels/gpu_matvec.json
     python -m experiments.bench_kernels --device cpu --out experiments/results/kernels/cpu_matvec.json
 
-GPU: the Triton kernel (autotuned tile) against torch.nn.functional.linear with a bf16 weight, and
-against the reference path (decode W in bf16, then F.linear). Each timing replays a CUDA graph of
+GPU: the layer's kernel (CUDA or the autotuned Triton tile) against torch.nn.functional.linear with a
+bf16 weight, against the reference path (decode W in bf16, then F.linear) and, where the `aqlm` package
+is installed (1.1.7: its CUDA sources build on first use), against AQLM's own kernel on the same layers. Each timing replays a CUDA graph of
 calls that rotate over enough distinct copies of the layer (> 4x the L2 cache) that every call reads
 its weights from device memory, as in decoding; the time per call is the replay time over the
 number of calls. Bandwidth counts the bytes a call must read and write (codes, codebooks, scales,
@@ -45,6 +46,34 @@ def random_layer(fmt: QuantFormat, n_in: int, n_out: int, dtype: torch.dtype, de
 
 def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --- AQLM's own kernels (the `aqlm` package, CUDA sources built on first use) ------------------------
+def aqlm_tensors(layer: AQLMLinear) -> tuple:
+    """The layer in the `aqlm` package's layout: codes (out, in/g, M) as signed B-bit ints, codebooks
+    (M, K, 1, g), scales (out, 1, 1, 1) (what llm.export writes)."""
+    from llm.export import _hf_codes
+
+    return (_hf_codes(layer.codes, layer.fmt.bits).contiguous(), layer.codebooks.unsqueeze(2).contiguous(),
+            layer.scales.reshape(-1, 1, 1, 1).contiguous())
+
+
+def aqlm_kernel(layer: AQLMLinear):
+    """aqlm's forward kernel for this layer (the one its QuantizedLinear picks for inference), as a
+    function x -> y, or None where the package or a kernel for this format is missing."""
+    try:
+        from aqlm.inference_kernels.kernel_selector import get_forward_pass_kernel
+    except ImportError:
+        return None
+    codes, codebooks, scales = aqlm_tensors(layer)
+    try:
+        kernel = get_forward_pass_kernel(codebooks, False)
+    except Exception:  # no kernel for this format, or the CUDA sources did not build
+        return None
+    if codes.device.type == "cpu":  # its CPU kernel reads codes as (in/g, out, M), as its layer prepares them
+        codes = codes.permute(1, 0, 2).contiguous()
+    bias = torch.zeros(layer.out_features, device=codes.device, dtype=codebooks.dtype)  # its ops take a bias tensor
+    return lambda x: kernel(x, codes, codebooks, scales, bias)
 
 
 # --- GPU --------------------------------------------------------------------------------------------
@@ -117,6 +146,14 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
         cuda = {"cuda_us": round(t_cuda * 1e6, 2), "cuda_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
                 "triton_us": round(t_kernel * 1e6, 2)}
         t_kernel = t_cuda  # what the layer uses
+    aqlm = {}
+    if aqlm_kernel(one) is not None:  # AQLM's own kernel on the same layers, timed the same way
+        got = aqlm_kernel(one)(x).float()
+        kernels = [aqlm_kernel(L) for L in layers]
+        t_aqlm = graph_time_per_call([(lambda k=k, o=o: o.copy_(k(x))) for k, o in zip(kernels, outs)])
+        aqlm = {"aqlm_us": round(t_aqlm * 1e6, 2), "aqlm_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
+                "speedup_vs_aqlm": round(t_aqlm / t_kernel, 2)}
+        del kernels
     W = one.weight()
     dense = [W] + [torch.randn(n_out, n_in, generator=gen, device=dev).to(bf16)
                    for _ in range(copies_for(nbytes(W), l2, cap=64) - 1)]
@@ -136,7 +173,7 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
         "dense_gbs": round((nbytes(W) + io) / t_dense / 1e9, 1),
         "dense_bandwidth_fraction": round((nbytes(W) + io) / t_dense / 1e9 / peak_gbs, 3),
         "floor_us": round(kernel_bytes / (peak_gbs * 1e9) * 1e6, 2),
-        "relative_error_vs_float32": rel_err, "tile": tile, "kernel": "cuda" if cuda else "triton", **cuda,
+        "relative_error_vs_float32": rel_err, "tile": tile, "kernel": "cuda" if cuda else "triton", **cuda, **aqlm,
         "layer_copies": len(layers),
     }
 

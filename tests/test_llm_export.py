@@ -56,3 +56,25 @@ def test_scalar_models_cannot_be_exported_to_aqlm(tmp_path):
     calibrate(q, torch.randint(0, 256, (2, 16)), CalibrationConfig(fmt="int2g16", batch_size=2, v_steps=0, block_tune_steps=0), progress=False)
     with pytest.raises(ExportError, match="scalar layers cannot"):
         export_aqlm(q, tmp_path / "base", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("fmt", ["1x8g8", "2x8g8"])
+def test_the_kernel_benchmark_hands_aqlms_kernels_our_layers_in_their_layout(fmt):
+    """experiments.bench_kernels times AQLM's own kernels beside ours: on the CPU (its numba kernel) the
+    converted layer gives our layer's output."""
+    import numba
+    import torch.nn.functional as F
+
+    from experiments.bench_kernels import aqlm_kernel, random_layer
+    from llm.formats import QuantFormat
+
+    gen = torch.Generator().manual_seed(0)
+    layer = random_layer(QuantFormat.parse(fmt), 64, 32, torch.float32, "cpu", gen)
+    x = torch.randn(3, 64, generator=gen)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # aqlm 1.1.7's numba kernel races with several threads
+    try:
+        got = aqlm_kernel(layer)(x)
+    finally:
+        numba.set_num_threads(threads)
+    assert torch.allclose(got, F.linear(x, layer.weight()), atol=1e-5)
