@@ -82,6 +82,7 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
     logit_chunk: Optional[int] = 4096  # tokens whose logits are formed at once for the KL loss (None: all)
     shard_teacher: bool = True  # under torch.distributed: the teacher's layers sharded over the processes (FSDP2)
+    p_step_in_backward: bool = True  # each layer's P step as soon as its dL/dW is complete (memory: one layer's)
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -127,6 +128,7 @@ def run_settings(cfg: FinetuneConfig) -> dict:
     d = asdict(cfg)
     d.pop("checkpoint_every")
     d.pop("shard_teacher")  # where the teacher's parameters live, not what it computes
+    d.pop("p_step_in_backward")  # when, not what: the same codes either way
     if cfg.lr_schedule == "constant":
         d.pop("steps")
     return d
@@ -233,6 +235,7 @@ class CodeStep:
         self.states: dict = {}  # layer name -> (P step state, V step state)
         self.buckets: Optional[D.GradientBuckets] = None  # gradients on their way to their owners
         self.last_micro_batch = False
+        self.changed_in_backward = 0  # groups changed by P steps taken during this step's backward
 
     def owns(self, name: str) -> bool:
         return self.owner[name] == D.rank()
@@ -266,13 +269,23 @@ class CodeStep:
         names = {id(layer): name for name, layer in self.layers.items()}
 
         def complete(layer) -> None:  # a layer's dL/dW of the whole step is ready
-            if self.buckets is not None and self.last_micro_batch:
-                self.buckets.add(names[id(layer)], layer.weight_grad)
-                layer.weight_grad = None
+            if not self.last_micro_batch:
+                return
+            name = names[id(layer)]
+            if self.buckets is not None:  # on its way to the owner
+                self.buckets.add(name, layer.weight_grad)
+            else:  # its P step now: only one layer's dL/dW is alive at a time
+                with torch.no_grad():
+                    self.changed_in_backward += self._update_layer(name, layer, layer.weight_grad)
+            layer.weight_grad = None
 
+        # Changing a layer's codes while backward goes on is safe: its own gradients are done, and the
+        # decoded weights and code indices autograd saved are copies. A pvtheory V step waits for the
+        # end (autograd still needs the scales it would change).
+        in_backward = self.distributed or (self.cfg.p_step_in_backward and self.v_step is None)
         for layer in self.layers.values():
             layer.capture_weight_grad = enabled
-            layer.on_weight_grad = complete if self.distributed else None
+            layer.on_weight_grad = complete if in_backward else None
         try:
             yield self
         finally:
@@ -283,9 +296,13 @@ class CodeStep:
             self.buckets = None
 
     @contextmanager
-    def last_backward(self) -> Iterator[None]:
+    def last_backward(self, finite: bool = True) -> Iterator[None]:
         """Around the step's last backward pass: each layer's gradient is then complete as soon as its
-        hook fires, and under torch.distributed starts for its owner at once."""
+        hook fires, and under torch.distributed starts for its owner at once, or in one process takes
+        its P step at once. With a non-finite loss nothing happens early (the step will be refused)."""
+        if not finite:
+            yield
+            return
         if self.distributed and self.active:
             self.buckets = D.GradientBuckets(self.owner, getattr(torch, self.cfg.p_grad_dtype))
         self.last_micro_batch = True
@@ -310,6 +327,7 @@ class CodeStep:
             grads.update(self.buckets.finish())
             self.buckets = None
         changed = sum(self._update_layer(n, self.layers[n], g) for n, g in grads.items() if self.owns(n))
+        changed, self.changed_in_backward = changed + self.changed_in_backward, 0
         stepped = list(self.layers) if self.distributed else []  # every rank: the same names, in order
         D.broadcast_from_owners_({n: self.layers[n].codes for n in stepped}, self.owner)
         if self.v_step is not None:
@@ -451,7 +469,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
 
 def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, batch: Tensor,
                          cfg: FinetuneConfig, device: torch.device, amp: bool,
-                         last_backward: Callable[[], Iterator[None]] = nullcontext) -> float:
+                         last_backward: Callable[[bool], Iterator[None]] = lambda finite: nullcontext()) -> float:
     """Gradients of this process's share of the step's loss on `batch` (its rows of the global
     batch), micro-batch by micro-batch; returns the global batch's loss (summed over processes).
     Each micro-batch's mean-token KL is weighted by its share of the global batch, so the sum over
@@ -469,7 +487,8 @@ def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.opti
                     teacher_logits = teacher(input_ids=micro).logits
                 loss = kl_loss(student(input_ids=micro).logits, teacher_logits)
             loss = loss * (len(micro) / cfg.batch_size)
-        with last_backward() if i == len(micros) - 1 else nullcontext():
+        last = i == len(micros) - 1
+        with last_backward(bool(torch.isfinite(total + loss))) if last else nullcontext():
             loss.backward()
         total += loss.detach()
     D.all_reduce_sum_([total])

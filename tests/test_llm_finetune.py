@@ -218,3 +218,19 @@ def test_p_warmup_changes_no_code_until_the_moments_have_averaged(strategy):
     rep = finetune(student, teacher, SEQS, cfg, progress=False)
     assert rep["codes_changed"][:3] == [0, 0, 0]
     assert sum(rep["codes_changed"][3:]) > 0
+
+
+@pytest.mark.parametrize("strategy", ["pv", "ste", "stochastic"])
+@pytest.mark.parametrize("micro", [None, 2])
+def test_p_steps_taken_during_backward_give_the_codes_of_p_steps_at_the_end(strategy, micro):
+    teacher, student = calibrated("llama")
+    runs = []
+    for in_backward in (True, False):
+        s = copy.deepcopy(student)
+        cfg = FinetuneConfig(strategy=strategy, steps=4, batch_size=4, micro_batch_size=micro, lr=1e-3, p_lr=1e-2,
+                             tau=0.05, p_step_in_backward=in_backward)
+        rep = finetune(s, teacher, SEQS, cfg, progress=False)
+        runs.append((rep, {n: b.clone() for n, b in s.named_buffers() if n.endswith("codes")}))
+    (a, codes_a), (b, codes_b) = runs
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-6) and a["codes_changed"] == b["codes_changed"]
+    assert sum(a["codes_changed"]) > 0 and all(torch.equal(codes_a[n], codes_b[n]) for n in codes_a)
