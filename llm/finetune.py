@@ -467,6 +467,13 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
             "seconds": round(seconds, 2), "resumed_at": start, "world_size": D.world_size(), "config": asdict(cfg)}
 
 
+def _finite_everywhere(loss: Tensor) -> bool:
+    """True if `loss` is finite on every process (one decision for all, or their collectives would part)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    D.all_reduce_sum_([bad])
+    return bool(bad.item() == 0)
+
+
 def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, batch: Tensor,
                          cfg: FinetuneConfig, device: torch.device, amp: bool,
                          last_backward: Callable[[bool], Iterator[None]] = lambda finite: nullcontext()) -> float:
@@ -488,7 +495,7 @@ def accumulate_gradients(student: nn.Module, teacher: nn.Module, opt: torch.opti
                 loss = kl_loss(student(input_ids=micro).logits, teacher_logits)
             loss = loss * (len(micro) / cfg.batch_size)
         last = i == len(micros) - 1
-        with last_backward(bool(torch.isfinite(total + loss))) if last else nullcontext():
+        with last_backward(_finite_everywhere(total + loss)) if last else nullcontext():
             loss.backward()
         total += loss.detach()
     D.all_reduce_sum_([total])
