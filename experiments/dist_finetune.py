@@ -3,9 +3,11 @@
     torchrun --nproc-per-node 2 -m experiments.dist_finetune --out r2.json \
         --checkpoint CKPT --model MODEL_DIR --train train.txt.xz --steps 100 --batch-size 32
     torchrun --nproc-per-node 2 -m experiments.dist_finetune --out s2.json --random 7b --steps 3 --batch-size 2
+    torchrun --nproc-per-node 8 -m experiments.dist_finetune --out s8.json --random 70b --steps 3 --batch-size 8
 
-The first form fine-tunes a calibrated checkpoint of a reference model; the second a Llama-2-7B-shaped
-model with random weights and random 2x8g8 codes (built on the GPU, no download), one sequence of
+The first form fine-tunes a calibrated checkpoint of a reference model; the others a Llama-2-7B- or
+70B-shaped model with random weights and random 2x8g8 codes (built on the GPU, no download; the 70B
+shape on the meta device, each process materializing only its shards of the teacher), one sequence of
 4096 tokens per GPU, gradient checkpointing and bf16 P-step moments. Rank 0 writes the loss of every
 step, the seconds of every step, tokens/s, and every rank's peak GPU memory. Run the same command
 with --nproc-per-node 1 and 2 and compare with `--compare a.json b.json` (no torchrun).
@@ -23,6 +25,52 @@ from llm import distributed as D
 from llm.finetune import FinetuneConfig, finetune
 from llm.pipeline import TUNED_STRATEGY_SETTINGS
 from pvtheory.io import write_json
+
+
+LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                  vocab_size=32000, num_hidden_layers=80)
+
+
+def sharded_random_models(shape: dict, device: torch.device, layers: int, fmt: str = "2x8g8"):
+    """(teacher bf16, quantized student) too large for one device: both are built on the meta device;
+    the teacher's layers are sharded over the processes (FSDP2) before any memory is given to them,
+    so each process materializes only its shards (random values: the cost of a step does not depend
+    on them); the student gets its random codes and codebooks straight on `device` (2 bits a weight)."""
+    from transformers import LlamaForCausalLM
+
+    from llm.formats import AQLMLinear, QuantFormat
+    from llm.model import block_linears, decoder_layers, set_module, tiny_config
+
+    config = tiny_config("llama", hidden=shape["hidden_size"], layers=layers, heads=shape["num_attention_heads"],
+                         kv_heads=shape.get("num_key_value_heads"), intermediate=shape["intermediate_size"],
+                         vocab=shape["vocab_size"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.device("meta"):
+        teacher, student = LlamaForCausalLM(config).to(torch.bfloat16), LlamaForCausalLM(config)
+    D.shard_for_inference(teacher, device)
+    teacher.to_empty(device=device)
+    q = QuantFormat.parse(fmt)
+    for block in decoder_layers(student):
+        for name, linear in block_linears(block).items():
+            layer = AQLMLinear(linear.in_features, linear.out_features, q, device=device)
+            with torch.no_grad():
+                layer.set_codes(torch.randint(0, 1 << q.bits, layer.codes.shape, generator=gen, device=device))
+                layer.codebooks.normal_(0, 0.01, generator=gen)
+            set_module(block, name, layer)
+    for m in student.modules():  # what is still on the meta device (embeddings, norms, head), not the codes
+        if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+            m.to_empty(device=device, recurse=False)
+    with torch.no_grad():
+        for model, std in ((teacher, 0.02), (student, 0.02)):
+            for n, p in model.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if "codebooks" in n or "scales" in n:
+                    continue
+                local.fill_(1.0) if "norm" in n else local.normal_(0, std, generator=gen)
+    for model in (teacher, student):  # the rotary embedding's buffers were on the meta device too: a fresh one
+        with torch.device(device):
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return teacher.eval(), student
 
 
 def random_models(shape: dict, device: torch.device, layers: int, fmt: str = "2x8g8"):
@@ -46,8 +94,12 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--model", help="the checkpoint's base model directory")
     ap.add_argument("--train")
-    ap.add_argument("--random", choices=("7b", "small"), help="a random Llama-2-7B-shaped model (small: CPU smoke test)")
-    ap.add_argument("--layers", type=int, default=32, help="blocks of the random 7B-shaped model")
+    ap.add_argument("--random", choices=("70b", "7b", "small"),
+                    help="a random Llama-2-7B- or 70B-shaped model (small: CPU smoke test)")
+    ap.add_argument("--layers", type=int, default=None, help="blocks of the random model (default: the shape's)")
+    ap.add_argument("--meta", action="store_true",
+                    help="build the random models on the meta device, teacher sharded before it takes memory "
+                         "(always for 70b: no process could hold it whole)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step, all GPUs)")
     ap.add_argument("--micro-batch-size", type=int, default=None)
@@ -65,11 +117,14 @@ def main(argv=None) -> None:
     if a.random:
         from experiments.bench_scale import LLAMA2_7B, SMALL
 
-        teacher, student = random_models(LLAMA2_7B if a.random == "7b" else SMALL, device, a.layers)
+        shape = {"70b": LLAMA2_70B, "7b": LLAMA2_7B, "small": SMALL}[a.random]
+        layers = a.layers or shape["num_hidden_layers"]
+        build = sharded_random_models if (a.meta or a.random == "70b") else random_models
+        teacher, student = build(shape, device, layers)
         vocab = teacher.config.vocab_size
         seqs = torch.randint(0, vocab, (max(a.batch_size, 8), seq_len), generator=torch.Generator().manual_seed(0))
         cfg_kw.update(grad_checkpointing=True, p_state_dtype="bfloat16")
-        source = f"random Llama-2-7B shape ({a.random}), {a.layers} blocks, 2x8g8"
+        source = f"random Llama-2 shape ({a.random}), {layers} blocks, 2x8g8"
     else:
         from llm.checkpoint import load_checkpoint
         from llm.model import load_model

@@ -110,6 +110,10 @@ def multi_gpu(a) -> None:
             "--train", str(a.corpus / "train.txt.xz"), "--steps", "100", "--batch-size", "32")
         run("-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "experiments.dist_finetune",
             "--out", str(a.out / f"llama2-7b-shape_world{n}.json"), "--random", "7b", "--steps", "4", "--batch-size", "2")
+    if a.gpus >= 4:  # a model no single GPU can hold: the Llama-2-70B shape, one 4096-token sequence per GPU
+        run("-m", "torch.distributed.run", "--nproc-per-node", str(a.gpus), "-m", "experiments.dist_finetune",
+            "--out", str(a.out / f"llama2-70b-shape_world{a.gpus}.json"), "--random", "70b", "--steps", "3",
+            "--batch-size", str(a.gpus))
 
 
 def toy(a) -> None:
