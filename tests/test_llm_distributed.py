@@ -5,6 +5,7 @@ layers sharded between them, they give the loss curve and the model of one proce
 owners) resumes in one process as if the run had never been split.
 """
 import copy
+import math
 import json
 import socket
 
@@ -161,3 +162,19 @@ def test_calibration_spread_over_two_processes_gives_the_model_of_one(tmp_path, 
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["errors"] == [l["relative_error"] for l in report["layers"]]
         assert all(torch.equal(got["state"][k], v) for k, v in one.state_dict().items())
+
+
+def test_models_built_on_the_meta_device_run_with_finite_values():
+    """dist_finetune's builder for shapes larger than one GPU: nothing left on the meta device, every value set."""
+    from experiments.dist_finetune import sharded_random_models
+    from llm.formats import quantized_layers
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    teacher, student = sharded_random_models(shape, torch.device("cpu"), layers=2)
+    for model in (teacher, student):
+        assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(quantized_layers(student)) == 14
+    cfg = FinetuneConfig(strategy="pv", steps=2, batch_size=2, lr=1e-3, p_lr=1e-2, tau=0.05, amp=False)
+    rep = finetune(student, teacher, SEQS[:4], cfg, progress=False)
+    assert all(math.isfinite(l) and l > 0 for l in rep["losses"])
