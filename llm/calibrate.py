@@ -437,7 +437,7 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if code_step is not None:
-                code_step.step(step)
+                code_step.step()
             opt.step()
             losses.append(loss.item())
     return losses

@@ -127,7 +127,7 @@ def layer_owners(sizes: dict) -> dict:
 
 def _owner_buckets(tensors: dict, owner: dict, bucket_numel: int) -> list:
     """[(rank, [names])]: each rank's tensors in flat buckets of at most bucket_numel elements (one
-    collective per bucket instead of one per tensor), in the same order on every rank."""
+    broadcast per bucket instead of one per tensor), in the same order on every rank."""
     buckets = []
     for r in range(world_size()):
         current, size = [], 0
@@ -142,21 +142,6 @@ def _owner_buckets(tensors: dict, owner: dict, bucket_numel: int) -> list:
         if current:
             buckets.append((r, current))
     return buckets
-
-
-def reduce_to_owners_(tensors: dict, owner: dict, dtype: Optional[torch.dtype] = None,
-                      bucket_numel: int = 1 << 26) -> None:
-    """Sum each tensor (name -> tensor, the same names on every rank) over ranks onto its owner rank, in
-    place, in flat buckets per owner; with `dtype` (e.g. bfloat16) the sums travel in that precision
-    (half the bytes of float32). Others' copies are left undefined."""
-    if not is_distributed():
-        return
-    for r, names in _owner_buckets(tensors, owner, bucket_numel):
-        flat = torch.cat([tensors[n].reshape(-1).to(dtype or tensors[n].dtype) for n in names])
-        dist.reduce(flat, dst=r)
-        if rank() == r:
-            for n, part in zip(names, flat.split([tensors[n].numel() for n in names])):
-                tensors[n].copy_(part.view_as(tensors[n]))
 
 
 def broadcast_from_owners_(tensors: dict, owner: dict, bucket_numel: int = 1 << 28) -> None:
@@ -212,12 +197,6 @@ class GradientBuckets:
                     owned[name] = g
         self.inflight = []
         return owned
-
-
-def reduce_sum_to(t: Tensor, owner: int) -> None:
-    """Sum `t` over ranks onto rank `owner` (others' copies are left undefined)."""
-    if is_distributed():
-        dist.reduce(t, dst=owner)
 
 
 def broadcast_from(t: Tensor, owner: int) -> None:

@@ -312,7 +312,7 @@ class CodeStep:
             self.last_micro_batch = False
 
     @torch.no_grad()
-    def step(self, step: int) -> int:
+    def step(self) -> int:
         """Run every layer's P (and V) step from its captured weight gradient (summed over processes
         onto the layer's owner, in buckets, in cfg.p_grad_dtype; every rank then receives the owners'
         new codes and values). Returns the number of code groups changed."""
@@ -321,11 +321,11 @@ class CodeStep:
             if layer.weight_grad is not None:
                 grads[name] = layer.weight_grad
             layer.weight_grad = None
-        if self.distributed:  # any not sent during backward
-            D.reduce_to_owners_(grads, self.owner, getattr(torch, self.cfg.p_grad_dtype))
-        if self.buckets is not None:
-            grads.update(self.buckets.finish())
-            self.buckets = None
+        if self.distributed:  # onto their owners, with any not sent during backward
+            buckets = self.buckets or D.GradientBuckets(self.owner, getattr(torch, self.cfg.p_grad_dtype))
+            for name, g in grads.items():
+                buckets.add(name, g)
+            grads, self.buckets = buckets.finish(), None
         changed = sum(self._update_layer(n, self.layers[n], g) for n, g in grads.items() if self.owns(n))
         changed, self.changed_in_backward = changed + self.changed_in_backward, 0
         stepped = list(self.layers) if self.distributed else []  # every rank: the same names, in order
@@ -448,7 +448,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                     where = "; no checkpoint had been written yet" if ckpt else ""
                 raise FinetuneError(f"loss became {loss} at step {step}: stopped{where} (try a smaller --lr / --p-lr)")
             D.all_reduce_sum_(p.grad for p in params)
-            changed.append(code_step.step(step) if capture else 0)  # P (and V) steps from the gradient at W
+            changed.append(code_step.step() if capture else 0)  # P (and V) steps from the gradient at W
             for p in student.parameters():
                 if id(p) in stepped_by_v:
                     p.grad = None

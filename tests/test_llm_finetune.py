@@ -177,7 +177,7 @@ def test_gain_selection_moves_at_most_tau_groups_each_closer_to_the_target(seed,
     W, old = layer.weight().detach().clone(), layer.codes_view().clone()
     g = torch.randn(W.shape, generator=gen)
     layer.weight_grad = g
-    changed = step.step(0)
+    changed = step.step()
     # the first step's Adam-normalized update is p_lr * g / (|g| + eps); the metric is |g| + eps (adam) or 1
     target = W - cfg.p_lr * g / (g.abs() + 1e-8)
     P = g.abs() + 1e-8 if metric == "adam" else torch.ones_like(g)
