@@ -129,7 +129,7 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
     q_bytes = nbytes(one.codes, one.codebooks, one.scales)
     layers = [one] + [random_layer(fmt, n_in, n_out, bf16, dev, gen) for _ in range(copies_for(q_bytes, l2) - 1)]
     # correctness on this data: kernel vs dequantize-then-matmul in float32
-    ref = F.linear(x.float(), one.as_codebooks().decode(one.codebooks.float(), one.scales.float()))
+    ref = F.linear(x.float(), one.as_param().decode())  # float32 codebooks and scales
     outs = [torch.empty(T, n_out, device=dev, dtype=bf16) for _ in layers]
     got = triton_kernel.aqlm_matmul(x, one.codes, one.codebooks, one.scales).float()
     rel_err = float((got - ref).norm() / ref.norm())

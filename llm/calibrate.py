@@ -175,7 +175,7 @@ def exact_codebooks(layer: AQLMLinear, W: Tensor, H: Tensor, max_iters: int = 20
     n_cols = layer.in_features // g
     s = layer.scales.detach().float()
     idx = layer.code_indices() + torch.arange(M, device=W.device) * K  # (out, n_cols, M): row of A per code
-    cb = layer.as_codebooks()
+    cb = layer.as_param()  # decoded below with the codebooks and scales being solved for
 
     def weight_with(c: Tensor) -> Tensor:
         return cb.decode(c, s)

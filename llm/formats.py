@@ -2,7 +2,7 @@
 
 - AQLMLinear: M additive codebooks of K = 2^B vectors of g inputs, a scale per output channel
   (MxB gG, e.g. 2x8g8 or 1x16g8; M = 1 is single-codebook vector quantization, "VQ").
-  Its P and V are exactly pvtheory's Codebooks: `as_codebooks()` is a view over the layer's tensors.
+  Its P and V are exactly pvtheory's Codebooks: `as_param()` is that parameter, read from the layer's tensors.
 - ScalarLinear: uniform b-bit codes with a scale and a zero per group of g inputs (GPTQ-like);
   P = the integer codes, V = scales and zeros; decode W = scale * (code - zero).
 
@@ -148,10 +148,6 @@ class AQLMLinear(QuantizedLinearBase):
     def codes_view(self) -> Tensor:
         """P as (n_groups, M) int64: group (o, j) is row o * in/g + j."""
         return self.code_indices().reshape(-1, self.fmt.num_codebooks)
-
-    def as_codebooks(self) -> Codebooks:
-        """The layer as pvtheory's Codebooks (shares the codebooks and scales tensors)."""
-        return Codebooks(self.codes_view(), self.codebooks, (self.out_features, self.in_features), self.scales)
 
     def as_param(self) -> Codebooks:
         """The layer's discrete-continuous parameter for the P and V steps: its Codebooks in float32,
