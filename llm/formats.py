@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm import kernels
-from pvtheory.codes import Codebooks, ScalarGrid, decode
+from pvtheory.codes import Codebooks, ScalarGrid, decode, decode_grid
 
 BITS_PER_FLOAT = 16  # codebooks, scales and zeros are stored in 16 bits
 
@@ -206,11 +206,9 @@ class ScalarLinear(QuantizedLinearBase):
     def set_codes(self, codes: Tensor) -> None:
         self.codes.copy_(codes.reshape(self.codes.shape).to(self.codes.dtype))
 
-    def _expand(self, t: Tensor) -> Tensor:
-        return t.repeat_interleave(self.fmt.group_size, dim=1)
-
     def weight(self) -> Tensor:
-        return self._expand(self.scales) * (self.codes.to(self.scales.dtype) - self._expand(self.zeros))
+        """The dequantized weight (out, in), differentiable in scales and zeros."""
+        return decode_grid(self.codes, self.scales, self.zeros, (self.out_features, self.in_features))
 
     def as_param(self) -> ScalarGrid:
         """The layer's discrete-continuous parameter for the P and V steps, in float32, detached."""

@@ -237,6 +237,14 @@ def _nearest_beyond(t: Tensor, codes: Tensor, cb: Tensor) -> Tensor:
     return best
 
 
+def decode_grid(codes: Tensor, scales: Tensor, zeros: Tensor, shape: Sequence[int]) -> Tensor:
+    """x = scales * (codes - zeros) laid out as `shape` (rows, cols), scales and zeros (rows, cols / G)
+    shared by G consecutive coordinates of a row; differentiable in scales and zeros."""
+    G = shape[1] // scales.shape[1]
+    return (scales.repeat_interleave(G, dim=1) * (codes.reshape(shape).to(scales.dtype)
+                                                  - zeros.repeat_interleave(G, dim=1)))
+
+
 @dataclass(frozen=True)
 class ScalarGrid:
     """A scalar grid with a scale and a zero per group of G coordinates of a row (GPTQ's format):
@@ -283,9 +291,8 @@ class ScalarGrid:
         return t.repeat_interleave(self.shape[1] // t.shape[1], dim=1)
 
     def decode(self, scales: Optional[Tensor] = None, zeros: Optional[Tensor] = None) -> Tensor:
-        s = self.scales if scales is None else scales
-        z = self.zeros if zeros is None else zeros
-        return self._expand(s) * (self.codes.reshape(self.shape).to(s.dtype) - self._expand(z))
+        return decode_grid(self.codes, self.scales if scales is None else scales,
+                           self.zeros if zeros is None else zeros, self.shape)
 
     def with_codes(self, codes: Tensor) -> "ScalarGrid":
         return replace(self, codes=codes)
