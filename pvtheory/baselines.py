@@ -20,17 +20,9 @@ from torch import Tensor
 from pvtheory.codes import Codebooks
 from pvtheory.init import init_scalar
 from pvtheory.objectives import Objective
-from pvtheory.p_steps import rounding_weights
+from pvtheory.p_steps import gradient_step, rounding_weights
 from pvtheory.steps import Step, point
 from pvtheory.v_steps import solve_values_exactly
-
-
-def _moved_by_gradient(x: Tensor, grad: Tensor, objective: Objective, lr: Optional[float]) -> Tensor:
-    """x - lr grad, or x - grad / D with D = phi's curvature (1 / L on toys, a preconditioner on LLMs)."""
-    if lr is not None:
-        return x - lr * grad
-    D = objective.curvature()
-    return x - grad / D if isinstance(D, Tensor) else x - (1.0 / D) * grad
 
 
 def ste_p_step(lr: Optional[float] = None, metric: str = "euclidean", beam_width: int = 4) -> Step:
@@ -41,7 +33,7 @@ def ste_p_step(lr: Optional[float] = None, metric: str = "euclidean", beam_width
         return point(param).clone()
 
     def update(param: Codebooks, objective: Objective, u: Tensor):
-        u = _moved_by_gradient(u, objective.grad(point(param)), objective, lr)
+        u = gradient_step(u, objective.grad(point(param)), objective, lr)
         weights = rounding_weights(param, objective, metric) if lr is None else None
         codes = param.encode(u.reshape(param.shape), weights=weights, beam_width=beam_width)
         return param.with_codes(codes), u
@@ -67,7 +59,7 @@ def stochastic_rounding_p_step(lr: Optional[float] = None, seed: int = 0, beam_w
 
     def update(param: Codebooks, objective: Objective, gen: torch.Generator):
         x = point(param)
-        y = _moved_by_gradient(x, objective.grad(x), objective, lr).reshape(param.shape)
+        y = gradient_step(x, objective.grad(x), objective, lr).reshape(param.shape)
         q = param.encode(y, beam_width=beam_width) if start == "nearest" else param.codes
         q_far = param.nearest_beyond(y, q)
         g = param.group_size

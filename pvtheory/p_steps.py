@@ -46,15 +46,22 @@ def rounding_weights(param, objective: Objective, metric: str) -> Optional[Tenso
     return D.reshape(param.shape) if isinstance(D, Tensor) else None
 
 
+def gradient_step(x: Tensor, grad: Tensor, objective: Objective, lr: Optional[float] = None) -> Tensor:
+    """x - lr grad, or by default x - grad / D with D = objective.curvature() (1 / L on toy problems,
+    a diagonal preconditioner on LLMs): the point a linearized P step rounds."""
+    if lr is not None:
+        return x - lr * grad
+    D = objective.curvature()
+    return x - grad / D if isinstance(D, Tensor) else x - (1.0 / D) * grad
+
+
 def linearized_p_step(L: Optional[float] = None, metric: str = "euclidean", beam_width: int = 4) -> Step:
     """y = nearest codes to x - grad phi(x) / L (the paper's linearized P step; L = phi's curvature)."""
     _check_metric(metric)
 
     def update(param: Codebooks, objective: Objective) -> Codebooks:
         x = point(param)
-        grad = objective.grad(x)
-        D = L if L is not None else objective.curvature()
-        target = x - grad / D if isinstance(D, Tensor) else x - (1.0 / D) * grad
+        target = gradient_step(x, objective.grad(x), objective, None if L is None else 1.0 / L)
         weights = rounding_weights(param, objective, metric) if L is None else None
         return param.with_codes(param.encode(target.reshape(param.shape), weights=weights, beam_width=beam_width))
 
