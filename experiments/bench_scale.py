@@ -77,14 +77,15 @@ def bench_calibration(shape: dict, fmt: str, nsamples: int, seq_len: int, cfg_kw
             "mean_relative_layer_error": sum(l["relative_error"][-1] for l in report["layers"]) / len(report["layers"])}
 
 
-def quantize_randomly(model: torch.nn.Module, fmt: QuantFormat) -> None:
+def quantize_randomly(model: torch.nn.Module, fmt: QuantFormat, device=None) -> None:
     """Replace every block linear by an AQLM layer with random codes and codebooks (fp32 values),
-    drawn on the model's device from a seeded generator (the same model in every process)."""
-    device = next(model.parameters()).device
+    drawn on `device` (default: the model's; a model on the meta device gets real layers there)
+    from a seeded generator (the same model in every process)."""
+    device = device or next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(0)
     for block in decoder_layers(model):
         for name, linear in block_linears(block).items():
-            q = make_quantized(linear, fmt)
+            q = make_quantized(linear, fmt, device)
             with torch.no_grad():
                 q.set_codes(torch.randint(0, 1 << fmt.bits, q.codes.shape, generator=gen, device=device))
                 q.codebooks.normal_(0, 0.01, generator=gen)

@@ -38,8 +38,9 @@ def sharded_random_models(shape: dict, device: torch.device, layers: int, fmt: s
     on them); the student gets its random codes and codebooks straight on `device` (2 bits a weight)."""
     from transformers import LlamaForCausalLM
 
-    from llm.formats import AQLMLinear, QuantFormat
-    from llm.model import block_linears, decoder_layers, set_module, tiny_config
+    from experiments.bench_scale import quantize_randomly
+    from llm.formats import QuantFormat
+    from llm.model import tiny_config
 
     config = tiny_config("llama", hidden=shape["hidden_size"], layers=layers, heads=shape["num_attention_heads"],
                          kv_heads=shape.get("num_key_value_heads"), intermediate=shape["intermediate_size"],
@@ -49,26 +50,18 @@ def sharded_random_models(shape: dict, device: torch.device, layers: int, fmt: s
         teacher, student = LlamaForCausalLM(config).to(torch.bfloat16), LlamaForCausalLM(config)
     D.shard_for_inference(teacher, device)
     teacher.to_empty(device=device)
-    q = QuantFormat.parse(fmt)
-    for block in decoder_layers(student):
-        for name, linear in block_linears(block).items():
-            layer = AQLMLinear(linear.in_features, linear.out_features, q, device=device)
-            with torch.no_grad():
-                layer.set_codes(torch.randint(0, 1 << q.bits, layer.codes.shape, generator=gen, device=device))
-                layer.codebooks.normal_(0, 0.01, generator=gen)
-            set_module(block, name, layer)
+    quantize_randomly(student, QuantFormat.parse(fmt), device)  # codes and codebooks straight on the device
     for m in student.modules():  # what is still on the meta device (embeddings, norms, head), not the codes
         if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
             m.to_empty(device=device, recurse=False)
-    with torch.no_grad():
-        for model, std in ((teacher, 0.02), (student, 0.02)):
+    for model in (teacher, student):
+        with torch.no_grad():
             for n, p in model.named_parameters():
-                local = p.to_local() if hasattr(p, "to_local") else p
-                if "codebooks" in n or "scales" in n:
+                if "codebooks" in n or "scales" in n:  # the student's, set above
                     continue
-                local.fill_(1.0) if "norm" in n else local.normal_(0, std, generator=gen)
-    for model in (teacher, student):  # the rotary embedding's buffers were on the meta device too: a fresh one
-        with torch.device(device):
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.fill_(1.0) if "norm" in n else local.normal_(0, 0.02, generator=gen)
+        with torch.device(device):  # the rotary embedding's buffers were on the meta device too: a fresh one
             model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return teacher.eval(), student
 

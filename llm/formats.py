@@ -233,11 +233,11 @@ class ScalarLinear(QuantizedLinearBase):
 QuantizedLinear = QuantizedLinearBase
 
 
-def make_quantized(linear: nn.Linear, fmt: QuantFormat) -> nn.Module:
-    """An empty quantized layer of the same shape (and device) as `linear`."""
+def make_quantized(linear: nn.Linear, fmt: QuantFormat, device=None) -> nn.Module:
+    """An empty quantized layer of the same shape as `linear`, on `device` (default: the linear's)."""
     cls = AQLMLinear if fmt.kind == "aqlm" else ScalarLinear
     return cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
-               device=linear.weight.device)
+               device=device or linear.weight.device)
 
 
 def quantized_layers(model: nn.Module) -> dict:
