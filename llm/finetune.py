@@ -326,16 +326,14 @@ class CodeStep:
             for name, g in grads.items():
                 buckets.add(name, g)
             grads, self.buckets = buckets.finish(), None
-        changed = sum(self._update_layer(n, self.layers[n], g) for n, g in grads.items() if self.owns(n))
+        changed = sum(self._update_layer(n, self.layers[n], g) for n, g in grads.items())  # this rank's layers
         changed, self.changed_in_backward = changed + self.changed_in_backward, 0
-        stepped = list(self.layers) if self.distributed else []  # every rank: the same names, in order
-        D.broadcast_from_owners_({n: self.layers[n].codes for n in stepped}, self.owner)
-        if self.v_step is not None:
-            D.broadcast_from_owners_({f"{n}/{i}": v.data for n in stepped
-                                      for i, v in enumerate(self.layers[n].value_parameters())},
-                                     {f"{n}/{i}": self.owner[n] for n in stepped
-                                      for i, _ in enumerate(self.layers[n].value_parameters())})
-        if self.distributed:
+        if self.distributed:  # every rank receives the owners' codes (and values) and the total count
+            D.broadcast_from_owners_({n: layer.codes for n, layer in self.layers.items()}, self.owner)
+            if self.v_step is not None:
+                values = {(n, i): v.data for n, layer in self.layers.items()
+                          for i, v in enumerate(layer.value_parameters())}
+                D.broadcast_from_owners_(values, {key: self.owner[key[0]] for key in values})
             total = torch.tensor(float(changed), device=next(iter(self.layers.values())).codes.device)
             D.all_reduce_sum_([total])
             changed = int(total.item())
