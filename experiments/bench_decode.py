@@ -1,14 +1,16 @@
-"""End-to-end greedy decoding speed (batch 1): quantized models against the same model in 16 bits.
+"""End-to-end greedy decoding speed: quantized models against the same model in 16 bits.
 
-    python -m experiments.bench_decode --model ../shared/models/ref-llama --seven-b --device cuda \
-        --out experiments/results/kernels/gpu_decode.json
+    python -m experiments.bench_decode --model ../shared/models/ref-llama --seven-b --smollm2 --batch 1,8 \
+        --device cuda --out experiments/results/kernels/gpu_decode.json
     python -m experiments.bench_decode --model ../shared/models/ref-llama --device cpu --dtype float32 \
         --out experiments/results/kernels/cpu_decode.json
 
-For each model (a reference model directory, and with --seven-b a Llama-2-7B-shaped model with random
-weights built on the device) and each format, the block linears are replaced by AQLM layers with
-random codes (decoding speed does not depend on the code values) and the model is cast to --dtype.
-Each variant decodes --new-tokens tokens after a 16-token prompt with llm.generate.GreedyDecoder:
+For each model (a reference model directory; with --seven-b a Llama-2-7B-shaped model and with
+--smollm2 a SmolLM2-135M-shaped one (its config: 30 blocks of 576, 3 key-value heads, 49,152-token
+vocabulary), with random weights built on the device) and each format, the block linears are replaced by
+AQLM layers with random codes (decoding speed does not depend on the code values) and the model is cast
+to --dtype. Each variant decodes --new-tokens tokens after 16-token prompts, --batch prompts at a time
+(tokens/s counts every prompt's tokens), with llm.generate.GreedyDecoder:
 with a CUDA graph (the default on the GPU) and without; quantized models also through the reference
 path (kernels off: decode W, then F.linear), which checks that the kernels give the same tokens.
 """
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-from experiments.bench_scale import LLAMA2_7B, quantize_randomly, random_model
+from experiments.bench_scale import LLAMA2_7B, SMOLLM2_135M, quantize_randomly, random_model
 from llm import kernels
 from llm.formats import QuantFormat, model_bits
 from llm.generate import GreedyDecoder, prepare_for_inference
@@ -34,32 +36,33 @@ def weight_megabytes(model: torch.nn.Module) -> float:
 
 
 def decode_speed(model, prompt: torch.Tensor, new_tokens: int, cuda_graph: bool) -> tuple[dict, torch.Tensor]:
-    decoder = GreedyDecoder(model, prompt.shape[1] + new_tokens, cuda_graph=cuda_graph)
+    decoder = GreedyDecoder(model, prompt.shape[1] + new_tokens, cuda_graph=cuda_graph, batch_size=prompt.shape[0])
     t0 = time.perf_counter()
     decoder.generate(prompt, min(new_tokens, 8))  # warm-up: compilation, autotuning, graph capture
     warm = time.perf_counter() - t0
     tokens = decoder.generate(prompt, new_tokens)
     s = decoder.last_seconds_per_token
-    return {"cuda_graph": cuda_graph, "ms_per_token": round(s * 1e3, 3), "tokens_per_s": round(1 / s, 1),
+    return {"cuda_graph": cuda_graph, "ms_per_token": round(s * 1e3, 3), "tokens_per_s": round(prompt.shape[0] / s, 1),
             "warmup_s": round(warm, 1)}, tokens.cpu()
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> int:
-    """How many generated tokens agree before the first difference."""
-    diff = (a[0, prompt_len:] != b[0, prompt_len:]).nonzero()
+    """How many generated tokens agree before the first difference (the fewest over the prompts)."""
+    diff = (a[:, prompt_len:] != b[:, prompt_len:]).any(0).nonzero()
     return int(diff[0]) if len(diff) else a.shape[1] - prompt_len
 
 
-def bench_model(name: str, build, formats: list, args, device) -> list:
+def bench_model(name: str, build, formats: list, args, device, batch: int) -> list:
     rows = []
     dtype = getattr(torch, args.dtype)
-    prompt = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
     graph_modes = [True, False] if device.type == "cuda" else [False]
     for fmt in ["none"] + formats:
         try:
             rows.append(bench_variant(name, build, fmt, prompt, graph_modes, args, dtype))
         except Exception as e:  # one variant that fails (e.g. a kernel that does not build) is reported, not fatal
-            rows.append({"model": name, "format": fmt, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            rows.append({"model": name, "format": fmt, "batch": batch,
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(f"{name:10s} {fmt:7s} failed: {rows[-1]['error']}", flush=True)
         gc.collect()
         if device.type == "cuda":
@@ -78,7 +81,7 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
     if fmt != "none":
         quantize_randomly(model, QuantFormat.parse(fmt))
     prepare_for_inference(model, dtype)
-    row = {"model": name, "format": fmt, "dtype": args.dtype, "weights_mb": weight_megabytes(model),
+    row = {"model": name, "format": fmt, "batch": prompt.shape[0], "dtype": args.dtype, "weights_mb": weight_megabytes(model),
            "bits_per_quantized_weight": None if fmt == "none" else round(model_bits(model)["bits_per_quantized_weight"], 3)}
     fast_tokens = None
     for graph in graph_modes:
@@ -96,7 +99,7 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
                                                           ref_tokens, prompt.shape[1])
         row["tokens_compared"] = args.reference_tokens
     best = row.get("graph", row.get("eager"))
-    print(f"{name:10s} {fmt:7s} {best['tokens_per_s']:8.1f} tok/s  ({best['ms_per_token']:.2f} ms/token)"
+    print(f"{name:10s} {fmt:7s} batch {prompt.shape[0]:2d} {best['tokens_per_s']:8.1f} tok/s  ({best['ms_per_token']:.2f} ms/token)"
           + (f"  eager {row['eager']['tokens_per_s']:.1f}" if "graph" in row else "")
           + (f"  reference path {row['reference_path']['tokens_per_s']:.1f}, same tokens "
              f"{row['tokens_equal_to_reference_path']}/{row['tokens_compared']}" if fmt != "none" else ""), flush=True)
@@ -108,6 +111,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", action="append", default=[], help="a Hugging Face model directory (repeatable)")
     ap.add_argument("--seven-b", action="store_true", help="also a Llama-2-7B-shaped model with random weights")
+    ap.add_argument("--smollm2", action="store_true", help="also a SmolLM2-135M-shaped model with random weights")
+    ap.add_argument("--batch", default="1", help="prompts decoded together, comma-separated (e.g. 1,8)")
     ap.add_argument("--formats", default="1x16g8,2x8g8,1x8g8")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -116,15 +121,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     formats = args.formats.split(",") if args.formats else []
-    rows = []
-    for d in args.model:
-        name = d.rstrip("/").split("/")[-1]
-        rows += bench_model(name, lambda d=d: load_model(d, dtype=torch.float32, device=device), formats, args, device)
+    models = [(d.rstrip("/").split("/")[-1], lambda d=d: load_model(d, dtype=torch.float32, device=device))
+              for d in args.model]
     if args.seven_b:
-        rows += bench_model("llama2-7b-shape", lambda: random_model(LLAMA2_7B, 32, torch.bfloat16, device),
-                            formats, args, device)
+        models.append(("llama2-7b-shape", lambda: random_model(LLAMA2_7B, 32, torch.bfloat16, device)))
+    if args.smollm2:
+        models.append(("smollm2-135m-shape", lambda: random_model(SMOLLM2_135M, 30, torch.bfloat16, device)))
+    rows = []
+    for name, build in models:
+        for batch in map(int, args.batch.split(",")):
+            rows += bench_model(name, build, formats, args, device, batch)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "new_tokens": args.new_tokens, "prompt_tokens": 16, "batch": 1}
+            "new_tokens": args.new_tokens, "prompt_tokens": 16}
     write_json(args.out, {"meta": meta, "runs": rows})
 
 

@@ -30,8 +30,9 @@ from pvtheory.io import write_json
 
 LLAMA2_7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out): q/k/v/o, gate/up, down
 REF_SHAPES = [(384, 384), (384, 1024), (1024, 384), (384, 128)]  # ref-llama / ref-mistral (k, v: 2 kv heads)
+SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M: q/o, k/v, gate/up, down
 FORMATS = ["1x16g8", "2x8g8", "1x8g8"]
-TOKENS = [1, 4, 16]
+TOKENS = [1, 2, 4, 8, 16]
 
 
 def random_layer(fmt: QuantFormat, n_in: int, n_out: int, dtype: torch.dtype, device, gen: torch.Generator) -> AQLMLinear:
@@ -74,6 +75,14 @@ def aqlm_kernel(layer: AQLMLinear):
         codes = codes.permute(1, 0, 2).contiguous()
     bias = torch.zeros(layer.out_features, device=codes.device, dtype=codebooks.dtype)  # its ops take a bias tensor
     return lambda x: kernel(x, codes, codebooks, scales, bias)
+
+
+def aqlm_version():
+    try:
+        from importlib.metadata import version
+        return version("aqlm")
+    except Exception:
+        return None
 
 
 # --- GPU --------------------------------------------------------------------------------------------
@@ -120,62 +129,60 @@ def copies_for(bytes_per_copy: int, l2_bytes: int, cap: int = 256) -> int:
     return max(2, min(cap, math.ceil(4 * l2_bytes / max(bytes_per_copy, 1))))
 
 
-def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l2: int, gen) -> dict:
-    from llm import cuda_kernel, triton_kernel
+def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l2: int, gen,
+                   blocks_per_sm: float) -> dict:
+    from llm import cuda_kernel, kernels, triton_kernel
 
     fmt, dev, bf16 = QuantFormat.parse(fmt_s), "cuda", torch.bfloat16
     x = torch.randn(T, n_in, generator=gen, device=dev).to(bf16)
     one = random_layer(fmt, n_in, n_out, bf16, dev, gen)
     q_bytes = nbytes(one.codes, one.codebooks, one.scales)
     layers = [one] + [random_layer(fmt, n_in, n_out, bf16, dev, gen) for _ in range(copies_for(q_bytes, l2) - 1)]
-    # correctness on this data: kernel vs dequantize-then-matmul in float32
-    ref = F.linear(x.float(), one.as_param().decode())  # float32 codebooks and scales
-    outs = [torch.empty(T, n_out, device=dev, dtype=bf16) for _ in layers]
-    got = triton_kernel.aqlm_matmul(x, one.codes, one.codebooks, one.scales).float()
-    rel_err = float((got - ref).norm() / ref.norm())
-    t_kernel = graph_time_per_call([  # the copy_ into a preallocated output is in every timed call alike
-        (lambda L=L, o=o: o.copy_(triton_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales)))
-        for L, o in zip(layers, outs)])
-    tile = triton_kernel.best_config()
-    cuda = {}
+    ref = F.linear(x.float(), one.as_param().decode())  # dequantize-then-matmul in float32
+
+    def timed(fn) -> tuple:
+        """(us per call over all layer copies, relative error of fn(one) against the float32 reference)."""
+        err = float((fn(one).float() - ref).norm() / ref.norm())
+        t = graph_time_per_call([(lambda L=L: fn(L)) for L in layers])
+        return round(t * 1e6, 2), err
+
+    row = {"format": fmt_s, "in": n_in, "out": n_out, "tokens": T,
+           "bits_per_weight": round(fmt.bits_per_weight(n_out, n_in), 4)}
+    t_triton, e_triton = timed(lambda L: triton_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales))
+    row.update(triton_us=t_triton, triton_tile=triton_kernel.best_config(), kernel="triton", kernel_us=t_triton,
+               relative_error_vs_float32=e_triton)
     if cuda_kernel.supports(x, one.codes, one.codebooks, one.scales) and cuda_kernel.load() is not None:
-        got = cuda_kernel.aqlm_gemv(x, one.codes, one.codebooks, one.scales).float()
-        t_cuda = graph_time_per_call([
-            (lambda L=L, o=o: o.copy_(cuda_kernel.aqlm_gemv(x, L.codes, L.codebooks, L.scales)))
-            for L, o in zip(layers, outs)])
-        cuda = {"cuda_us": round(t_cuda * 1e6, 2), "cuda_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
-                "triton_us": round(t_kernel * 1e6, 2)}
-        t_kernel = t_cuda  # what the layer uses
-    aqlm = {}
+        t_cuda, e_cuda = timed(lambda L: cuda_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales,
+                                                                 blocks_per_sm=blocks_per_sm))
+        splits, chunk = cuda_kernel.plan(n_out, n_in // 8, T, x.device, blocks_per_sm)
+        row.update(cuda_us=t_cuda, cuda_relative_error_vs_float32=e_cuda,
+                   cuda_split={"splits": splits, "chunk_slabs": chunk})
+    if kernels.kernel_for(one, x) == "cuda":  # the kernel an AQLMLinear's forward picks
+        row.update(kernel="cuda", kernel_us=row["cuda_us"], relative_error_vs_float32=row["cuda_relative_error_vs_float32"])
     if aqlm_kernel(one) is not None:  # AQLM's own kernel on the same layers, timed the same way
-        got = aqlm_kernel(one)(x).float()
-        kernels = [aqlm_kernel(L) for L in layers]
-        t_aqlm = graph_time_per_call([(lambda k=k, o=o: o.copy_(k(x))) for k, o in zip(kernels, outs)])
-        aqlm = {"aqlm_us": round(t_aqlm * 1e6, 2), "aqlm_relative_error_vs_float32": float((got - ref).norm() / ref.norm()),
-                "speedup_vs_aqlm": round(t_aqlm / t_kernel, 2)}
+        kernels = {id(L): aqlm_kernel(L) for L in layers}
+        t_aqlm, e_aqlm = timed(lambda L: kernels[id(L)](x))
+        row.update(aqlm_us=t_aqlm, aqlm_relative_error_vs_float32=e_aqlm, speedup_vs_aqlm=round(t_aqlm / row["kernel_us"], 2))
         del kernels
     W = one.weight()
     dense = [W] + [torch.randn(n_out, n_in, generator=gen, device=dev).to(bf16)
                    for _ in range(copies_for(nbytes(W), l2, cap=64) - 1)]
-    t_dense = graph_time_per_call([(lambda w=w, o=o: o.copy_(F.linear(x, w))) for w, o in zip(dense, outs)])
+    t_dense = graph_time_per_call([(lambda w=w: F.linear(x, w)) for w in dense])
     del dense
-    t_ref = graph_time_per_call([(lambda L=L, o=o: o.copy_(F.linear(x, L.weight()))) for L, o in zip(layers[:8], outs)])
+    t_ref = graph_time_per_call([(lambda L=L: F.linear(x, L.weight())) for L in layers[:8]])
+    t_kernel = row["kernel_us"] / 1e6
     io = nbytes(x) + T * n_out * 2
     kernel_bytes = q_bytes + io
-    return {
-        "format": fmt_s, "in": n_in, "out": n_out, "tokens": T,
-        "bits_per_weight": round(fmt.bits_per_weight(n_out, n_in), 4),
-        "kernel_us": round(t_kernel * 1e6, 2), "dense_bf16_us": round(t_dense * 1e6, 2),
-        "dequantize_then_matmul_us": round(t_ref * 1e6, 2),
+    row.update({
+        "dense_bf16_us": round(t_dense * 1e6, 2), "dequantize_then_matmul_us": round(t_ref * 1e6, 2),
         "speedup_vs_bf16": round(t_dense / t_kernel, 2),
         "kernel_bytes": kernel_bytes, "kernel_gbs": round(kernel_bytes / t_kernel / 1e9, 1),
         "kernel_bandwidth_fraction": round(kernel_bytes / t_kernel / 1e9 / peak_gbs, 3),
         "dense_gbs": round((nbytes(W) + io) / t_dense / 1e9, 1),
         "dense_bandwidth_fraction": round((nbytes(W) + io) / t_dense / 1e9 / peak_gbs, 3),
-        "floor_us": round(kernel_bytes / (peak_gbs * 1e9) * 1e6, 2),
-        "relative_error_vs_float32": rel_err, "tile": tile, "kernel": "cuda" if cuda else "triton", **cuda, **aqlm,
-        "layer_copies": len(layers),
-    }
+        "floor_us": round(kernel_bytes / (peak_gbs * 1e9) * 1e6, 2), "layer_copies": len(layers),
+    })
+    return row
 
 
 # --- CPU --------------------------------------------------------------------------------------------
@@ -217,10 +224,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--shapes", choices=["all", "7b", "ref"], default="all")
+    ap.add_argument("--shapes", choices=["all", "7b", "ref", "smollm2"], default="all")
     ap.add_argument("--reps", type=int, default=20, help="CPU: timed calls per measurement")
+    ap.add_argument("--blocks-per-sm", type=float, default=None,
+                    help="GPU: the CUDA kernel's split of the input groups (default: llm.cuda_kernel.BLOCKS_PER_SM)")
     args = ap.parse_args(argv)
-    shapes = {"all": LLAMA2_7B_SHAPES + REF_SHAPES, "7b": LLAMA2_7B_SHAPES, "ref": REF_SHAPES}[args.shapes]
+    shapes = {"all": LLAMA2_7B_SHAPES + REF_SHAPES + SMOLLM2_SHAPES, "7b": LLAMA2_7B_SHAPES, "ref": REF_SHAPES,
+              "smollm2": SMOLLM2_SHAPES}[args.shapes]
     formats = args.formats.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     gen = torch.Generator(device=args.device).manual_seed(0)
@@ -232,15 +242,18 @@ def main(argv=None) -> None:
 
         cuda_kernel.load()
         meta = {"device": props.name, "copy_bandwidth_gbs": round(peak, 1), "l2_bytes": props.L2_cache_size,
-                "cuda_kernel_build_error": cuda_kernel.build_error()}
+                "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(),
+                "blocks_per_sm": args.blocks_per_sm or cuda_kernel.BLOCKS_PER_SM}
         for n_in, n_out in shapes:
             for f in formats:
                 for T in tokens:
-                    rows.append(bench_gpu_case(f, n_in, n_out, T, peak, props.L2_cache_size, gen))
+                    rows.append(bench_gpu_case(f, n_in, n_out, T, peak, props.L2_cache_size, gen,
+                                               args.blocks_per_sm or cuda_kernel.BLOCKS_PER_SM))
                     r = rows[-1]
-                    print(f"{f:7s} {n_in:5d}->{n_out:5d} T={T:2d}  kernel {r['kernel_us']:7.2f} us  bf16 {r['dense_bf16_us']:7.2f} us"
+                    print(f"{f:7s} {n_in:5d}->{n_out:5d} T={T:2d}  {r['kernel']} {r['kernel_us']:7.2f} us  bf16 {r['dense_bf16_us']:7.2f} us"
                           f"  x{r['speedup_vs_bf16']:5.2f}  {r['kernel_bandwidth_fraction']:.0%} of copy bw"
-                          f"  ref {r['dequantize_then_matmul_us']:7.1f} us  {r['kernel']} (triton {r.get('triton_us', r['kernel_us'])} us)", flush=True)
+                          f"  aqlm {r.get('aqlm_us', float('nan')):7.2f} us (x{r.get('speedup_vs_aqlm', float('nan')):.2f})"
+                          f"  triton {r['triton_us']:7.2f} us  ref {r['dequantize_then_matmul_us']:7.1f} us", flush=True)
     else:
         meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
         for n_in, n_out in shapes:

@@ -26,6 +26,8 @@ from pvtheory.io import write_json
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000,
                  num_hidden_layers=32)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, num_hidden_layers=30)
 SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, vocab_size=1000, num_hidden_layers=32)
 
 
@@ -34,7 +36,8 @@ def random_model(shape: dict, layers: int, dtype: torch.dtype, device) -> torch.
     from transformers import LlamaForCausalLM
 
     config = tiny_config("llama", hidden=shape["hidden_size"], layers=layers, heads=shape["num_attention_heads"],
-                         intermediate=shape["intermediate_size"], vocab=shape["vocab_size"])
+                         kv_heads=shape.get("num_key_value_heads"), intermediate=shape["intermediate_size"],
+                         vocab=shape["vocab_size"])
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)

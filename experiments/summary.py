@@ -45,19 +45,20 @@ def toy_median(problem: str, method: str) -> Callable[[], float]:
     return lambda: statistics.median(_load("toy/toy_study.json")["convergence"][problem][method]["final"])
 
 
-def decode_tokens_per_s(model: str, fmt: str) -> Callable[[], float]:
+def decode_tokens_per_s(model: str, fmt: str, batch: int = 1) -> Callable[[], float]:
     def read():
-        runs = _load("kernels/gpu_decode_cuda_kernel.json")["runs"]
-        return next(r["graph"]["tokens_per_s"] for r in runs if r["model"] == model and r["format"] == fmt)
+        runs = _load("kernels/gpu_decode.json")["runs"]
+        return next(r["graph"]["tokens_per_s"] for r in runs
+                    if r["model"] == model and r["format"] == fmt and r["batch"] == batch)
     return read
 
 
-def matvec_speedups(fmt: str) -> Callable[[], list]:
-    """[min, max] speedup over bf16 of one token at the 7B shapes (the layer's own kernel)."""
+def matvec_speedups(fmt: str, tokens: int, over: str) -> Callable[[], list]:
+    """[min, max] speedup of the CUDA kernel over bf16 ("dense_bf16_us") or AQLM ("aqlm_us") at the 7B shapes."""
     def read():
-        cases = [c for c in _load("kernels/gpu_matvec_cuda_kernel.json")["cases"]
-                 if c["format"] == fmt and c["tokens"] == 1]
-        return [min(c["speedup_vs_bf16"] for c in cases), max(c["speedup_vs_bf16"] for c in cases)]
+        cases = [c for c in _load("kernels/gpu_matvec.json")["cases"] if c["format"] == fmt and c["tokens"] == tokens]
+        ratios = [c[over] / c["cuda_us"] for c in cases]
+        return [round(min(ratios), 2), round(max(ratios), 2)]
     return read
 
 
@@ -78,11 +79,11 @@ HEADLINES += [
     ("SmolLM2-135M 1x8g8 PV at the 2-bit P step", "smollm2/pv_1x8g8_p_lr0.01.json", key("smollm2/pv_1x8g8_p_lr0.01.json", "ppl")),
     ("ref-llama 1x8g8 PV fine-tuning seconds", "main_table/ref-llama_1x8g8.json", key("main_table/ref-llama_1x8g8.json", "runs", "pv", "seconds")),
     ("ref-llama 2x8g8 PV fine-tuning seconds", "main_table/ref-llama_2x8g8.json", key("main_table/ref-llama_2x8g8.json", "runs", "pv", "seconds")),
-    ("kernels: 2x8g8 one-token speedup over bf16 at the 7B shapes [min, max]", "kernels/gpu_matvec_cuda_kernel.json", matvec_speedups("2x8g8")),
-    ("kernels: 1x8g8 one-token speedup over bf16 at the 7B shapes [min, max]", "kernels/gpu_matvec_cuda_kernel.json", matvec_speedups("1x8g8")),
-    ("decoding tokens/s, 7B shape, bf16", "kernels/gpu_decode_cuda_kernel.json", decode_tokens_per_s("llama2-7b-shape", "none")),
-    ("decoding tokens/s, 7B shape, 2x8g8", "kernels/gpu_decode_cuda_kernel.json", decode_tokens_per_s("llama2-7b-shape", "2x8g8")),
-    ("decoding tokens/s, 7B shape, 1x8g8", "kernels/gpu_decode_cuda_kernel.json", decode_tokens_per_s("llama2-7b-shape", "1x8g8")),
+    *[(f"kernels: CUDA kernel {fmt}, {t} token(s), speedup over {name} at the 7B shapes [min, max]",
+       "kernels/gpu_matvec.json", matvec_speedups(fmt, t, over))
+      for fmt in ("2x8g8", "1x8g8", "1x16g8") for t in (1, 16) for name, over in (("bf16", "dense_bf16_us"), ("AQLM", "aqlm_us"))],
+    *[(f"decoding tokens/s, 7B shape, batch {b}, {fmt}", "kernels/gpu_decode.json", decode_tokens_per_s("llama2-7b-shape", fmt, b))
+      for b in (1, 8) for fmt in ("none", "2x8g8", "1x8g8", "1x16g8")],
     ("7B-shape PV-Tuning step seconds (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "seconds_per_step")),
     ("7B-shape PV-Tuning step peak GiB (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "peak_gib")),
     ("ref-llama fine-tuning tokens/s, 1 GPU", "multi_gpu/ref-llama_2x8g8_world1.json", key("multi_gpu/ref-llama_2x8g8_world1.json", "tokens_per_second")),

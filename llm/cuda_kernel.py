@@ -1,15 +1,32 @@
-"""CUDA kernel for one-token decoding with 8-bit codebooks and groups of 8 (1x8g8, 2x8g8), bf16.
+"""CUDA kernel for decoding (1 to 16 bf16 tokens) with groups of 8: y = x W' + b, W never formed.
 
-The Triton kernel gathers codebook vectors through the L1 cache, about one per cycle per SM when a
-warp's 32 lanes read 32 different lines. Here each thread block first copies the codebooks (M x 256
-vectors of 8 bf16 = M x 4 KB) and the activations into shared memory; then every warp takes one
-output row at a time, its lanes walk the row's input groups, read the codes (one 2-byte load gives
-both codes of a 2x8 group), read the codebook vectors and activations as 16-byte shared-memory words,
-and sum the products in float32; a warp shuffle reduces the row. Built with torch's JIT extension
-loader on first use (nvcc and ninja needed); where it cannot be built, the Triton kernel is used.
+W[o, j*8:(j+1)*8] = scales[o] * sum_m codebooks[m, codes[o, j, m]]. The cost of such a kernel is the
+gathers of codebook vectors, not the bytes of codes it reads, so the kernel is built around them:
+
+- Codebooks of 256 entries (1x8g8, 2x8g8) live in shared memory, each entry stored 8 times side by
+  side; lane l reads copy l % 8, so the 8 lanes of a quarter-warp that serve one 16-byte load hit 8
+  different bank groups whatever codes they read: no bank conflicts. Codebooks of 65536 entries
+  (1x16g8: 1 MB) are read from global memory through the caches (they stay in L2).
+- The multiply-adds run on tensor cores (mma m16n8k16, bf16 in, float32 accumulators). A warp owns
+  16 output rows; in a super-slab of 32 input groups, lane (g, t) = (lane / 4, lane % 4) reads the
+  codes of rows g and g + 8 for groups 8t..8t+7 in one vector load, decodes one group of each row
+  per step (the sum of M codebook vectors) straight into the A fragment, and the activations of the
+  same group for token g into the B fragment. The order of the 16 products inside an mma is free,
+  so each group's 8 weights fill the slots lane (g, t) owns in two consecutive mmas; the same
+  permutation is applied to the activations, staged once per block in shared memory in that order.
+  Up to 8 tokens cost one mma pair per group pair, up to 16 two: the decoded weights serve every token.
+- Row blocks of 128 rows (8 warps) rarely fill the GPU alone, so the input groups are split into
+  chunks (split-K); each block writes float32 partial sums, and the last block of a row block to
+  finish (an atomic counter) adds the partials in chunk order (deterministic), applies scale and
+  bias and writes bf16. The counters reset themselves; the workspace is reused by every call on
+  the device (one stream at a time).
+
+Built with torch's JIT extension loader on first use (nvcc and ninja needed); where it cannot be
+built, `llm.kernels` falls back to the Triton kernel.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -21,84 +38,247 @@ _SOURCE = r"""
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 
-template <int M>
-__global__ void aqlm_gemv_k256_g8(const uint4* __restrict__ x, const uint8_t* __restrict__ codes,
-                                  const uint4* __restrict__ codebooks, const __nv_bfloat16* __restrict__ scales,
-                                  const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
-                                  int N, int J, int rows_per_block) {
-  extern __shared__ uint4 smem[];
-  uint4* cb = smem;            // M * 256 codebook vectors
-  uint4* xs = smem + M * 256;  // J activation groups
-  for (int i = threadIdx.x; i < M * 256; i += blockDim.x) cb[i] = codebooks[i];
-  for (int i = threadIdx.x; i < J; i += blockDim.x) xs[i] = x[i];
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const int row_end = min((blockIdx.x + 1) * rows_per_block, N);
-  for (int r = blockIdx.x * rows_per_block + warp; r < row_end; r += warps) {
-    const uint8_t* rc = codes + (size_t)r * J * M;
-    float acc = 0.f;
-#pragma unroll 4
-    for (int j = lane; j < J; j += 32) {
-      uint4 w0, w1;
-      if (M == 2) {
-        const unsigned c = reinterpret_cast<const unsigned short*>(rc)[j];
-        w0 = cb[c & 0xFF];
-        w1 = cb[256 + (c >> 8)];
-      } else {
-        w0 = cb[rc[j]];
-      }
-      const uint4 xv = xs[j];
-      const __nv_bfloat162* a = reinterpret_cast<const __nv_bfloat162*>(&w0);
-      const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&w1);
-      const __nv_bfloat162* xx = reinterpret_cast<const __nv_bfloat162*>(&xv);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        float2 w = __bfloat1622float2(a[k]);
-        if (M == 2) {
-          const float2 w2 = __bfloat1622float2(b[k]);
-          w.x += w2.x;
-          w.y += w2.y;
-        }
-        const float2 f = __bfloat1622float2(xx[k]);
-        acc = fmaf(w.x, f.x, fmaf(w.y, f.y, acc));
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffff, acc, o);
-    if (lane == 0) {
-      float out = acc * __bfloat162float(scales[r]);
-      if (bias != nullptr) out += __bfloat162float(bias[r]);
-      y[r] = __float2bfloat16(out);
-    }
-  }
+constexpr int WARPS = 8;            // warps per block, 16 output rows each
+constexpr int BLOCK_ROWS = WARPS * 16;
+
+__device__ __forceinline__ uint32_t add_bf16x2(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
 }
 
-torch::Tensor aqlm_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
-                        c10::optional<torch::Tensor> bias, int64_t rows_per_block, int64_t threads) {
-  const int N = codes.size(0), J = codes.size(1), M = codes.size(2);
-  auto y = torch::empty({N}, x.options());
-  const int blocks = (N + rows_per_block - 1) / rows_per_block;
-  const size_t smem = (size_t)(M * 256 + J) * sizeof(uint4);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const __nv_bfloat16* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
-  auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<blocks, threads, smem, stream>>>(
-        reinterpret_cast<const uint4*>(x.data_ptr()), codes.data_ptr<uint8_t>(),
-        reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
-        b, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, J, (int)rows_per_block);
+// c += A (16x16, rows g and g+8 of this lane) * B (16x8, tokens), bf16 inputs, float32 accumulators
+__device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The codes of one row for 8 consecutive groups (M codes of KBITS bits each), as 32-bit words.
+template <int M, int KBITS>
+struct RowCodes {
+  static constexpr int WORDS = M * KBITS / 4;
+  uint32_t w[WORDS];
+  __device__ __forceinline__ void load(const uint8_t* p, bool ok) {
+    if (!ok) {
+#pragma unroll
+      for (int i = 0; i < WORDS; ++i) w[i] = 0;
+    } else if constexpr (WORDS == 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      w[0] = v.x; w[1] = v.y;
+    } else {
+#pragma unroll
+      for (int i = 0; i < WORDS / 4; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+      }
+    }
+  }
+  __device__ __forceinline__ uint32_t code(int s, int m) const {  // s, m known at compile time
+    const int e = s * M + m;
+    if constexpr (KBITS == 8) return (w[e >> 2] >> (8 * (e & 3))) & 0xFFu;
+    else return (w[e >> 1] >> (16 * (e & 1))) & 0xFFFFu;
+  }
+};
+
+// The unscaled weights of one group: the sum of its M codebook vectors, 8 bf16 in a uint4.
+template <int M, int KBITS>
+__device__ __forceinline__ uint4 decode(const RowCodes<M, KBITS>& c, int s, const uint4* cb_shared,
+                                        const uint4* cb_global, int copy) {
+  uint4 r;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const uint32_t k = c.code(s, m);
+    const uint4 v = KBITS == 8 ? cb_shared[((m * 256 + k) << 3) + copy] : __ldg(cb_global + ((size_t)m << KBITS) + k);
+    if (m == 0) {
+      r = v;
+    } else {
+      r.x = add_bf16x2(r.x, v.x); r.y = add_bf16x2(r.y, v.y); r.z = add_bf16x2(r.z, v.z); r.w = add_bf16x2(r.w, v.w);
+    }
+  }
+  return r;
+}
+
+template <int M, int KBITS, int NT>
+__global__ void __launch_bounds__(WARPS * 32, 3) aqlm_mma_kernel(
+    const uint4* __restrict__ x, const uint8_t* __restrict__ codes, const uint4* __restrict__ codebooks,
+    const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
+    float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int chunk_slabs) {
+  constexpr int CB_SLOTS = KBITS == 8 ? M * 256 * 8 : 0;  // replicated codebooks, 16-byte slots
+  constexpr int ROW_BYTES_PER_GROUP = M * KBITS / 8;
+  extern __shared__ uint4 smem[];
+  uint4* cb = smem;
+  uint4* xs = smem + CB_SLOTS;
+  __shared__ int is_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int splits = gridDim.y, chunk = blockIdx.y;
+  const int slab0 = chunk * chunk_slabs;
+  const int nslabs = min(chunk_slabs, (J + 31) / 32 - slab0);
+
+  const int row_a = blockIdx.x * BLOCK_ROWS + warp * 16 + g, row_b = row_a + 8;
+  const size_t row_bytes = (size_t)J * ROW_BYTES_PER_GROUP;
+  const uint8_t* codes_a = codes + (size_t)row_a * row_bytes;
+  const uint8_t* codes_b = codes + (size_t)row_b * row_bytes;
+  RowCodes<M, KBITS> ca, cb_, na, nb;
+  auto load = [&](RowCodes<M, KBITS>& a, RowCodes<M, KBITS>& b, int slab) {
+    const int j = slab * 32 + 8 * t;  // J is a multiple of 8: the 8 groups are all in range or all out
+    const size_t off = (size_t)j * ROW_BYTES_PER_GROUP;
+    a.load(codes_a + off, j < J && row_a < N);
+    b.load(codes_b + off, j < J && row_b < N);
   };
-  if (M == 2) launch(aqlm_gemv_k256_g8<2>); else launch(aqlm_gemv_k256_g8<1>);
+  load(ca, cb_, slab0);  // in flight while shared memory fills
+
+  // Every load of a thread is issued before its first store: one memory latency per fill, not one per entry.
+  if constexpr (KBITS == 8) {
+    constexpr int PER_THREAD = (M * 256 + WARPS * 32 - 1) / (WARPS * 32);
+    uint4 v[PER_THREAD];
+#pragma unroll
+    for (int p = 0; p < PER_THREAD; ++p) {
+      const int e = tid + p * WARPS * 32;
+      if (e < M * 256) v[p] = codebooks[e];
+    }
+#pragma unroll
+    for (int p = 0; p < PER_THREAD; ++p) {
+      const int e = tid + p * WARPS * 32;
+      if (e < M * 256)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) cb[(e << 3) + ((c + tid) & 7)] = v[p];  // rotated: conflict-free stores
+    }
+  }
+  // activations of this chunk in the order the B fragments read them: slot ((slab*8 + s)*T + n)*4 + t
+  // holds group slab*32 + 8t + s of token n (lanes of one load read consecutive slots)
+  constexpr int X_BATCH = 4;
+  for (int i0 = tid; i0 < T * nslabs * 32; i0 += X_BATCH * WARPS * 32) {
+    uint4 v[X_BATCH];
+#pragma unroll
+    for (int b = 0; b < X_BATCH; ++b) {
+      const int i = i0 + b * WARPS * 32;
+      const int s = (i >> 2) & 7, rest = i >> 5, slab = rest % nslabs, n = rest / nslabs;
+      const int j = (slab0 + slab) * 32 + (i & 3) * 8 + s;
+      v[b] = i < T * nslabs * 32 && j < J ? x[(size_t)n * J + j] : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int b = 0; b < X_BATCH; ++b) {
+      const int i = i0 + b * WARPS * 32;
+      const int s = (i >> 2) & 7, rest = i >> 5, slab = rest % nslabs, n = rest / nslabs;
+      if (i < T * nslabs * 32) xs[((slab * 8 + s) * T + n) * 4 + (i & 3)] = v[b];
+    }
+  }
+  __syncthreads();
+
+  // two accumulator sets (even and odd steps) halve the chain of dependent mmas
+  float acc[2][NT][4];
+#pragma unroll
+  for (int u = 0; u < 2; ++u)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[u][nt][0] = acc[u][nt][1] = acc[u][nt][2] = acc[u][nt][3] = 0.f;
+  for (int sl = 0; sl < nslabs; ++sl) {
+    if (sl + 1 < nslabs) load(na, nb, slab0 + sl + 1);  // the next codes are in flight while these are used
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const uint4 wa = decode<M, KBITS>(ca, s, cb, codebooks, lane & 7);
+      const uint4 wb = decode<M, KBITS>(cb_, s, cb, codebooks, lane & 7);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = g + 8 * nt;
+        const uint4 xv = n < T ? xs[((sl * 8 + s) * T + n) * 4 + t] : make_uint4(0, 0, 0, 0);
+        mma_bf16(acc[s & 1][nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);  // weights 0-3 of the group
+        mma_bf16(acc[s & 1][nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);  // weights 4-7
+      }
+    }
+    ca = na;
+    cb_ = nb;
+  }
+
+  // acc[.][nt][2h + q]: row (h ? row_b : row_a), token 8nt + 2t + q
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int token = 8 * nt + 2 * t + q, row = h ? row_b : row_a;
+        if (token >= T || row >= N) continue;
+        const float v = acc[0][nt][2 * h + q] + acc[1][nt][2 * h + q];
+        if (splits == 1) {
+          float out = v * __bfloat162float(scales[row]);
+          if (bias != nullptr) out += __bfloat162float(bias[row]);
+          y[(size_t)token * N + row] = __float2bfloat16(out);
+        } else {
+          partial[((size_t)chunk * T + token) * N + row] = v;
+        }
+      }
+  if (splits == 1) return;
+
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = tid; i < T * BLOCK_ROWS; i += blockDim.x) {
+    const int token = i / BLOCK_ROWS, row = blockIdx.x * BLOCK_ROWS + i % BLOCK_ROWS;
+    if (row >= N) continue;
+    float v = 0.f;
+    for (int c = 0; c < splits; ++c) v += __ldcg(partial + ((size_t)c * T + token) * N + row);
+    float out = v * __bfloat162float(scales[row]);
+    if (bias != nullptr) out += __bfloat162float(bias[row]);
+    y[(size_t)token * N + row] = __float2bfloat16(out);
+  }
+  if (tid == 0) counters[blockIdx.x] = 0;
+}
+
+template <int M, int KBITS, int NT>
+void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
+            const torch::Tensor& scales, const __nv_bfloat16* bias, torch::Tensor& y, torch::Tensor& partial,
+            torch::Tensor& counters, int splits, int chunk_slabs) {
+  const int T = x.size(0), N = codes.size(0), J = codes.size(1);
+  const int cb_slots = KBITS == 8 ? M * 256 * 8 : 0;
+  const size_t smem = (size_t)(cb_slots + chunk_slabs * 32 * T) * 16;
+  auto kernel = aqlm_mma_kernel<M, KBITS, NT>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);  // may exceed the default 48 KB
+  dim3 grid((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits);
+  kernel<<<grid, WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+      reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
+      bias, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
+      N, J, T, chunk_slabs);
+}
+
+torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
+                       c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters,
+                       int64_t splits, int64_t chunk_slabs) {
+  const int T = x.size(0), N = codes.size(0), M = codes.size(2), K = codebooks.size(1);
+  auto y = torch::empty({T, N}, x.options());
+  const __nv_bfloat16* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
+  const bool two = T > 8;
+#define AQLM_LAUNCH(M_, KB_) \
+  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs) \
+       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs))
+  if (K == 256) {
+    if (M == 1) AQLM_LAUNCH(1, 8); else AQLM_LAUNCH(2, 8);
+  } else {
+    if (M == 1) AQLM_LAUNCH(1, 16); else AQLM_LAUNCH(2, 16);
+  }
+#undef AQLM_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 """
-_CPP = ("torch::Tensor aqlm_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales, "
-        "c10::optional<torch::Tensor> bias, int64_t rows_per_block, int64_t threads);")
+_CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales, "
+        "c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters, int64_t splits, "
+        "int64_t chunk_slabs);")
+
+MAX_TOKENS = 16
+BLOCK_ROWS = 128
+SLAB_GROUPS = 32
+BLOCKS_PER_SM = 3  # blocks resident per SM (registers and shared memory allow 3): the split aims for one wave
+X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
 
 _module = None
 _failed: Optional[str] = None
-MAX_INPUTS = 16384  # activations + codebooks must fit in shared memory
+_workspace: dict = {}
+_sm_count: dict = {}
 
 
 def load() -> Optional[object]:
@@ -113,7 +293,7 @@ def load() -> Optional[object]:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _module = load_inline("pvtuning_aqlm_gemv", cpp_sources=_CPP, cuda_sources=_SOURCE, functions=["aqlm_gemv"],
+        _module = load_inline("pvtuning_aqlm_mma", cpp_sources=_CPP, cuda_sources=_SOURCE, functions=["aqlm_mma"],
                               extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as e:  # no compiler, wrong toolkit: fall back to Triton
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -125,16 +305,53 @@ def build_error() -> Optional[str]:
 
 
 def supports(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> bool:
-    """One bf16 token, 1 or 2 codebooks of 256 vectors of 8, uint8 codes, at most MAX_INPUTS inputs."""
+    """1 to 16 bf16 tokens; 1 or 2 codebooks of 256 (uint8 codes) or 65536 (int16 codes) vectors of 8;
+    inputs a multiple of 64; contiguous, 16-byte aligned tensors."""
     M, K, G = codebooks.shape
-    return (x.is_cuda and x.numel() == x.shape[-1] and x.shape[-1] <= MAX_INPUTS and K == 256 and G == 8
-            and M in (1, 2) and codes.dtype == torch.uint8 and x.is_contiguous() and x.data_ptr() % 16 == 0
-            and x.dtype == codebooks.dtype == scales.dtype == torch.bfloat16)
+    n_in = x.shape[-1]
+    tokens = x.numel() // max(n_in, 1)
+    code_dtype = {256: torch.uint8, 65536: torch.int16}.get(K)
+    return (x.is_cuda and 1 <= tokens <= MAX_TOKENS and G == 8 and M in (1, 2) and codes.dtype == code_dtype
+            and n_in % 64 == 0 and codes.shape[1] * G == n_in and x.is_contiguous() and codes.is_contiguous()
+            and codebooks.is_contiguous() and x.data_ptr() % 16 == 0 and codes.data_ptr() % 16 == 0
+            and codebooks.data_ptr() % 16 == 0 and x.dtype == codebooks.dtype == scales.dtype == torch.bfloat16)
 
 
-def aqlm_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
-              rows_per_block: int = 16, threads: int = 256) -> Tensor:
-    """x (..., in) with one token times the AQLM weight; the caller checks `supports` and `load`."""
-    y = load().aqlm_gemv(x.reshape(-1).contiguous(), codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
-                         None if bias is None else bias.to(torch.bfloat16).contiguous(), rows_per_block, threads)
-    return y.reshape(*x.shape[:-1], -1)
+def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float = BLOCKS_PER_SM) -> tuple:
+    """(splits, chunk_slabs): the input groups are cut into `splits` chunks of `chunk_slabs` super-slabs
+    of 32 groups, so that row blocks x splits fills at most blocks_per_sm blocks per SM (one wave: a
+    second, partly filled wave would cost as much as the first) and a chunk's activations fit in
+    X_SHARED_BYTES."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    row_blocks = math.ceil(n_out / BLOCK_ROWS)
+    slabs = math.ceil(n_groups / SLAB_GROUPS)
+    splits = min(slabs, max(1, int(blocks_per_sm * _sm_count[index]) // row_blocks))
+    chunk = min(math.ceil(slabs / splits), max(1, X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)))
+    return math.ceil(slabs / chunk), chunk
+
+
+def _workspace_for(device: torch.device, partial_floats: int, row_blocks: int) -> tuple:
+    """The float32 partial sums and the (self-resetting) counters, grown as needed, one pair per device."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    partial, counters = _workspace.get(key, (None, None))
+    if partial is None or partial.numel() < partial_floats or counters.numel() < row_blocks:
+        partial = torch.empty(max(partial_floats, 1), device=device, dtype=torch.float32)
+        counters = torch.zeros(max(row_blocks, 1), device=device, dtype=torch.int32)
+        _workspace[key] = (partial, counters)
+    return partial, counters
+
+
+def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
+                blocks_per_sm: float = BLOCKS_PER_SM) -> Tensor:
+    """x (..., in) with 1 to 16 tokens times the AQLM weight given by codes (out, in/8, M), codebooks
+    (M, K, 8) and scales (out,), plus bias; bf16. The caller checks `supports` and `load`."""
+    N, J, _ = codes.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    T = x2.shape[0]
+    splits, chunk = plan(N, J, T, x.device, blocks_per_sm)
+    partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 else 0, math.ceil(N / BLOCK_ROWS))
+    y = load().aqlm_mma(x2, codes, codebooks, scales.reshape(-1),
+                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk)
+    return y.reshape(*x.shape[:-1], N)

@@ -21,15 +21,16 @@ def prepare_for_inference(model: nn.Module, dtype: Optional[torch.dtype] = None)
 
 
 class GreedyDecoder:
-    """Greedy generation from one prompt (batch 1) with a cache of `max_len` positions.
+    """Greedy generation from `batch_size` prompts of equal length with a cache of `max_len` positions.
 
     `cuda_graph` (default: on CUDA) captures the one-token step after a warm-up; `generate` then
-    returns the prompt followed by the new tokens, and `last_seconds_per_token` the decode time."""
+    returns the prompts followed by the new tokens, and `last_seconds_per_token` the time of one
+    decoding step (one new token for every prompt)."""
 
-    def __init__(self, model: nn.Module, max_len: int, cuda_graph: Optional[bool] = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, cuda_graph: Optional[bool] = None, batch_size: int = 1) -> None:
         from transformers.cache_utils import Cache, StaticLayer
 
-        self.model, self.max_len = model, max_len
+        self.model, self.max_len, self.batch_size = model, max_len, batch_size
         self.device = next(model.parameters()).device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         # Full-length static layers for every block (also Mistral's sliding-window ones): the window,
@@ -37,7 +38,7 @@ class GreedyDecoder:
         self.cache = Cache(layers=[StaticLayer(max_cache_len=max_len) for _ in range(model.config.num_hidden_layers)])
         self.window = getattr(model.config, "sliding_window", None)
         self.positions = torch.arange(max_len, device=self.device)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.next_token: Optional[Tensor] = None
@@ -56,8 +57,9 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """The argmax next token after tokens (1, q) at positions (q,), extending the cache."""
-        logits = self.model(input_ids=tokens, position_ids=positions.view(1, -1), cache_position=positions,
+        """The argmax next token (B, 1) after tokens (B, q) at positions (q,), extending the cache."""
+        logits = self.model(input_ids=tokens, position_ids=positions.view(1, -1).expand(tokens.shape[0], -1),
+                            cache_position=positions,
                             attention_mask=self._mask(positions), past_key_values=self.cache,
                             use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1, keepdim=True)
@@ -87,9 +89,9 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, new_tokens: int) -> Tensor:
-        """prompt (1, P) -> (1, P + new_tokens), greedy."""
-        if prompt.dim() != 2 or prompt.shape[0] != 1:
-            raise ValueError(f"GreedyDecoder takes one prompt of shape (1, P), got {tuple(prompt.shape)}")
+        """prompts (B, P) -> (B, P + new_tokens), greedy."""
+        if prompt.dim() != 2 or prompt.shape[0] != self.batch_size:
+            raise ValueError(f"this GreedyDecoder takes prompts of shape ({self.batch_size}, P), got {tuple(prompt.shape)}")
         n = prompt.shape[1]
         if n + new_tokens > self.max_len:
             raise ValueError(f"prompt {n} + {new_tokens} new tokens exceed the cache of {self.max_len}")

@@ -85,19 +85,24 @@ def test_cuda_graph_decoding_with_kernels_gives_the_full_forward_tokens(fmt):
     assert torch.equal(decoder.generate(prompt, 40), greedy_reference(model, prompt, 40))
 
 
-@pytest.mark.parametrize("fmt", ["2x8g8", "1x8g8"])
-@pytest.mark.parametrize("n_in,n_out,bias", [(1024, 1536, True), (4096, 100, False)])
-def test_cuda_kernel_matches_the_float32_reference_and_serves_one_bf16_token(fmt, n_in, n_out, bias):
+@pytest.mark.parametrize("fmt", ["2x8g8", "1x8g8", "1x16g8", "2x16g8"])
+@pytest.mark.parametrize("n_in,n_out,bias", [(1024, 1536, True), (4096, 100, False), (576, 192, True), (11008, 256, False)])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 16])
+def test_cuda_kernel_matches_the_float32_reference_at_1_to_16_bf16_tokens(fmt, n_in, n_out, bias, tokens):
     from llm import cuda_kernel, kernels
     from test_llm_kernels import random_layer, reference, rel_err
 
     layer = random_layer(fmt, n_in, n_out, bias, 0, "cuda")
-    x = torch.randn(1, n_in, device="cuda")
+    x = torch.randn(tokens, n_in, device="cuda")
     expected = reference(layer, x)
     layer, x = layer.to(torch.bfloat16), x.bfloat16()
     assert cuda_kernel.load() is not None, cuda_kernel.build_error()
-    assert kernels.kernel_for(layer, x) == "cuda"
-    y = cuda_kernel.aqlm_gemv(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
-    assert y.shape == (1, n_out) and y.dtype == torch.bfloat16
-    assert rel_err(y, expected) < 1e-2
-    assert kernels.kernel_for(layer, torch.randn(2, n_in, device="cuda", dtype=torch.bfloat16)) == "triton"
+    one_token_triton = tokens == 1 and (layer.fmt.bits > 8 or n_in * n_out < kernels.CUDA_MIN_WEIGHTS_ONE_TOKEN)
+    assert kernels.kernel_for(layer, x) == ("triton" if one_token_triton else "cuda")
+    for blocks_per_sm in (0.01, 2, 64):  # no split of the input groups, the default, one chunk per super-slab
+        y = cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, blocks_per_sm)
+        assert y.shape == (tokens, n_out) and y.dtype == torch.bfloat16
+        assert rel_err(y, expected) < 1e-2, (blocks_per_sm, cuda_kernel.plan(n_out, n_in // 8, tokens, x.device, blocks_per_sm))
+        again = cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, blocks_per_sm)
+        assert torch.equal(y, again)  # the split-K counters reset themselves; the sum order is fixed
+    assert kernels.kernel_for(layer, torch.randn(17, n_in, device="cuda", dtype=torch.bfloat16)) is None

@@ -138,6 +138,17 @@ def test_greedy_decoder_with_static_cache_reproduces_full_forward_greedy(arch, f
     assert len(set(expected[0, 7:].tolist())) > 1
 
 
+@pytest.mark.parametrize("arch,fmt", [("llama", "2x8g8"), ("mistral", None)])
+def test_batched_greedy_decoding_gives_each_prompts_own_tokens(arch, fmt):
+    model = prepare_for_inference(tiny_model(arch)) if fmt is None else quantized_tiny(arch, fmt)
+    prompts = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(4))
+    batched = GreedyDecoder(model, max_len=48, cuda_graph=False, batch_size=3).generate(prompts, 36)
+    for i in range(3):
+        assert torch.equal(batched[i:i + 1], greedy_reference(model, prompts[i:i + 1], 36))
+    with pytest.raises(ValueError, match=r"prompts of shape \(3, P\)"):
+        GreedyDecoder(model, max_len=48, cuda_graph=False, batch_size=3).generate(prompts[:1], 4)
+
+
 def test_greedy_decoder_rejects_a_prompt_longer_than_its_cache():
     decoder = GreedyDecoder(prepare_for_inference(tiny_model("llama")), max_len=16)
     with pytest.raises(ValueError, match="exceed the cache"):
