@@ -278,6 +278,7 @@ X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
 _module = None
 _failed: Optional[str] = None
 _workspace: dict = {}
+_outgrown: list = []  # workspaces replaced by larger ones, kept: a captured CUDA graph may still point at them
 _sm_count: dict = {}
 
 
@@ -337,6 +338,8 @@ def _workspace_for(device: torch.device, partial_floats: int, row_blocks: int) -
     key = device.index if device.index is not None else torch.cuda.current_device()
     partial, counters = _workspace.get(key, (None, None))
     if partial is None or partial.numel() < partial_floats or counters.numel() < row_blocks:
+        if partial is not None:
+            _outgrown.append((partial, counters))
         partial = torch.empty(max(partial_floats, 1), device=device, dtype=torch.float32)
         counters = torch.zeros(max(row_blocks, 1), device=device, dtype=torch.int32)
         _workspace[key] = (partial, counters)
