@@ -86,9 +86,14 @@ def representations(a) -> None:
 
 
 def kernels(a) -> None:
-    run("-m", "experiments.bench_kernels", "--device", "cuda", "--out", str(a.out / "gpu_matvec.json"))
-    models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the 7B shape
-    run("-m", "experiments.bench_decode", "--seven-b", *models, "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
+    # AQLM's kernels join the comparison where `aqlm` (1.1.7) is installed
+    run("-m", "experiments.bench_kernels", "--device", "cuda", "--shapes", "7b", "--tokens", "1,4,16",
+        "--out", str(a.out / "gpu_matvec.json"))
+    run("-m", "experiments.bench_kernels", "--device", "cuda", "--shapes", "smollm2", "--tokens", "1,8",
+        "--out", str(a.out / "gpu_matvec_smollm2.json"))
+    models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the shapes
+    run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", *models, "--batch", "1,8", "--new-tokens", "64",
+        "--reference-tokens", "16", "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
 
 
 def scale(a) -> None:
