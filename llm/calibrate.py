@@ -419,7 +419,11 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
                tau: float = 0.0, p_lr: float = 1e-3, beam_width: int = 4, seed: int = 0) -> list:
     """Adam on the block's continuous parameters (codebooks, scales, norms) to match `targets`
     (the V step); with tau > 0 also a greedy-subspace P step on the codes after each backward pass,
-    the same one PV-Tuning uses end to end. Returns the loss of every step."""
+    the same one PV-Tuning uses end to end. Returns the loss of every step.
+
+    Under torch.distributed (without the P step) the steps are data parallel: each process runs the
+    block on its share of every batch's rows and the gradients of the batch's mean are summed over
+    processes, so every process takes the one-process step (up to the order of floating-point sums)."""
     from llm.finetune import CodeStep, FinetuneConfig  # fine-tuning's P step, reused at block level
 
     params = [p for n, p in block.named_parameters() if p.requires_grad and p.is_floating_point()]
@@ -428,19 +432,35 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
     if tau > 0:
         code_step = CodeStep(block, FinetuneConfig(strategy="pv", tau=tau, p_lr=p_lr, beam_width=beam_width, seed=seed),
                              distributed=False)  # every process tunes the whole block (the first one's is kept)
+    data_parallel = code_step is None and D.world_size() > 1 and min(len(x) for x in inputs) >= D.world_size()
     losses = []
     with torch.enable_grad(), (code_step.capturing() if code_step else nullcontext()):
         for step in range(steps):
             i = step % len(inputs)
-            out = block(inputs[i], **_block_kwargs(kwargs, inputs[i].shape[0]))
-            loss = F.mse_loss(out.float(), targets[i].float())
+            x, t = inputs[i], targets[i]
+            if data_parallel:
+                x, t = rank_rows(x), rank_rows(t)
+            out = block(x, **_block_kwargs(kwargs, x.shape[0]))
+            if data_parallel:  # this process's part of the mean over the whole batch
+                loss = F.mse_loss(out.float(), t.float(), reduction="sum") / targets[i].numel()
+            else:
+                loss = F.mse_loss(out.float(), t.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if data_parallel:
+                loss = loss.detach().clone()
+                D.all_reduce_sum_([p.grad for p in params] + [loss])
             if code_step is not None:
                 code_step.step()
             opt.step()
             losses.append(loss.item())
     return losses
+
+
+def rank_rows(batch: Tensor) -> Tensor:
+    """This process's rows of a batch: contiguous shares, the first ones one row larger where the
+    batch does not divide (so any batch of at least world_size rows gives every process some)."""
+    return torch.tensor_split(batch, D.world_size())[D.rank()]
 
 
 def sequential_groups(names, true_sequential: bool) -> list:
@@ -461,7 +481,8 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
     The model may live on the CPU: each block is moved to `device` while it is calibrated
     (embeddings too, for the first forward), then moved back. Under torch.distributed (every rank
     calling this with the same arguments) the layers of a block are dealt out to the ranks by size,
-    each quantized by its owner and broadcast; every rank ends with the same model.
+    each quantized by its owner and broadcast, and block tuning is data parallel over the ranks;
+    every rank ends with the same model.
     """
     fmt = QuantFormat.parse(cfg.fmt)
     home = next(model.parameters()).device
