@@ -10,9 +10,10 @@ For each model (a reference model directory; with --seven-b a Llama-2-7B-shaped 
 vocabulary), with random weights built on the device) and each format, the block linears are replaced by
 AQLM layers with random codes (decoding speed does not depend on the code values) and the model is cast
 to --dtype. Each variant decodes --new-tokens tokens after 16-token prompts, --batch prompts at a time
-(tokens/s counts every prompt's tokens), with llm.generate.GreedyDecoder:
-with a CUDA graph (the default on the GPU) and without; quantized models also through the reference
-path (kernels off: decode W, then F.linear), which checks that the kernels give the same tokens.
+(tokens/s counts every prompt's tokens), with llm.generate.GreedyDecoder: with a CUDA graph (the
+default on the GPU) and without; with --compile also through torch.compile; quantized models also
+through the reference path (kernels off: decode W, then F.linear), which checks that the kernels give
+the same tokens.
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ def weight_megabytes(model: torch.nn.Module) -> float:
     return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)
 
 
-def decode_speed(model, prompt: torch.Tensor, new_tokens: int, cuda_graph: bool) -> tuple[dict, torch.Tensor]:
-    decoder = GreedyDecoder(model, prompt.shape[1] + new_tokens, cuda_graph=cuda_graph, batch_size=prompt.shape[0])
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int, cuda_graph: bool,
+                 compile: bool = False) -> tuple[dict, torch.Tensor]:
+    decoder = GreedyDecoder(model, prompt.shape[1] + new_tokens, cuda_graph=cuda_graph, batch_size=prompt.shape[0],
+                            compile=compile)
     t0 = time.perf_counter()
     decoder.generate(prompt, min(new_tokens, 8))  # warm-up: compilation, autotuning, graph capture
     warm = time.perf_counter() - t0
@@ -88,6 +91,9 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
         r, toks = decode_speed(model, prompt, args.new_tokens, graph)
         row["graph" if graph else "eager"] = r
         fast_tokens = toks if fast_tokens is None else fast_tokens
+    if args.compile:  # torch.compile around the kernels, in the first mode (a CUDA graph on the GPU)
+        r, toks = decode_speed(model, prompt, args.new_tokens, graph_modes[0], compile=True)
+        row["compiled"] = {**r, "tokens_equal_to_uncompiled": agreement(toks, fast_tokens, prompt.shape[1])}
     if fmt != "none":
         kernels.set_enabled(False)
         try:
@@ -101,6 +107,7 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
     best = row.get("graph", row.get("eager"))
     print(f"{name:10s} {fmt:7s} batch {prompt.shape[0]:2d} {best['tokens_per_s']:8.1f} tok/s  ({best['ms_per_token']:.2f} ms/token)"
           + (f"  eager {row['eager']['tokens_per_s']:.1f}" if "graph" in row else "")
+          + (f"  compiled {row['compiled']['tokens_per_s']:.1f}" if "compiled" in row else "")
           + (f"  reference path {row['reference_path']['tokens_per_s']:.1f}, same tokens "
              f"{row['tokens_equal_to_reference_path']}/{row['tokens_compared']}" if fmt != "none" else ""), flush=True)
     return row
@@ -113,6 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seven-b", action="store_true", help="also a Llama-2-7B-shaped model with random weights")
     ap.add_argument("--smollm2", action="store_true", help="also a SmolLM2-135M-shaped model with random weights")
     ap.add_argument("--batch", default="1", help="prompts decoded together, comma-separated (e.g. 1,8)")
+    ap.add_argument("--compile", action="store_true", help="also each variant through torch.compile")
     ap.add_argument("--formats", default="1x16g8,2x8g8,1x8g8")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

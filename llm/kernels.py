@@ -42,38 +42,73 @@ def enabled() -> bool:
 
 def kernel_for(layer, x: Tensor) -> Optional[str]:
     """'cuda', 'triton', 'lut' or None (reference) for this layer's forward on x."""
+    if not _wants_kernel(layer, x):
+        return None
+    return kernel_for_tensors(x, layer.codes, layer.codebooks, layer.scales)
+
+
+def _wants_kernel(layer, x: Tensor) -> bool:
+    """Inference (no gradient to the layer) on at most MAX_TOKENS tokens, kernels on: known from shapes alone."""
     if not _enabled or layer.capture_weight_grad:
-        return None
+        return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in layer.continuous_parameters()):
-        return None
+        return False
+    return x.numel() // max(x.shape[-1], 1) <= MAX_TOKENS
+
+
+def kernel_for_tensors(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Optional[str]:
+    """The kernel for x times the weight that codes (out, in/g, M), codebooks (M, K, g) and scales give."""
     tokens = x.numel() // max(x.shape[-1], 1)
-    if tokens > MAX_TOKENS:
-        return None
+    bits = codebooks.shape[1].bit_length() - 1
+    weights = x.shape[-1] * codes.shape[0]
     if x.is_cuda:
         from llm import cuda_kernel
 
-        one_token_triton = tokens == 1 and (layer.fmt.bits > 8 or layer.in_features * layer.out_features
-                                            < CUDA_MIN_WEIGHTS_ONE_TOKEN)
-        if (not (one_token_triton and _HAS_TRITON) and cuda_kernel.supports(x, layer.codes, layer.codebooks, layer.scales)
+        one_token_triton = tokens == 1 and (bits > 8 or weights < CUDA_MIN_WEIGHTS_ONE_TOKEN)
+        if (not (one_token_triton and _HAS_TRITON) and cuda_kernel.supports(x, codes, codebooks, scales)
                 and cuda_kernel.load() is not None):
             return "cuda"
         return "triton" if _HAS_TRITON else None
-    big = layer.in_features * layer.out_features >= LUT_MIN_WEIGHTS
-    if x.device.type == "cpu" and _HAS_NUMBA and layer.fmt.bits <= 8 and (tokens == 1 or big):
+    if x.device.type == "cpu" and _HAS_NUMBA and bits <= 8 and (tokens == 1 or weights >= LUT_MIN_WEIGHTS):
         return "lut"
     return None
 
 
-def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
-    """The layer's output through a kernel, or None where the reference path applies."""
-    kind = kernel_for(layer, x)
+def _run(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
     if kind == "cuda":
         from llm import cuda_kernel
-        return cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+        return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias)
     if kind == "triton":
         from llm.triton_kernel import aqlm_matmul
-        return aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
-    if kind == "lut":
-        from llm.lut_kernel import aqlm_matmul_lut
-        return aqlm_matmul_lut(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
-    return None
+        return aqlm_matmul(x, codes, codebooks, scales, bias)
+    from llm.lut_kernel import aqlm_matmul_lut
+    return aqlm_matmul_lut(x, codes, codebooks, scales, bias)
+
+
+@torch.library.custom_op("pvtuning::aqlm_matmul", mutates_args=())
+def compiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The kernel path as one operator that torch.compile leaves opaque (the kernel is chosen when it
+    runs); where no kernel applies, the reference product."""
+    kind = kernel_for_tensors(x, codes, codebooks, scales)
+    if kind is not None:
+        return _run(kind, x, codes, codebooks, scales, bias)
+    M, K, _ = codebooks.shape
+    idx = codes.long() & (K - 1)  # 16-bit codes are stored wrapped in int16
+    W = sum(codebooks[m][idx[:, :, m]] for m in range(M)).reshape(codes.shape[0], -1) * scales.reshape(-1, 1)
+    return torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@compiled_matmul.register_fake
+def _(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
+    """The layer's output through a kernel, or None where the reference path applies. Under
+    torch.compile, one opaque operator (`compiled_matmul`) that the rest of the graph fuses around."""
+    if not _wants_kernel(layer, x):
+        return None
+    if torch.compiler.is_compiling():
+        return compiled_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    kind = kernel_for_tensors(x, layer.codes, layer.codebooks, layer.scales)
+    return None if kind is None else _run(kind, x, layer.codes, layer.codebooks, layer.scales, layer.bias)

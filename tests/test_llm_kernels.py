@@ -149,6 +149,25 @@ def test_batched_greedy_decoding_gives_each_prompts_own_tokens(arch, fmt):
         GreedyDecoder(model, max_len=48, cuda_graph=False, batch_size=3).generate(prompts[:1], 4)
 
 
+def test_compiled_greedy_decoding_gives_the_full_forward_tokens():
+    """torch.compile around the quantized layers' kernels (one opaque operator each): the same tokens."""
+    model = quantized_tiny("llama", "2x8g8")
+    prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    decoder = GreedyDecoder(model, max_len=32, cuda_graph=False, compile=True)
+    assert torch.equal(decoder.generate(prompt, 16), greedy_reference(model, prompt, 16))
+
+
+@pytest.mark.parametrize("fmt,tokens", [("2x8g8", 1), ("1x16g8", 1), ("2x8g8", 5)])
+def test_the_compiled_operator_gives_the_layers_product(fmt, tokens):
+    """One operator for torch.compile: a kernel where one applies, else the reference product."""
+    layer = random_layer(fmt, 64, 48, True, 0)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = kernels.compiled_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert got.shape == (tokens, 48)
+    assert rel_err(got, reference(layer, x)) < 1e-5
+
+
 def test_greedy_decoder_rejects_a_prompt_longer_than_its_cache():
     decoder = GreedyDecoder(prepare_for_inference(tiny_model("llama")), max_len=16)
     with pytest.raises(ValueError, match="exceed the cache"):
