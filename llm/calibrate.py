@@ -439,7 +439,7 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
             i = step % len(inputs)
             x, t = inputs[i], targets[i]
             if data_parallel:
-                x, t = rank_rows(x), rank_rows(t)
+                x, t = D.rank_rows(x), D.rank_rows(t)
             out = block(x, **_block_kwargs(kwargs, x.shape[0]))
             if data_parallel:  # this process's part of the mean over the whole batch
                 loss = F.mse_loss(out.float(), t.float(), reduction="sum") / targets[i].numel()
@@ -455,12 +455,6 @@ def tune_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, step
             opt.step()
             losses.append(loss.item())
     return losses
-
-
-def rank_rows(batch: Tensor) -> Tensor:
-    """This process's rows of a batch: contiguous shares, the first ones one row larger where the
-    batch does not divide (so any batch of at least world_size rows gives every process some)."""
-    return torch.tensor_split(batch, D.world_size())[D.rank()]
 
 
 def sequential_groups(names, true_sequential: bool) -> list:

@@ -93,6 +93,12 @@ def local_slice(batch: Tensor) -> Tensor:
     return batch[r * n:(r + 1) * n]
 
 
+def rank_rows(batch: Tensor) -> Tensor:
+    """This rank's rows of a batch that need not divide: contiguous shares, the first ones one row
+    larger (a batch of at least world_size rows gives every rank some)."""
+    return torch.tensor_split(batch, world_size())[rank()]
+
+
 def all_reduce_sum_(tensors: Iterable[Optional[Tensor]], bucket_numel: int = 1 << 26) -> None:
     """Sum each tensor over ranks, in place, in flat buckets (few collective calls)."""
     if not is_distributed():
