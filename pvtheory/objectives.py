@@ -162,11 +162,30 @@ class Quadratic(Objective):
         return 0.5 * cp.quad_form(x, cp.psd_wrap(Qs)) - self.b.numpy() @ x
 
 
-class SeparableQuadratic(Objective):
-    """phi(x) = 1/2 sum_i w_i (x_i - t_i)^2 with w_i > 0: weighted 1-D k-means when x is in R^d_c."""
+class DiagonalQuadratic(Objective):
+    """A quadratic phi with a constant diagonal Hessian (`hessian_diagonal`, per coordinate): its
+    smoothness constants are that diagonal's maxima over all coordinates, a subspace, a group."""
 
     separable = True
     is_quadratic = True
+
+    @property
+    @abstractmethod
+    def hessian_diagonal(self) -> Tensor: ...
+
+    @property
+    def L(self) -> float:
+        return float(self.hessian_diagonal.max())
+
+    def L_subspace(self, S: Tensor) -> float:
+        return float(self.hessian_diagonal[S].max()) if S.numel() else 0.0
+
+    def group_smoothness(self, g: int) -> Tensor:
+        return self.hessian_diagonal.reshape(-1, g).max(1).values
+
+
+class SeparableQuadratic(DiagonalQuadratic):
+    """phi(x) = 1/2 sum_i w_i (x_i - t_i)^2 with w_i > 0: weighted 1-D k-means when x is in R^d_c."""
 
     def __init__(self, w, t) -> None:
         self.w = as_tensor("w", w)
@@ -185,14 +204,8 @@ class SeparableQuadratic(Objective):
         return self.w * (self.check_point(x) - self.t)
 
     @property
-    def L(self) -> float:
-        return float(self.w.max())
-
-    def L_subspace(self, S: Tensor) -> float:
-        return float(self.w[S].max()) if S.numel() else 0.0
-
-    def group_smoothness(self, g: int) -> Tensor:
-        return self.w.reshape(-1, g).max(1).values
+    def hessian_diagonal(self) -> Tensor:
+        return self.w
 
     def separable_form(self) -> tuple[Tensor, Tensor]:
         """(w, t): phi = 1/2 sum w (x - t)^2, without forming a d x d matrix."""
@@ -292,7 +305,7 @@ class ObservedGradient(Objective):
         return self.g
 
 
-class LocalQuadraticModel(Objective):
+class LocalQuadraticModel(DiagonalQuadratic):
     """The model of phi around x0 that a preconditioned P step minimizes over the codes:
 
         m(x) = <g, x - x0> + 1/2 sum_i D_i (x_i - x0_i)^2,   D > 0 a diagonal curvature,
@@ -300,9 +313,6 @@ class LocalQuadraticModel(Objective):
     e.g. g = Adam's first moment of dL/dW and D = (sqrt(v_hat) + eps) / p_lr. Its gradient at x0 is g,
     its curvature per coordinate is D (so a linearized step targets x0 - g / D, Adam's update), and
     it is separable: its exact P step is the D-weighted nearest codes to x0 - g / D."""
-
-    separable = True
-    is_quadratic = True
 
     def __init__(self, x0: Tensor, g: Tensor, D: Tensor) -> None:
         if not (x0.shape == g.shape == D.shape):
@@ -320,14 +330,8 @@ class LocalQuadraticModel(Objective):
         return self.g + self.D * (x - self.x0)
 
     @property
-    def L(self) -> float:
-        return float(self.D.max())
-
-    def L_subspace(self, S: Tensor) -> float:
-        return float(self.D[S].max()) if S.numel() else 0.0
-
-    def group_smoothness(self, g: int) -> Tensor:
-        return self.D.reshape(-1, g).max(1).values
+    def hessian_diagonal(self) -> Tensor:
+        return self.D
 
     def curvature(self, coords: Optional[Tensor] = None) -> Tensor:
         return self.D if coords is None else self.D[coords]
