@@ -447,9 +447,10 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                 raise FinetuneError(f"loss became {loss} at step {step}: stopped{where} (try a smaller --lr / --p-lr)")
             D.all_reduce_sum_(p.grad for p in params)
             changed.append(code_step.step() if capture else 0)  # P (and V) steps from the gradient at W
-            for p in student.parameters():
-                if id(p) in stepped_by_v:
-                    p.grad = None
+            if stepped_by_v:  # the given V step took these; the optimizer leaves them
+                for p in student.parameters():
+                    if id(p) in stepped_by_v:
+                        p.grad = None
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * step_size_factor(cfg, step)
             opt.step()  # V step

@@ -237,12 +237,15 @@ def _nearest_beyond(t: Tensor, codes: Tensor, cb: Tensor) -> Tensor:
     return best
 
 
+def expand_groups(t: Tensor, cols: int) -> Tensor:
+    """A per-group tensor (rows, cols / G) repeated over its G consecutive coordinates: (rows, cols)."""
+    return t.repeat_interleave(cols // t.shape[1], dim=1)
+
+
 def decode_grid(codes: Tensor, scales: Tensor, zeros: Tensor, shape: Sequence[int]) -> Tensor:
     """x = scales * (codes - zeros) laid out as `shape` (rows, cols), scales and zeros (rows, cols / G)
     shared by G consecutive coordinates of a row; differentiable in scales and zeros."""
-    G = shape[1] // scales.shape[1]
-    return (scales.repeat_interleave(G, dim=1) * (codes.reshape(shape).to(scales.dtype)
-                                                  - zeros.repeat_interleave(G, dim=1)))
+    return expand_groups(scales, shape[1]) * (codes.reshape(shape).to(scales.dtype) - expand_groups(zeros, shape[1]))
 
 
 @dataclass(frozen=True)
@@ -287,9 +290,6 @@ class ScalarGrid:
     def group_coordinates(self, groups: Tensor) -> Tensor:
         return groups.reshape(-1)
 
-    def _expand(self, t: Tensor) -> Tensor:
-        return t.repeat_interleave(self.shape[1] // t.shape[1], dim=1)
-
     def decode(self, scales: Optional[Tensor] = None, zeros: Optional[Tensor] = None) -> Tensor:
         return decode_grid(self.codes, self.scales if scales is None else scales,
                            self.zeros if zeros is None else zeros, self.shape)
@@ -301,7 +301,7 @@ class ScalarGrid:
         return replace(self, scales=values[0], zeros=values[1])
 
     def _grid_position(self, target: Tensor) -> Tensor:
-        s, z = self._expand(self.scales), self._expand(self.zeros)
+        s, z = expand_groups(self.scales, self.shape[1]), expand_groups(self.zeros, self.shape[1])
         s = torch.where(s == 0, torch.ones_like(s), s)
         return (target.reshape(self.shape).to(s.dtype) / s + z).reshape(-1, 1)
 
