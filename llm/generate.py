@@ -46,6 +46,8 @@ class GreedyDecoder:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.next_token: Optional[Tensor] = None
         self.last_seconds_per_token = float("nan")
+        # Only the one-token step is compiled: the prompt runs eagerly, so each decoder adds one entry to
+        # torch.compile's cache of `_step` (shared by all decoders, and limited in size).
         self.forward = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def _mask(self, query_positions: Tensor) -> Tensor:
@@ -101,7 +103,7 @@ class GreedyDecoder:
             raise ValueError(f"prompt {n} + {new_tokens} new tokens exceed the cache of {self.max_len}")
         prompt = prompt.to(self.device)
         self.cache.reset()  # in place: a captured graph keeps pointing at the same buffers
-        out = [self.forward(prompt, self.positions[:n])]
+        out = [self._step(prompt, self.positions[:n])]
         self._sync()
         t0 = time.perf_counter()
         for i in range(1, new_tokens):
