@@ -65,6 +65,13 @@ def FRACTION(text: str) -> float:
     return v
 
 
+def UNIT(text: str) -> float:
+    v = NONNEG(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return v
+
+
 def _device(arg):
     """torch.device of --device, checked to exist here."""
     try:
@@ -108,7 +115,8 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
     p = _preset(a)
     return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size_ft"],
                           micro_batch_size=p["micro_batch_size"], lr=p["lr"], lr_schedule=a.lr_schedule,
-                          v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), p_select=a.p_select, trust_ratio=a.trust_ratio,
+                          v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), p_select=a.p_select, p_memory=a.p_memory,
+                          trust_ratio=a.trust_ratio,
                           p_warmup=a.p_warmup,
                           beam_width=a.beam_width, train_other=not a.freeze_other,
                           shard_teacher=not getattr(a, "replicate_teacher", False),
@@ -421,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(the first step's update is p_lr x sign(gradient) everywhere)")
         p.add_argument("--p-select", default="update", choices=("update", "gain"),
                        help="pv: re-encode the groups with the largest update, or the largest decrease of the linear model")
+        p.add_argument("--p-memory", type=UNIT, default=0.0,
+                       help="pv, linearized_pv: share of what rounding left out of a P step's target that the next "
+                            "one aims at too (0: none, as in the paper; 1: all, as the official code's delta_decay 0)")
         p.add_argument("--trust-ratio", type=POSITIVE, default=None,
                        help="reject code changes that move a group by more than this times its norm")
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")

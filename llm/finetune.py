@@ -74,6 +74,7 @@ class FinetuneConfig:
     tau: float = 0.01  # fraction of code groups the pv strategy may change per step
     p_warmup: int = 0  # steps whose P step only accumulates its moments (no code changes, no STE update)
     p_select: str = "update"  # pv's greedy subspace: the groups with the largest "update", or the largest model "gain"
+    p_memory: float = 0.0  # pv, linearized_pv: share of the rounding residual the next P step aims at (pvtheory.accumulated)
     trust_ratio: Optional[float] = None  # reject code changes with ||dw|| > trust_ratio * ||w|| per group
     beam_width: int = 4
     train_norms: bool = True
@@ -94,6 +95,8 @@ class FinetuneConfig:
                                 f"{self.p_state_dtype!r} and {self.p_grad_dtype!r}")
         if self.p_select not in ("update", "gain"):
             raise FinetuneError(f"p_select must be 'update' or 'gain', got {self.p_select!r}")
+        if not 0 <= self.p_memory <= 1:
+            raise FinetuneError(f"p_memory must lie in [0, 1], got {self.p_memory}")
         if self.v_optimizer not in ("adam", "lamb"):
             raise FinetuneError(f"v_optimizer must be 'adam' or 'lamb', got {self.v_optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):

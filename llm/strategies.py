@@ -7,6 +7,10 @@
     pv             pvtheory's greedy subspace P step: the fraction tau of groups with the largest
                    update ("update") or model decrease ("gain") re-encoded
 
+With p_memory > 0, pv and linearized_pv also aim at that share of what rounding left out of their
+previous target (pvtheory.accumulated; it keeps a float32 residual per quantized weight, as STE keeps
+its shadow).
+
 Each is wrapped in Adam's preconditioner (pvtheory.preconditioners.adam_preconditioned): at LLM scale
 the P step sees a layer as its discrete-continuous parameter and the loss through the gradient
 dL/dW of the batch, and rounds x - g_hat / D with D = (sqrt(v_hat) + eps) / p_lr. The same Step
@@ -26,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pvtheory.baselines import ste_p_step, stochastic_rounding_p_step
-from pvtheory.p_steps import linearized_p_step, subspace_p_step, trust_region
+from pvtheory.p_steps import accumulated, linearized_p_step, subspace_p_step, trust_region
 from pvtheory.preconditioners import adam_preconditioned
 from pvtheory.steps import Step
 
@@ -82,12 +86,16 @@ def _metric(cfg) -> str:
     return "curvature" if cfg.p_metric == "adam" else "euclidean"
 
 
+def _with_memory(cfg, step: Step) -> Step:
+    return accumulated(step, cfg.p_memory) if cfg.p_memory > 0 else step
+
+
 register_strategy("continuous", lambda cfg, seed: None)
 register_strategy("ste", lambda cfg, seed: adam_preconditioner(
     cfg, ste_p_step(metric=_metric(cfg), beam_width=cfg.beam_width)))
 register_strategy("stochastic", lambda cfg, seed: adam_preconditioner(
     cfg, stochastic_rounding_p_step(seed=seed, beam_width=cfg.beam_width, start="current")))
 register_strategy("linearized_pv", lambda cfg, seed: adam_preconditioner(
-    cfg, linearized_p_step(metric=_metric(cfg), beam_width=cfg.beam_width)))
-register_strategy("pv", lambda cfg, seed: adam_preconditioner(
-    cfg, subspace_p_step(float(cfg.tau), "greedy", score=cfg.p_select, metric=_metric(cfg), beam_width=cfg.beam_width)))
+    cfg, _with_memory(cfg, linearized_p_step(metric=_metric(cfg), beam_width=cfg.beam_width))))
+register_strategy("pv", lambda cfg, seed: adam_preconditioner(cfg, _with_memory(
+    cfg, subspace_p_step(float(cfg.tau), "greedy", score=cfg.p_select, metric=_metric(cfg), beam_width=cfg.beam_width))))

@@ -12,7 +12,7 @@ from pvtheory.init import init_scalar, kmeans, kmeans_1d, residual_kmeans, unifo
 from pvtheory.objectives import (Autograd, LeastSquares, LocalQuadraticModel, Logistic, Objective, ObservedGradient,
                                  Quadratic, SeparableQuadratic)
 from pvtheory.optimum import global_optimum, global_optimum_miqp
-from pvtheory.p_steps import exact_p_step, linearized_p_step, subspace_p_step, trust_region
+from pvtheory.p_steps import accumulated, exact_p_step, linearized_p_step, subspace_p_step, trust_region
 from pvtheory.preconditioners import adam_preconditioned
 from pvtheory.problems import random_problem
 from pvtheory.pv import PVResult, is_pv_stationary, pv, pv_iteration
@@ -26,5 +26,5 @@ __all__ = [
     "cvxpy_v_step", "gradient_v_step", "adam_v_step", "no_v_step", "ste_p_step",
     "stochastic_rounding_p_step", "relax_then_round", "continuous_optimum", "pv", "PVResult",
     "is_pv_stationary", "global_optimum", "global_optimum_miqp", "Step", "ScalarGrid", "ObservedGradient",
-    "LocalQuadraticModel", "trust_region", "adam_preconditioned", "pv_iteration",
+    "LocalQuadraticModel", "trust_region", "accumulated", "adam_preconditioned", "pv_iteration",
 ]

@@ -4,7 +4,9 @@
   mixed-integer solver (cvxpy + SCIP) for small problems, block-coordinate descent otherwise;
 - linearized_p_step: round x - grad phi(x) / L to the nearest codes (never increases phi);
 - subspace_p_step: the same restricted to a subspace S of tau groups (random, or greedy: the
-  groups with the largest gradient), with the longer step 1 / L_S.
+  groups with the largest gradient), with the longer step 1 / L_S;
+- accumulated: any of these aiming also at the part of earlier targets that rounding left out
+  (memory 1 turns the linearized step into STE; the official PV-Tuning runs its subspace step so).
 
 Every solver keeps a group's current code unless another is strictly better, so "nothing changed"
 is a well-defined fixed point.
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from pvtheory.checks import check_positive_int
 from pvtheory.codes import Codebooks
-from pvtheory.objectives import Objective
+from pvtheory.objectives import LocalQuadraticModel, Objective
 from pvtheory.steps import Step, point, stateless
 
 ENUMERATION_LIMIT = 1 << 20  # assignments the exact P step may enumerate
@@ -178,6 +180,32 @@ def trust_region(inner: Step, ratio: float) -> Step:
         return param.with_codes(torch.where(keep.unsqueeze(1), new.codes, param.codes)), state
 
     return Step(f"{inner.name}, trust ratio {ratio}", inner.init, update, inner.deterministic)
+
+
+def accumulated(inner: Step, memory: float) -> Step:
+    """`inner` on the local model of phi whose linearized step targets x + r - grad / D instead of
+    x - grad / D (D = objective.curvature()): r is what rounding left out of the previous target,
+    t - decode(new codes), times `memory`. memory 0 is `inner` on that model; memory 1 keeps every
+    update until a code moves, which with linearized_p_step is exactly STE (ste_p_step) and with
+    subspace_p_step is the official PV-Tuning code's default (its delta_decay is 1 - memory)."""
+    if not 0.0 <= memory <= 1.0:
+        raise ValueError(f"memory must lie in [0, 1], got {memory}")
+
+    def init(param: Codebooks, objective: Objective) -> dict:
+        return {"r": None, "inner": inner.init(param, objective)}
+
+    def update(param: Codebooks, objective: Objective, state: dict):
+        x = point(param)
+        D = objective.curvature()
+        D = D.reshape(-1) if isinstance(D, Tensor) else torch.full_like(x, float(D))
+        g = objective.grad(x)
+        if state["r"] is not None:
+            g = g - D * state["r"].to(g.dtype)  # so that x - g / D = x + r - grad / D
+        new, inner_state = inner.update(param, LocalQuadraticModel(x, g, D), state["inner"])
+        r = memory * (x - g / D - point(new)) if memory > 0 else None
+        return new, {"r": r, "inner": inner_state}
+
+    return Step(f"{inner.name}, memory {memory}", init, update, deterministic=inner.deterministic and memory == 0)
 
 
 # --- exact steps --------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def test_token_cache_never_serves_another_file(tmp_path):
     ("--eval-windows", "0", "argument --eval-windows: must be >= 1"),
     ("--trust-ratio", "-1", "argument --trust-ratio: must be > 0"),
     ("--tau", "1.5", "argument --tau: must lie in (0, 1]"),
+    ("--p-memory", "1.5", "argument --p-memory: must lie in [0, 1]"),
+    ("--strategy-settings", '{"pv": {"p_memory": -1}}', "p_memory must lie in [0, 1]"),
     ("--lr", "abc", "'abc' is not a number"),
     ("--strategies", ",", "names no strategy"),
     ("--strategies", "pv,PV", "unknown strategy 'PV'"),

@@ -44,10 +44,11 @@ def test_every_code_changing_strategy_runs_and_changes_codes(strategy):
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
-@pytest.mark.parametrize("strategy", ["pv", "stochastic", "ste"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,p_memory", [("pv", 0.0), ("pv", 1.0), ("stochastic", 0.0), ("ste", 0.0)])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, p_memory):
     teacher, student = calibrated("llama")
-    cfg = dict(strategy=strategy, batch_size=4, lr=1e-3, p_lr=3e-3, tau=0.05, checkpoint_every=2, seed=3)
+    cfg = dict(strategy=strategy, batch_size=4, lr=1e-3, p_lr=3e-3, tau=0.05, checkpoint_every=2, seed=3,
+               p_memory=p_memory)
     whole = copy.deepcopy(student)
     rep_whole = finetune(whole, teacher, SEQS, FinetuneConfig(steps=6, **cfg), progress=False)
     # "interrupted" after 3 steps: a run that stops there leaves its checkpoint ...
@@ -60,6 +61,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy):
     assert rep["losses"] == pytest.approx(rep_whole["losses"], rel=1e-5)
     for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), n
+
+
+@pytest.mark.parametrize("strategy", ["pv", "linearized_pv"])
+def test_p_memory_moves_scalar_codes_that_single_p_steps_leave(strategy):
+    """On a scalar grid an update of p_lr rarely crosses a rounding midpoint in one step; carrying what
+    rounding left out adds the updates up until it does."""
+    teacher, student = calibrated("llama", fmt="int2g16")
+    changed = {}
+    for memory in (0.0, 1.0):
+        s = copy.deepcopy(student)
+        cfg = FinetuneConfig(strategy=strategy, steps=8, batch_size=4, p_lr=2e-3, tau=0.05, p_memory=memory, seed=0)
+        changed[memory] = sum(finetune(s, teacher, SEQS, cfg, progress=False)["codes_changed"])
+    assert changed[1.0] > 2 * changed[0.0] + 10, changed
 
 
 class _Interrupt(Exception):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from pvtheory import (exact_p_step, exact_v_step, linearized_p_step, pv, random_problem,
+from pvtheory import (exact_p_step, exact_v_step, linearized_p_step, pv, random_problem, scalar,
                       continuous_optimum, init_scalar, subspace_p_step)
 from pvtheory.p_steps import (exact_p_by_coordinate_descent, exact_p_by_enumeration, exact_p_by_miqp,
                               exact_p_by_separable)
@@ -87,3 +87,58 @@ def test_mixed_integer_p_step_equals_enumeration(seed):
     x0 = init_scalar(continuous_optimum(phi) + 0.3 * torch.randn(7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), 3)
     a, b = exact_p_by_miqp(x0, phi), exact_p_by_enumeration(x0, phi)
     assert abs(phi_at(phi, a) - phi_at(phi, b)) <= 1e-6 * (1 + abs(phi_at(phi, b)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_linearized_step_with_full_memory_is_ste(seed):
+    """accumulated(linearized, memory=1) keeps x + r = STE's shadow u, so both pick the same codes."""
+    from pvtheory import accumulated, ste_p_step
+    phi = random_problem("quadratic", 24, cond=1e2, seed=seed)
+    x0 = init_scalar(continuous_optimum(phi) + 0.3 * torch.randn(24, dtype=torch.float64,
+                                                               generator=torch.Generator().manual_seed(seed)), 4)
+    ste, acc = ste_p_step(), accumulated(linearized_p_step(), 1.0)
+    a, b = x0, x0
+    sa, sb = ste.init(a, phi), acc.init(b, phi)
+    moved = 0
+    for _ in range(20):
+        new_a, sa = ste.update(a, phi, sa)
+        new_b, sb = acc.update(b, phi, sb)
+        assert torch.equal(new_a.codes, new_b.codes)
+        moved += int((new_a.codes != a.codes).sum())
+        a, b = new_a, new_b
+        assert torch.allclose(sa, b.decode().reshape(-1) + sb["r"], atol=1e-12)
+    assert moved > 0
+
+
+def test_accumulated_step_without_memory_is_its_inner_step():
+    from pvtheory import LocalQuadraticModel, accumulated
+    phi = random_problem("quadratic", 40, cond=1e3, seed=1)
+    x0 = init_scalar(continuous_optimum(phi), 4)
+    x = x0.decode().reshape(-1)
+    gen = torch.Generator().manual_seed(0)
+    model = LocalQuadraticModel(x, torch.randn(40, dtype=torch.float64, generator=gen),
+                                torch.rand(40, dtype=torch.float64, generator=gen) + 0.5)
+    inner = subspace_p_step(5, "greedy")
+    plain, _ = inner.update(x0, model, inner.init(x0, model))
+    wrapped = accumulated(inner, 0.0)
+    same, state = wrapped.update(x0, model, wrapped.init(x0, model))
+    assert torch.equal(plain.codes, same.codes) and state["r"] is None
+
+
+def test_memory_moves_a_code_that_no_single_step_can():
+    """A constant pull of a quarter spacing never crosses a rounding midpoint in one step; with memory 1
+    it does on the second, and the residual keeps what the crossing overshot."""
+    from pvtheory import LocalQuadraticModel, accumulated
+    x0 = scalar(torch.tensor([0]), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    x = x0.decode().reshape(-1)
+    model = lambda p: LocalQuadraticModel(p.decode().reshape(-1), torch.tensor([-0.3], dtype=torch.float64),  # noqa: E731
+                                          torch.ones(1, dtype=torch.float64))
+    for memory, expected in ((0.0, [0, 0, 0]), (1.0, [0, 1, 1])):
+        step, p = accumulated(linearized_p_step(), memory), x0
+        state = step.init(p, model(p))
+        codes = []
+        for _ in range(3):
+            p, state = step.update(p, model(p), state)
+            codes.append(int(p.codes[0]))
+        assert codes == expected, memory
+    assert torch.allclose(state["r"], torch.tensor([-0.1], dtype=torch.float64))  # 0.9 - 1.0 after step 3
