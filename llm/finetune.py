@@ -97,6 +97,8 @@ class FinetuneConfig:
             raise FinetuneError(f"p_select must be 'update' or 'gain', got {self.p_select!r}")
         if not 0 <= self.p_memory <= 1:
             raise FinetuneError(f"p_memory must lie in [0, 1], got {self.p_memory}")
+        if self.p_memory > 0 and self.trust_ratio is not None:  # the residual would count changes the trust region undoes
+            raise FinetuneError("p_memory and trust_ratio cannot be combined: choose one")
         if self.v_optimizer not in ("adam", "lamb"):
             raise FinetuneError(f"v_optimizer must be 'adam' or 'lamb', got {self.v_optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):

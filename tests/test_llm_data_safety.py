@@ -101,6 +101,7 @@ def test_token_cache_never_serves_another_file(tmp_path):
     ("--trust-ratio", "-1", "argument --trust-ratio: must be > 0"),
     ("--tau", "1.5", "argument --tau: must lie in (0, 1]"),
     ("--p-memory", "1.5", "argument --p-memory: must lie in [0, 1]"),
+    ("--strategy-settings", '{"pv": {"p_memory": 0.5, "trust_ratio": 0.1}}', "p_memory and trust_ratio cannot be combined"),
     ("--strategy-settings", '{"pv": {"p_memory": -1}}', "p_memory must lie in [0, 1]"),
     ("--lr", "abc", "'abc' is not a number"),
     ("--strategies", ",", "names no strategy"),
