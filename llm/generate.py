@@ -25,7 +25,7 @@ class GreedyDecoder:
 
     `cuda_graph` (default: on CUDA) captures the one-token step after a warm-up; `generate` then
     returns the prompts followed by the new tokens, and `last_seconds_per_token` the time of one
-    decoding step (one new token for every prompt). `compile` runs the steps through torch.compile
+    decoding step (one new token for every prompt). `compile` runs the one-token steps through torch.compile
     (the quantized layers' kernels stay one opaque operator each; the norms, rotary embedding and
     element-wise work around them are fused)."""
 
