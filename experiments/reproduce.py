@@ -94,6 +94,8 @@ def kernels(a) -> None:
     models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the shapes
     run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", *models, "--batch", "1,8", "--new-tokens", "64",
         "--reference-tokens", "16", "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
+    run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", "--formats", "2x8g8,1x8g8", "--compile",
+        "--new-tokens", "64", "--reference-tokens", "8", "--device", "cuda", "--out", str(a.out / "gpu_decode_compiled.json"))
 
 
 def scale(a) -> None:
