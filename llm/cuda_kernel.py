@@ -38,6 +38,9 @@ _SOURCE = r"""
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 3                // blocks per SM the register budget must allow (__launch_bounds__)
+#endif
 constexpr int WARPS = 8;            // warps per block, 16 output rows each
 constexpr int BLOCK_ROWS = WARPS * 16;
 
@@ -100,7 +103,7 @@ __device__ __forceinline__ uint4 decode(const RowCodes<M, KBITS>& c, int s, cons
 }
 
 template <int M, int KBITS, int NT>
-__global__ void __launch_bounds__(WARPS * 32, 3) aqlm_mma_kernel(
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) aqlm_mma_kernel(
     const uint4* __restrict__ x, const uint8_t* __restrict__ codes, const uint4* __restrict__ codebooks,
     const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
     float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int chunk_slabs) {
@@ -272,7 +275,9 @@ _CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Ten
 MAX_TOKENS = 16
 BLOCK_ROWS = 128
 SLAB_GROUPS = 32
-BLOCKS_PER_SM = 3  # blocks resident per SM (registers and shared memory allow 3): the split aims for one wave
+# Blocks resident per SM: the register budget is set for it at build time and the split aims for one wave of it.
+# 3 (80 registers) spills 72 bytes a thread in the 2x8g8 main loop; 2 needs 116-125 registers and spills none.
+BLOCKS_PER_SM = int(os.environ.get("PVTUNING_CUDA_BLOCKS_PER_SM", "3"))
 X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
 
 _module = None
@@ -294,8 +299,9 @@ def load() -> Optional[object]:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _module = load_inline("pvtuning_aqlm_mma", cpp_sources=_CPP, cuda_sources=_SOURCE, functions=["aqlm_mma"],
-                              extra_cuda_cflags=["-O3"], verbose=False)
+        _module = load_inline(f"pvtuning_aqlm_mma_b{BLOCKS_PER_SM}", cpp_sources=_CPP, cuda_sources=_SOURCE,
+                              functions=["aqlm_mma"], extra_cuda_cflags=["-O3", f"-DMIN_BLOCKS={BLOCKS_PER_SM}"],
+                              verbose=False)
     except Exception as e:  # no compiler, wrong toolkit: fall back to Triton
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     return _module
