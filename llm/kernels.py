@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pvtheory.codes import decode
+
 MAX_TOKENS = 16
 LUT_MIN_WEIGHTS = 1 << 22  # CPU: below this many weights, lookup tables beat decoding only for one token
 # GPU, one token: the Triton kernel wins on layers of < 1M weights (SmolLM2's, 2.6-5.1 us against 4.2-6 us)
@@ -93,8 +95,8 @@ def compiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor,
     if kind is not None:
         return _run(kind, x, codes, codebooks, scales, bias)
     M, K, _ = codebooks.shape
-    idx = codes.long() & (K - 1)  # 16-bit codes are stored wrapped in int16
-    W = sum(codebooks[m][idx[:, :, m]] for m in range(M)).reshape(codes.shape[0], -1) * scales.reshape(-1, 1)
+    idx = (codes.long() & (K - 1)).reshape(-1, M)  # 16-bit codes are stored wrapped in int16
+    W = decode(idx, codebooks, (codes.shape[0], x.shape[-1]), scales.reshape(-1))
     return torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
