@@ -126,11 +126,10 @@ def test_accumulated_step_without_memory_is_its_inner_step():
 
 
 def test_memory_moves_a_code_that_no_single_step_can():
-    """A constant pull of a quarter spacing never crosses a rounding midpoint in one step; with memory 1
+    """A constant pull of 0.3 of the spacing never crosses a rounding midpoint in one step; with memory 1
     it does on the second, and the residual keeps what the crossing overshot."""
     from pvtheory import LocalQuadraticModel, accumulated
     x0 = scalar(torch.tensor([0]), torch.tensor([0.0, 1.0], dtype=torch.float64))
-    x = x0.decode().reshape(-1)
     model = lambda p: LocalQuadraticModel(p.decode().reshape(-1), torch.tensor([-0.3], dtype=torch.float64),  # noqa: E731
                                           torch.ones(1, dtype=torch.float64))
     for memory, expected in ((0.0, [0, 0, 0]), (1.0, [0, 1, 1])):
