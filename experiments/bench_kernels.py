@@ -21,6 +21,7 @@ import math
 import platform
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,7 @@ def copies_for(bytes_per_copy: int, l2_bytes: int, cap: int = 256) -> int:
 
 
 def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l2: int, gen,
-                   blocks_per_sm: float) -> dict:
+                   blocks_per_sm: Optional[float] = None) -> dict:
     from llm import cuda_kernel, kernels, triton_kernel
 
     fmt, dev, bf16 = QuantFormat.parse(fmt_s), "cuda", torch.bfloat16
@@ -154,9 +155,10 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
     if cuda_kernel.supports(x, one.codes, one.codebooks, one.scales) and cuda_kernel.load() is not None:
         t_cuda, e_cuda = timed(lambda L: cuda_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales,
                                                                  blocks_per_sm=blocks_per_sm))
-        splits, chunk = cuda_kernel.plan(n_out, n_in // 8, T, x.device, blocks_per_sm)
+        target = blocks_per_sm or cuda_kernel.blocks_per_sm_for(fmt.num_codebooks, 2 ** fmt.bits)
+        splits, chunk = cuda_kernel.plan(n_out, n_in // 8, T, x.device, target)
         row.update(cuda_us=t_cuda, cuda_relative_error_vs_float32=e_cuda,
-                   cuda_split={"splits": splits, "chunk_slabs": chunk})
+                   cuda_split={"splits": splits, "chunk_slabs": chunk, "blocks_per_sm": target})
     if kernels.kernel_for(one, x) == "cuda":  # the kernel an AQLMLinear's forward picks
         row.update(kernel="cuda", kernel_us=row["cuda_us"], relative_error_vs_float32=row["cuda_relative_error_vs_float32"])
     first = aqlm_kernel(one)
@@ -228,7 +230,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", choices=["all", "7b", "ref", "smollm2"], default="all")
     ap.add_argument("--reps", type=int, default=20, help="CPU: timed calls per measurement")
     ap.add_argument("--blocks-per-sm", type=float, default=None,
-                    help="GPU: the CUDA kernel's split of the input groups (default: llm.cuda_kernel.BLOCKS_PER_SM)")
+                    help="GPU: the blocks per SM the CUDA kernel's split of the input groups aims for "
+                         "(default: what each kernel is built for, llm.cuda_kernel.blocks_per_sm_for)")
     args = ap.parse_args(argv)
     shapes = {"all": LLAMA2_7B_SHAPES + REF_SHAPES + SMOLLM2_SHAPES, "7b": LLAMA2_7B_SHAPES, "ref": REF_SHAPES,
               "smollm2": SMOLLM2_SHAPES}[args.shapes]
@@ -242,9 +245,10 @@ def main(argv=None) -> None:
         from llm import cuda_kernel
 
         cuda_kernel.load()
-        blocks_per_sm = args.blocks_per_sm or cuda_kernel.BLOCKS_PER_SM
+        blocks_per_sm = args.blocks_per_sm
         meta = {"device": props.name, "copy_bandwidth_gbs": round(peak, 1), "l2_bytes": props.L2_cache_size,
-                "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(), "blocks_per_sm": blocks_per_sm}
+                "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(),
+                "split_blocks_per_sm": blocks_per_sm, "built_blocks_per_sm": cuda_kernel.BLOCKS_PER_SM_OVERRIDE or "per kernel"}
         for n_in, n_out in shapes:
             for f in formats:
                 for T in tokens:

@@ -19,15 +19,18 @@ def main(argv=None) -> None:
     ap.add_argument("n_in", type=int)
     ap.add_argument("n_out", type=int)
     ap.add_argument("--tokens", type=int, default=1)
-    ap.add_argument("--blocks-per-sm", type=float, default=cuda_kernel.BLOCKS_PER_SM)
+    ap.add_argument("--blocks-per-sm", type=float, default=None,
+                    help="the split's target (default: what the kernel is built for)")
     a = ap.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    layer = random_layer(QuantFormat.parse(a.format), a.n_in, a.n_out, torch.bfloat16, "cuda", gen)
+    fmt = QuantFormat.parse(a.format)
+    layer = random_layer(fmt, a.n_in, a.n_out, torch.bfloat16, "cuda", gen)
+    target = a.blocks_per_sm or cuda_kernel.blocks_per_sm_for(fmt.num_codebooks, 2 ** fmt.bits)
     x = torch.randn(a.tokens, a.n_in, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
-        cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, blocks_per_sm=a.blocks_per_sm)
+        cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, blocks_per_sm=target)
     torch.cuda.synchronize()
-    print("splits, super-slabs per chunk:", cuda_kernel.plan(a.n_out, a.n_in // 8, a.tokens, x.device, a.blocks_per_sm))
+    print("splits, super-slabs per chunk:", cuda_kernel.plan(a.n_out, a.n_in // 8, a.tokens, x.device, target))
 
 
 if __name__ == "__main__":

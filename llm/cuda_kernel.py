@@ -39,7 +39,7 @@ _SOURCE = r"""
 #include <cuda_bf16.h>
 
 #ifndef MIN_BLOCKS
-#define MIN_BLOCKS 3                // blocks per SM the register budget must allow (__launch_bounds__)
+#define MIN_BLOCKS 0                // blocks per SM the register budget must allow; 0: min_blocks() per kernel
 #endif
 constexpr int WARPS = 8;            // warps per block, 16 output rows each
 constexpr int BLOCK_ROWS = WARPS * 16;
@@ -102,8 +102,11 @@ __device__ __forceinline__ uint4 decode(const RowCodes<M, KBITS>& c, int s, cons
   return r;
 }
 
+// At 3 blocks per SM (80 registers) the two-codebook kernel spills in its main loop; at 2 it spills nothing.
+constexpr int min_blocks(int M, int KBITS) { return MIN_BLOCKS > 0 ? MIN_BLOCKS : (M == 2 && KBITS == 8 ? 2 : 3); }
+
 template <int M, int KBITS, int NT>
-__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) aqlm_mma_kernel(
+__global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_kernel(
     const uint4* __restrict__ x, const uint8_t* __restrict__ codes, const uint4* __restrict__ codebooks,
     const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
     float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int chunk_slabs) {
@@ -275,9 +278,19 @@ _CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Ten
 MAX_TOKENS = 16
 BLOCK_ROWS = 128
 SLAB_GROUPS = 32
-# Blocks resident per SM: the register budget is set for it at build time and the split aims for one wave of it.
-# 3 (80 registers) spills 72 bytes a thread in the 2x8g8 main loop; 2 needs 116-125 registers and spills none.
-BLOCKS_PER_SM = int(os.environ.get("PVTUNING_CUDA_BLOCKS_PER_SM", "3"))
+# Blocks resident per SM: each kernel's register budget is set for it at build time and the split aims for one
+# wave of it. At 3 (80 registers) the 2x8g8 main loop spills 72 bytes a thread; at 2 (116-125 registers) it
+# spills none and runs 1.12-1.29x faster on an H200; the one-codebook kernels are as fast at either (their
+# measured budget, 3, stays). PVTUNING_CUDA_BLOCKS_PER_SM sets one value for every kernel.
+_BLOCKS_PER_SM_ENV = os.environ.get("PVTUNING_CUDA_BLOCKS_PER_SM")
+BLOCKS_PER_SM_OVERRIDE: Optional[int] = int(_BLOCKS_PER_SM_ENV) if _BLOCKS_PER_SM_ENV else None
+
+
+def blocks_per_sm_for(num_codebooks: int, codebook_size: int) -> int:
+    """The blocks per SM the kernel for M codebooks of K entries is built for (min_blocks in the source)."""
+    if BLOCKS_PER_SM_OVERRIDE is not None:
+        return BLOCKS_PER_SM_OVERRIDE
+    return 2 if (num_codebooks, codebook_size) == (2, 256) else 3
 X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
 
 _module = None
@@ -299,8 +312,9 @@ def load() -> Optional[object]:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _module = load_inline(f"pvtuning_aqlm_mma_b{BLOCKS_PER_SM}", cpp_sources=_CPP, cuda_sources=_SOURCE,
-                              functions=["aqlm_mma"], extra_cuda_cflags=["-O3", f"-DMIN_BLOCKS={BLOCKS_PER_SM}"],
+        n = BLOCKS_PER_SM_OVERRIDE or 0
+        _module = load_inline(f"pvtuning_aqlm_mma_b{n}", cpp_sources=_CPP, cuda_sources=_SOURCE,
+                              functions=["aqlm_mma"], extra_cuda_cflags=["-O3", f"-DMIN_BLOCKS={n}"],
                               verbose=False)
     except Exception as e:  # no compiler, wrong toolkit: fall back to Triton
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -324,7 +338,7 @@ def supports(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> boo
             and codebooks.data_ptr() % 16 == 0 and x.dtype == codebooks.dtype == scales.dtype == torch.bfloat16)
 
 
-def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float = BLOCKS_PER_SM) -> tuple:
+def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float) -> tuple:
     """(splits, chunk_slabs): the input groups are cut into `splits` chunks of `chunk_slabs` super-slabs
     of 32 groups, so that row blocks x splits fills at most blocks_per_sm blocks per SM (one wave: a
     second, partly filled wave would cost as much as the first) and a chunk's activations fit in
@@ -353,10 +367,13 @@ def _workspace_for(device: torch.device, partial_floats: int, row_blocks: int) -
 
 
 def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
-                blocks_per_sm: float = BLOCKS_PER_SM) -> Tensor:
+                blocks_per_sm: Optional[float] = None) -> Tensor:
     """x (..., in) with 1 to 16 tokens times the AQLM weight given by codes (out, in/8, M), codebooks
-    (M, K, 8) and scales (out,), plus bias; bf16. The caller checks `supports` and `load`."""
-    N, J, _ = codes.shape
+    (M, K, 8) and scales (out,), plus bias; bf16. The caller checks `supports` and `load`.
+    blocks_per_sm: the split's target (default: what the kernel is built for, blocks_per_sm_for)."""
+    N, J, M = codes.shape
+    if blocks_per_sm is None:
+        blocks_per_sm = blocks_per_sm_for(M, codebooks.shape[1])
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
     splits, chunk = plan(N, J, T, x.device, blocks_per_sm)
