@@ -71,9 +71,7 @@ def main() -> None:
     meta = read_meta(a.checkpoint)
     fmt = next(iter(meta["quantized_layers"].values()))
     p = preset_for(fmt)
-    settings = tuned_strategy_settings(fmt)
-    if p.get("pv_p_lr") is not None:
-        settings["pv"]["p_lr"] = p["pv_p_lr"]
+    settings = tuned_strategy_settings(fmt, p.get("pv_p_lr"))
     base = FinetuneConfig(steps=a.steps, batch_size=p["batch_size_ft"], micro_batch_size=p["micro_batch_size"],
                           lr=p["lr"], v_optimizer=p["v_optimizer"], checkpoint_every=10**9)
     seqs = train_sequences(a.model, a.train, a.seq_len, a.steps * base.batch_size, seed=1)

@@ -140,10 +140,7 @@ def _strategy_settings(a) -> dict:
 
     settings = {}
     if not a.untuned:
-        settings = tuned_strategy_settings(a.format)
-        pv_p_lr = _preset(a).get("pv_p_lr")
-        if pv_p_lr is not None:
-            settings["pv"]["p_lr"] = pv_p_lr
+        settings = tuned_strategy_settings(a.format, _preset(a).get("pv_p_lr"))
         for entry in settings.values():
             for k in _explicit_p_flags(a):
                 entry.pop(k, None)

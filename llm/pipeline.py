@@ -112,15 +112,31 @@ TUNED_STRATEGY_SETTINGS = {
 # At 2 bits and 64-128 sequences per step PV's p_lr 3e-2 beat 1e-2 (17.19 vs 17.29), not at 16 sequences
 # (17.38 vs 17.36): the 2x8g8 preset (llm/presets.py) sets it with its batch of 128.
 LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1, "p_beta1": 0.95}, "ste": {"p_lr": 1e-3}}
+# On GPTQ's scalar grid one code step moves a weight by its group's whole spacing: a single P step rarely
+# crosses a rounding midpoint, and when it does, the linear model overstates the gain. PV-Tuning there
+# carries the rounding residual to the next P step (p_memory 1, as the official code's delta_decay 0), so
+# small updates add up until a code moves, and ranks groups by the model's gain. ref-llama, H200, the
+# 2x8g8 / 1x8g8 recipes (docs/representations.md): int2g128 PV 17.43 / 17.48 (two seeds) against STE
+# 17.65 / 17.66 and the codebook setting's 17.87; int1g64 with momentum 0.9, PV 39.11 / 38.71 / 38.52
+# against STE 39.98 / 40.12 / 40.03 on the same calibrations (momentum 0.9 at 2 bits: 17.77).
+SCALAR_OVERRIDES = {"pv": {"p_memory": 1.0, "p_lr": 1e-3, "p_beta1": 0.0, "p_select": "gain"}}
+SCALAR_LOW_BIT_OVERRIDES = {"pv": {"p_beta1": 0.9}}
 
 
-def tuned_strategy_settings(fmt: str) -> dict:
-    """TUNED_STRATEGY_SETTINGS for this format ({strategy: {FinetuneConfig field: value}})."""
+def tuned_strategy_settings(fmt: str, pv_p_lr: Optional[float] = None) -> dict:
+    """TUNED_STRATEGY_SETTINGS for this format ({strategy: {FinetuneConfig field: value}}), with the
+    low-bit and scalar-grid overrides where they apply. pv_p_lr: a preset's PV step size for its batch
+    (llm.presets), applied to codebook formats only (the scalar grid's PV step has its own)."""
     q = QuantFormat.parse(fmt)
     code_bits = q.bits * (q.num_codebooks / q.group_size if q.kind == "aqlm" else 1)
+    overrides = [LOW_BIT_OVERRIDES] if code_bits <= 1.5 else []
+    if q.kind == "scalar":
+        overrides += [SCALAR_OVERRIDES] + ([SCALAR_LOW_BIT_OVERRIDES] if code_bits <= 1.5 else [])
+    elif pv_p_lr is not None:
+        overrides.append({"pv": {"p_lr": pv_p_lr}})
     settings = {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
-    if code_bits <= 1.5:
-        for k, v in LOW_BIT_OVERRIDES.items():
+    for o in overrides:
+        for k, v in o.items():
             settings[k].update(v)
     return settings
 

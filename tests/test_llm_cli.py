@@ -91,7 +91,7 @@ def test_every_cli_option_has_a_help_line():
 
 
 @pytest.mark.parametrize("fmt,steps,batch,block_steps,pv_p_lr", [("2x8g8", 260, 128, 500, 0.03), ("1x8g8", 220, 64, 1000, 0.1),
-                                                                   ("3x8g8", 200, 64, 1000, 0.01)])
+                                                                   ("3x8g8", 200, 64, 1000, 0.01), ("int2g128", 200, 64, 1000, 1e-3)])
 def test_pipeline_without_flags_runs_the_formats_best_recipe(fmt, steps, batch, block_steps, pv_p_lr):
     from llm.cli import _calib_cfg, _ft_cfg, _strategy_settings, build_parser
     from llm.pipeline import strategy_config

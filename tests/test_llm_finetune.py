@@ -172,6 +172,20 @@ def test_formats_of_about_one_bit_get_ten_times_larger_p_steps():
     assert one_bit["pv"]["tau"] == two_bit["pv"]["tau"]
 
 
+def test_scalar_formats_get_pv_with_memory_whatever_the_presets_step():
+    from llm.finetune import FinetuneConfig
+    from llm.pipeline import TUNED_STRATEGY_SETTINGS, strategy_config, tuned_strategy_settings
+
+    two_bit, one_bit = tuned_strategy_settings("int2g128", pv_p_lr=0.03), tuned_strategy_settings("int1g64", pv_p_lr=0.03)
+    for s in (two_bit, one_bit):
+        pv = strategy_config(FinetuneConfig(), "pv", s)
+        assert (pv.p_memory, pv.p_select, pv.p_lr, pv.tau) == (1.0, "gain", 1e-3, TUNED_STRATEGY_SETTINGS["pv"]["tau"])
+    assert two_bit["pv"]["p_beta1"] == 0.0 and one_bit["pv"]["p_beta1"] == 0.9
+    assert two_bit["ste"] == TUNED_STRATEGY_SETTINGS["ste"] and one_bit["ste"]["p_lr"] == 1e-3
+    codebooks = tuned_strategy_settings("2x8g8", pv_p_lr=0.03)["pv"]
+    assert codebooks["p_lr"] == 0.03 and "p_memory" not in codebooks and "p_memory" not in tuned_strategy_settings("vq8g4")["pv"]
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("metric", ["euclidean", "adam"])
 def test_gain_selection_moves_at_most_tau_groups_each_closer_to_the_target(seed, metric):
