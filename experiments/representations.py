@@ -2,6 +2,11 @@
 
     python -m experiments.representations formats MODEL                # which format stands for each cell
     python -m experiments.representations table OUT/*/summary.json     # the table from pipeline summaries
+    python -m experiments.representations merge A/summary.json B/summary.json --out AB.json
+
+A cell's runs may come from several calibrations (seeds): the table gives each strategy's mean and range
+over them, and PV-Tuning against the best other strategy on the same calibrations. `merge` joins the
+summaries of pipelines that fine-tuned copies of one calibrated checkpoint (strategies run in parallel).
 
 For each representation and width the format is the one of its candidates whose total bits per
 quantized weight (codes, codebooks, scales, zeros: llm.formats) on this model's layers are nearest the
@@ -66,32 +71,91 @@ def choose_formats(shapes: list) -> dict:
     return out
 
 
+def merge(summaries: list) -> dict:
+    """One summary from pipeline summaries that fine-tuned the same calibrated checkpoint: same model,
+    format, calibration settings and calibrated perplexity; each strategy in one of them only."""
+    first = summaries[0]
+    same = ("model", "format", "calibration", "ppl_calibrated", "ppl_original", "eval_windows", "ft_nsamples")
+    out = {k: v for k, v in first.items() if k not in ("runs", "strategy_settings", "seconds_total", "continuations")}
+    out["runs"], out["strategy_settings"] = {}, {}
+    for s in summaries:
+        for k in same:
+            a, b = s.get(k), first.get(k)
+            if a != b and not (isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-9 * abs(b)):
+                raise ValueError(f"summaries of different calibrations cannot merge: {k} {s.get(k)!r} != {first.get(k)!r}")
+        for name, run in s["runs"].items():
+            if name in out["runs"]:
+                raise ValueError(f"strategy {name!r} is in two of the summaries")
+            out["runs"][name] = run
+            if name in s.get("strategy_settings", {}):
+                out["strategy_settings"][name] = s["strategy_settings"][name]
+    return out
+
+
+def _stats(values: list) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "runs": values}
+
+
 def table(summaries: list) -> dict:
-    """{width: {representation: {format, bits, rows: {strategy: ppl}}}} from pipeline summaries."""
-    by_format = {s["format"]: s for s in summaries}
+    """{width: {representation: {format, bits, original, rows: {strategy: {mean, min, max, runs}},
+    codes_changed: {strategy: mean}, pv_vs_best_other: {strategy, percent: [...]}}}} from pipeline
+    summaries; a format's summaries (one per calibration) are pooled. pv_vs_best_other compares PV-Tuning
+    with the other strategy of lowest mean, calibration by calibration (percent of its perplexity)."""
+    by_format: dict = {}
+    for s in summaries:
+        by_format.setdefault(s["format"], []).append(s)
     out = {}
     for width, (_, _, reps) in WIDTHS.items():
         for rep, candidates in reps.items():
-            s = next((by_format[f] for f in candidates if f in by_format), None)
-            if s is None:
+            fmt = next((f for f in candidates if f in by_format), None)
+            if fmt is None:
                 continue
-            rows = {"calibrated": s["ppl_calibrated"], **{k: r["ppl"] for k, r in s["runs"].items()}}
-            out.setdefault(width, {})[rep] = {"format": s["format"], "bits": s["bits"]["bits_per_quantized_weight"],
-                                              "original": s["ppl_original"], "rows": rows,
-                                              "codes_changed": {k: r.get("codes_changed_total") for k, r in s["runs"].items()}}
+            group = by_format[fmt]
+            values = {"calibrated": [s["ppl_calibrated"] for s in group]}
+            codes: dict = {}
+            for s in group:
+                for k, r in s["runs"].items():
+                    values.setdefault(k, []).append(r["ppl"])
+                    codes.setdefault(k, []).append(r.get("codes_changed_total") or 0)
+            rows = {k: _stats(v) for k, v in values.items()}
+            cell = {"format": fmt, "bits": group[0]["bits"]["bits_per_quantized_weight"],
+                    "original": group[0]["ppl_original"], "rows": rows,
+                    "codes_changed": {k: round(sum(v) / len(v)) for k, v in codes.items()}}
+            others = [k for k in rows if k not in ("calibrated", "pv")]
+            if "pv" in rows and others:
+                best = min(others, key=lambda k: rows[k]["mean"])
+                paired = [100 * (s["runs"]["pv"]["ppl"] / s["runs"][best]["ppl"] - 1) for s in group
+                          if "pv" in s["runs"] and best in s["runs"]]
+                cell["pv_vs_best_other"] = {"strategy": best, "percent": [round(x, 2) for x in paired]}
+            out.setdefault(width, {})[rep] = cell
     return out
 
 
 def markdown(t: dict) -> str:
-    """The table laid out like the paper's: rows strategies, columns representation x width."""
+    """The table laid out like the paper's: rows strategies, columns representation x width; a cell with
+    several calibrations gives the mean and (range, number of runs); the best mean in bold."""
     cols = [(w, r) for w in t for r in t[w]]
     head = "| strategy | " + " | ".join(f"{r} `{t[w][r]['format']}` ({t[w][r]['bits']:.2f})" for w, r in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
+
+    def fmt(c: dict, best: float) -> str:
+        v = f"{c['mean']:.2f}"
+        v = f"**{v}**" if c["mean"] == best else v
+        return v if len(c["runs"]) == 1 else f"{v} ({c['min']:.2f}-{c['max']:.2f}, {len(c['runs'])})"
+
     for row in STRATEGY_ROWS:
-        vals = [t[w][r]["rows"].get(row) for w, r in cols]
-        best = [min(v for k, v in t[w][r]["rows"].items() if k != "calibrated") for w, r in cols]
-        lines.append(f"| {row} | " + " | ".join("" if v is None else (f"**{v:.2f}**" if v == b else f"{v:.2f}")
-                                              for v, b in zip(vals, best)) + " |")
+        cells = [t[w][r]["rows"].get(row) for w, r in cols]
+        best = [min(c["mean"] for k, c in t[w][r]["rows"].items() if k in STRATEGY_ROWS and k != "calibrated")
+                for w, r in cols]
+        lines.append(f"| {row} | " + " | ".join("" if c is None else fmt(c, b) for c, b in zip(cells, best)) + " |")
+    paired = [t[w][r].get("pv_vs_best_other") for w, r in cols]
+    if any(p and p["percent"] for p in paired):
+        def diff(p) -> str:
+            if not p or not p["percent"]:
+                return ""
+            x = p["percent"]
+            return f"{sum(x) / len(x):+.1f}% vs {p['strategy']}" + (f" ({min(x):+.1f} to {max(x):+.1f}, {len(x)})" if len(x) > 1 else "")
+        lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diff(p) for p in paired) + " |")
     return "\n".join(lines)
 
 
@@ -103,7 +167,13 @@ def main(argv=None) -> None:
     t = sub.add_parser("table", help="the table from pipeline summaries")
     t.add_argument("summaries", nargs="+", type=Path)
     t.add_argument("--out", type=Path, help="JSON to write")
+    m = sub.add_parser("merge", help="one summary from pipelines that fine-tuned one calibrated checkpoint")
+    m.add_argument("summaries", nargs="+", type=Path)
+    m.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    if a.cmd == "merge":
+        write_json(a.out, merge([json.loads(p.read_text()) for p in a.summaries]))
+        return
     if a.cmd == "formats":
         for width, reps in choose_formats(layer_shapes(a.model)).items():
             print(width + ": " + ", ".join(f"{rep} {fmt} ({b:.3f} bits)" for rep, (fmt, b) in reps.items()))

@@ -32,9 +32,9 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, *args], check=True)
 
 
-def pipeline(model, corpus: Path, out: Path, fmt: str, strategies: str, extra: tuple = ()) -> Path:
+def pipeline(model, corpus: Path, out: Path, fmt: str, strategies: str, extra: tuple = (), tag: str = "") -> Path:
     """One `pvtuning pipeline` at the format's preset; returns its summary.json."""
-    folder = out / f"{Path(model).name.removesuffix('.gguf')}_{fmt}"
+    folder = out / f"{Path(model).name.removesuffix('.gguf')}_{fmt}{tag}"
     code = cli.main(["pipeline", str(model), "--train", str(corpus / "train.txt.xz"),
                      "--validation", str(corpus / "validation.txt.xz"), "--out", str(folder),
                      "--format", fmt, "--strategies", strategies, *extra])
@@ -77,7 +77,9 @@ def representations(a) -> None:
         for width, reps in choose_formats(layer_shapes(model)).items():
             preset = WIDTHS[width][1]
             for fmt, _ in reps.values():
-                summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, ("--preset", preset)))
+                for seed in range(a.seeds):  # one calibration per seed; the table pools them
+                    summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, ("--preset", preset, "--seed", str(seed)),
+                                              tag=f"_seed{seed}" if seed else ""))
         result = table([json.loads(p.read_text()) for p in summaries])
         name = Path(model).name.removesuffix(".gguf")
         write_json(a.out / f"representations_{name}.json", result)
@@ -143,6 +145,7 @@ def main(argv=None) -> None:
                     help="main-table, representations: strategies, comma-separated")
     ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
+    ap.add_argument("--seeds", type=int, default=1, help="representations: calibrations (seeds 0..n-1) per cell")
     a = ap.parse_args(argv)
     needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus"),
              "representations": ("model", "corpus")}

@@ -95,10 +95,17 @@ for fmt in ("2x8g8", "1x8g8"):  # the main table rerun with fine-tuning's P step
     g = "main_table/finetune_step_seconds_ref-llama.json"
     HEADLINES += [(f"ref-llama {fmt} {s} median seconds per step, {v}", g, key(g, fmt, v, "strategies", s, "median_step_seconds"))
                   for s in ("pv", "ste") for v in ("before", "after")]
-for fmt in ("int2g128", "vq8g4"):  # representations at about 2 bits
-    f = f"representations/ref-llama_{fmt}.json"
-    HEADLINES += [(f"ref-llama {fmt} {what}", f, ppl(f, what))
+for width, rep, fmt in (("about 2 bits", "scalar", "int2g128"), ("about 2 bits", "vector", "vq8g4"),
+                        ("about 1.5 bits", "scalar", "int1g64")):  # representations: means over calibrations
+    f = "representations/table_ref-llama.json"
+    HEADLINES += [(f"ref-llama {fmt} {what} (mean)", f, key(f, width, rep, "rows", what, "mean"))
                   for what in ("calibrated", "continuous", "ste", "stochastic", "linearized_pv", "pv")]
+    HEADLINES.append((f"ref-llama {fmt} PV-Tuning vs the best other, same calibration (percent)", f,
+                      key(f, width, rep, "pv_vs_best_other", "percent")))
+HEADLINES.append(("kernels: 2x8g8 CUDA kernel at 2 blocks per SM (the default), 1 token, speedup over bf16 [min, max]",
+                  "kernels/gpu_matvec_register_budget.json", lambda: (lambda r: [min(r), max(r)])(
+                      [round(c["dense_bf16_us"] / c["cuda_us"], 2) for c in _load("kernels/gpu_matvec_register_budget.json")
+                       ["blocks_per_sm"]["2"] if c["format"] == "2x8g8" and c["tokens"] == 1])))
 
 
 def build() -> list:

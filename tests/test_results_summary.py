@@ -1,4 +1,6 @@
 """The README's headline figures are the values in the result files they cite."""
+import pytest
+
 from experiments.summary import main
 
 
@@ -51,6 +53,39 @@ def test_the_representations_table_has_a_row_per_strategy_and_a_column_per_forma
                  ("representations/ref-llama_int2g128.json", "representations/ref-llama_vq8g4.json")]
     t = table(summaries)
     assert set(t["about 2 bits"]) == {"scalar", "vector"}
-    assert t["about 2 bits"]["vector"]["rows"]["pv"] == summaries[1]["runs"]["pv"]["ppl"]
+    assert t["about 2 bits"]["vector"]["rows"]["pv"]["runs"] == [summaries[1]["runs"]["pv"]["ppl"]]
     lines = markdown(t).splitlines()
-    assert len(lines) == 2 + 6 and "int2g128" in lines[0] and "vq8g4" in lines[0]
+    assert len(lines) == 2 + 6 + 1 and "int2g128" in lines[0] and "vq8g4" in lines[0] and "same calibration" in lines[-1]
+
+
+def _summary(fmt: str, calibrated: float, **ppl) -> dict:
+    return {"model": "m", "format": fmt, "calibration": {"seed": 0}, "ppl_calibrated": calibrated, "ppl_original": 10.0,
+            "eval_windows": 5, "ft_nsamples": 8, "bits": {"bits_per_quantized_weight": 1.5},
+            "runs": {k: {"ppl": v, "codes_changed_total": 1} for k, v in ppl.items()},
+            "strategy_settings": {k: {"p_lr": 0.1} for k in ppl}}
+
+
+def test_merge_joins_the_strategies_of_one_calibration_and_refuses_two_calibrations():
+    from experiments.representations import merge
+
+    m = merge([_summary("int1g64", 40.0, pv=12.0), _summary("int1g64", 40.0, ste=13.0, continuous=14.0)])
+    assert {k: r["ppl"] for k, r in m["runs"].items()} == {"pv": 12.0, "ste": 13.0, "continuous": 14.0}
+    assert set(m["strategy_settings"]) == {"pv", "ste", "continuous"}
+    with pytest.raises(ValueError, match="different calibrations"):
+        merge([_summary("int1g64", 40.0, pv=12.0), _summary("int1g64", 41.0, ste=13.0)])
+    with pytest.raises(ValueError, match="two of the summaries"):
+        merge([_summary("int1g64", 40.0, pv=12.0), _summary("int1g64", 40.0, pv=12.5)])
+
+
+def test_a_cell_pools_its_calibrations_and_pairs_pv_with_the_best_other_on_each():
+    from experiments.representations import markdown, table
+
+    runs = [_summary("int1g64", 40.0, pv=11.0, ste=12.0, continuous=14.0), _summary("int1g64", 42.0, pv=12.5, ste=12.0),
+            _summary("int1g64", 41.0, continuous=13.5)]
+    cell = table(runs)["about 1.5 bits"]["scalar"]
+    assert cell["rows"]["ste"] == {"mean": 12.0, "min": 12.0, "max": 12.0, "runs": [12.0, 12.0]}
+    assert cell["rows"]["continuous"]["runs"] == [14.0, 13.5] and cell["rows"]["calibrated"]["mean"] == 41.0
+    assert cell["pv_vs_best_other"]["strategy"] == "ste"
+    assert cell["pv_vs_best_other"]["percent"] == [round(100 * (11 / 12 - 1), 2), round(100 * (12.5 / 12 - 1), 2)]
+    text = markdown(table(runs))
+    assert "**11.75** (11.00-12.50, 2)" in text and "12.00 (12.00-12.00, 2)" in text and "-2.1% vs ste (-8.3 to +4.2, 2)" in text
