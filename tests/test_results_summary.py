@@ -31,6 +31,28 @@ def test_reproduce_names_what_a_part_needs(capsys):
     assert e.value.code == 2 and "main-table needs --model and --corpus" in capsys.readouterr().err
 
 
+def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(tmp_path, monkeypatch):
+    import json
+
+    from experiments import reproduce
+
+    calls = []
+
+    def fake_pipeline(model, corpus, out, fmt, strategies, extra=(), tag=""):
+        seed = int(extra[extra.index("--seed") + 1])
+        calls.append((fmt, seed, tag))
+        path = out / f"{fmt}{tag}.json"
+        path.write_text(json.dumps(_summary(fmt, 20.0 + seed, pv=10.0 + seed, ste=11.0)))
+        return path
+
+    monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)])
+    reproduce.main(["representations", "--model", "ref-llama", "--corpus", "c", "--out", str(tmp_path), "--seeds", "2"])
+    assert len(calls) == 12 and {(s, t) for _, s, t in calls} == {(0, ""), (1, "_seed1")}
+    table = json.loads((tmp_path / "representations_ref-llama.json").read_text())
+    assert table["about 2 bits"]["scalar"]["rows"]["pv"]["runs"] == [10.0, 11.0]
+
+
 def test_each_representation_gets_the_format_of_nearest_bits_whose_groups_divide_the_layers():
     from experiments.representations import choose_formats
 
