@@ -171,17 +171,32 @@ def main(argv=None) -> None:
     m.add_argument("summaries", nargs="+", type=Path)
     m.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
-    if a.cmd == "merge":
-        write_json(a.out, merge([json.loads(p.read_text()) for p in a.summaries]))
-        return
-    if a.cmd == "formats":
-        for width, reps in choose_formats(layer_shapes(a.model)).items():
-            print(width + ": " + ", ".join(f"{rep} {fmt} ({b:.3f} bits)" for rep, (fmt, b) in reps.items()))
-        return
-    result = table([json.loads(p.read_text()) for p in a.summaries])
+    try:
+        if a.cmd == "formats":
+            for width, reps in choose_formats(layer_shapes(a.model)).items():
+                print(width + ": " + ", ".join(f"{rep} {fmt} ({b:.3f} bits)" for rep, (fmt, b) in reps.items()))
+            return
+        summaries = [read_summary(p) for p in a.summaries]
+        if a.cmd == "merge":
+            write_json(a.out, merge(summaries))
+            return
+        result = table(summaries)
+    except (ValueError, OSError) as e:
+        ap.exit(1, f"error: {e}\n")
     print(markdown(result))
     if a.out:
         write_json(a.out, result)
+
+
+def read_summary(path: Path) -> dict:
+    """A pipeline's summary.json; a clear error for anything else."""
+    try:
+        s = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e.msg})") from None
+    if not isinstance(s, dict) or not {"format", "ppl_calibrated", "runs"} <= set(s):
+        raise ValueError(f"{path} is not a pipeline summary (needs format, ppl_calibrated and runs)")
+    return s
 
 
 if __name__ == "__main__":

@@ -99,6 +99,22 @@ def test_merge_joins_the_strategies_of_one_calibration_and_refuses_two_calibrati
         merge([_summary("int1g64", 40.0, pv=12.0), _summary("int1g64", 40.0, pv=12.5)])
 
 
+def test_merge_and_table_refuse_a_file_that_is_not_a_summary_in_one_line(tmp_path, capsys):
+    import json
+
+    from experiments.representations import main
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(_summary("int1g64", 40.0, pv=12.0)))
+    bad.write_text(json.dumps({"figures": []}))
+    for cmd in (["merge", str(good), str(bad), "--out", str(tmp_path / "m.json")], ["table", str(good), str(tmp_path / "none.json")]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_a_cell_pools_its_calibrations_and_pairs_pv_with_the_best_other_on_each():
     from experiments.representations import markdown, table
 
