@@ -239,7 +239,7 @@ def cmd_calibrate(a) -> None:
         check_same_run(a.out, read_meta(a.out).get("run"), run)
         print(f"{a.out} already holds this calibration (--overwrite to redo it)")
         return
-    seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples)
+    seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples, cfg.seed)  # the draw the pipeline makes
     model = load_model(a.model, torch.float32, "cpu")
     report = calibrate(model, seqs, cfg, device=dev)
     if D.rank() > 0:  # every rank holds the same model; the first writes it

@@ -110,3 +110,20 @@ def test_explicit_flags_override_the_preset_and_the_tuned_p_step():
                                    "--steps", "7", "--p-lr", "0.005", "--lr", "3e-4"])
     cfg = strategy_config(_ft_cfg(a, "pv"), "pv", _strategy_settings(a))
     assert (cfg.steps, cfg.p_lr, cfg.lr, cfg.tau) == (7, 0.005, 3e-4, 1e-3)  # tau still the tuned one
+
+
+def test_calibrate_draws_the_calibration_sequences_of_its_seed_as_the_pipeline_does(tmp_path, monkeypatch):
+    import llm.pipeline
+
+    model = tiny_model_dir(tmp_path)
+    train, _ = tiny_corpus(tmp_path)
+    seen = []
+
+    def draw(model_dir, train, seq_len, nsamples, seed=0, train_chars=None):
+        seen.append(seed)
+        raise KeyboardInterrupt  # the draw is all this test needs
+
+    monkeypatch.setattr(llm.pipeline, "train_sequences", draw)
+    code = main(["calibrate", str(model), "--train", str(train), "--out", str(tmp_path / "ck"), "--format", "1x6g8",
+                 "--seed", "3", "--device", "cpu"])
+    assert code != 0 and seen == [3] and not (tmp_path / "ck").exists()
