@@ -4,7 +4,8 @@
     python -m experiments.reproduce main-table --model ../shared/models/ref-llama --model ../shared/models/ref-mistral \
                                                --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
-    python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT
+    python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT \
+                                                    [--seeds N] [--jobs N]
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from llm import cli
@@ -41,6 +44,51 @@ def pipeline(model, corpus: Path, out: Path, fmt: str, strategies: str, extra: t
     if code:
         raise SystemExit(code)
     return folder / "summary.json"
+
+
+def parallel_pipeline(model, corpus: Path, out: Path, fmt: str, strategies: str, extra: tuple, tag: str,
+                      jobs: int, ft_extra: tuple = ()) -> Path:
+    """`pipeline` with its strategies run as up to `jobs` processes at once, all from one calibration:
+    `pvtuning calibrate` first, then one pipeline per strategy in a folder holding (hard links to) that
+    calibrated checkpoint, which it resumes from; the summaries merged into one. On one GPU the processes
+    share it (with CUDA MPS their kernels overlap). extra: flags of both commands; ft_extra: the
+    pipelines' own. Returns the merged summary's path."""
+    from experiments.representations import merge, read_summary
+    from pvtheory.io import write_json
+
+    stem = f"{Path(model).name.removesuffix('.gguf')}_{fmt}{tag}"
+    data = ("--train", str(corpus / "train.txt.xz"))
+    calibrated = out / f"{stem}_calibrated"
+    run("-m", "llm.cli", "calibrate", str(model), *data, "--out", str(calibrated), "--format", fmt, *extra)
+    procs, folders = [], []
+    for s in strategies.split(","):
+        folder = out / f"{stem}_{s}"
+        if not (folder / "calibrated").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder / ".calibrated", ignore_errors=True)  # an interrupted copy
+            shutil.copytree(calibrated, folder / ".calibrated", copy_function=_link_or_copy)
+            (folder / ".calibrated").rename(folder / "calibrated")  # whole or absent: a kill leaves no half copy
+        while len([p for p in procs if p.poll() is None]) >= jobs:
+            time.sleep(1)
+        args = ["-m", "llm.cli", "pipeline", str(model), *data, "--validation", str(corpus / "validation.txt.xz"),
+                "--out", str(folder), "--format", fmt, "--strategies", s, *extra, *ft_extra]
+        print("+", " ".join(args), flush=True)
+        procs.append(subprocess.Popen([sys.executable, *args]))
+        folders.append(folder)
+    failed = [f.name for f, p in zip(folders, procs) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"pipelines failed: {', '.join(failed)} (rerun to resume)")
+    path = out / f"{stem}.json"
+    write_json(path, merge([read_summary(f / "summary.json") for f in folders]))
+    return path
+
+
+def _link_or_copy(src, dst) -> None:
+    """A hard link where the filesystem allows (checkpoint files are replaced, never written in place)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def plots(summaries: list, out: Path, name: str) -> None:
@@ -78,8 +126,11 @@ def representations(a) -> None:
             preset = WIDTHS[width][1]
             for fmt, _ in reps.values():
                 for seed in range(a.seeds):  # one calibration per seed; the table pools them
-                    summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, ("--preset", preset, "--seed", str(seed)),
-                                              tag=f"_seed{seed}" if seed else ""))
+                    extra, tag = ("--preset", preset, "--seed", str(seed)), f"_seed{seed}" if seed else ""
+                    if a.jobs > 1:
+                        summaries.append(parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs))
+                    else:
+                        summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag=tag))
         result = table([json.loads(p.read_text()) for p in summaries])
         name = Path(model).name.removesuffix(".gguf")
         write_json(a.out / f"representations_{name}.json", result)
@@ -146,6 +197,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
     ap.add_argument("--seeds", type=int, default=1, help="representations: calibrations (seeds 0..n-1) per cell")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="representations: a cell's strategies as this many processes at once, from one calibration")
     a = ap.parse_args(argv)
     needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus"),
              "representations": ("model", "corpus")}

@@ -244,7 +244,8 @@ def cmd_calibrate(a) -> None:
     report = calibrate(model, seqs, cfg, device=dev)
     if D.rank() > 0:  # every rank holds the same model; the first writes it
         return
-    save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report, "run": run})
+    save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report,
+                                   "calibration_seconds": report["seconds"], "run": run})
     print(f"calibrated {a.model} to {a.format} ({model_bits(model)['bits_per_quantized_weight']:.3f} bits per "
           f"quantized weight) in {report['seconds']} s: {a.out}")
 

@@ -53,6 +53,34 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
     assert table["about 2 bits"]["scalar"]["rows"]["pv"]["runs"] == [10.0, 11.0]
 
 
+def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_them(tmp_path):
+    import json
+    import lzma
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llm_helpers import tiny_corpus, tiny_model_dir
+
+    from experiments.reproduce import parallel_pipeline
+
+    model = tiny_model_dir(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for src, name in zip(tiny_corpus(tmp_path), ("train.txt.xz", "validation.txt.xz")):
+        with lzma.open(corpus / name, "wt") as f:
+            f.write(src.read_text())
+    small = ("--preset", "default", "--seed", "2", "--nsamples", "8", "--seq-len", "32", "--rounds", "1",
+             "--block-tune-steps", "2", "--device", "cpu")
+    path = parallel_pipeline(model, corpus, tmp_path / "out", "1x6g8", "continuous,pv", small, "", 2,
+                             ("--steps", "2", "--ft-batch-size", "4", "--eval-windows", "4"))
+    merged = json.loads(path.read_text())
+    assert set(merged["runs"]) == {"continuous", "pv"} and merged["calibration"]["seed"] == 2
+    calibrated = tmp_path / "out" / f"{model.name}_1x6g8_calibrated" / "model.safetensors"
+    for s in ("continuous", "pv"):  # each pipeline resumed from the one calibration (a link to it), none calibrated again
+        assert (tmp_path / "out" / f"{model.name}_1x6g8_{s}" / "calibrated" / "model.safetensors").samefile(calibrated)
+
+
 def test_each_representation_gets_the_format_of_nearest_bits_whose_groups_divide_the_layers():
     from experiments.representations import choose_formats
 
