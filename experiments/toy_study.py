@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pvtheory import (continuous_optimum, exact_p_step, exact_v_step, global_optimum, init_scalar,
+from pvtheory import (accumulated, continuous_optimum, exact_p_step, exact_v_step, global_optimum, init_scalar,
                       linearized_p_step, pv, random_problem, relax_then_round, ste_p_step,
                       stochastic_rounding_p_step, subspace_p_step)
 from pvtheory.io import save_figure, write_json
@@ -41,6 +41,8 @@ def methods(taus=(1, 4, 16)) -> dict:
     for tau in taus:
         out[f"greedy subspace PV (tau={tau})"] = (lambda s, t=tau: subspace_p_step(t, "greedy"), None)
         out[f"random subspace PV (tau={tau})"] = (lambda s, t=tau: subspace_p_step(t, "random", seed=s), 1e-12)
+    for tau in (1, 4):  # the rounding residual carried to the next P step (the LLM scalar grid's default)
+        out[f"greedy subspace PV with memory 1 (tau={tau})"] = (lambda s, t=tau: accumulated(subspace_p_step(t, "greedy"), 1.0), None)
     out["STE"] = (lambda s: ste_p_step(), None)
     out["stochastic rounding"] = (lambda s: stochastic_rounding_p_step(seed=s), None)
     return out
@@ -153,7 +155,7 @@ def plot(results: dict, out: Path) -> list:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, kind in zip(axes, ("least_squares", "quadratic")):
         for name, e in conv[kind].items():
-            if "(tau=16)" in name or "(tau=4)" in name and "random" in name:
+            if "(tau=16)" in name or "(tau=4)" in name and ("random" in name or "memory" in name):
                 continue
             med = np.array(e["trace_median"])
             style = "--" if name in ("STE", "stochastic rounding", "relax-then-round") else "-"

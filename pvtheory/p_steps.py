@@ -186,8 +186,10 @@ def accumulated(inner: Step, memory: float) -> Step:
     """`inner` on the local model of phi whose linearized step targets x + r - grad / D instead of
     x - grad / D (D = objective.curvature()): r is what rounding left out of the previous target,
     t - decode(new codes), times `memory`. memory 0 is `inner` on that model; memory 1 keeps every
-    update until a code moves, which with linearized_p_step is exactly STE (ste_p_step) and with
-    subspace_p_step is the official PV-Tuning code's default (its delta_decay is 1 - memory)."""
+    update until a code moves. With linearized_p_step that is exactly STE (ste_p_step) as long as the
+    decoded weights change only through the codes: after a V step moves the codebooks, STE's shadow
+    weights stay where they were, while this target moves with the decoding. With subspace_p_step it is
+    the official PV-Tuning code's default (its delta_decay is 1 - memory)."""
     if not 0.0 <= memory <= 1.0:
         raise ValueError(f"memory must lie in [0, 1], got {memory}")
 
