@@ -115,8 +115,7 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
     p = _preset(a)
     return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size_ft"],
                           micro_batch_size=p["micro_batch_size"], lr=p["lr"], lr_schedule=a.lr_schedule,
-                          v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), p_select=a.p_select, p_memory=a.p_memory,
-                          trust_ratio=a.trust_ratio,
+                          v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), trust_ratio=a.trust_ratio,
                           p_warmup=a.p_warmup,
                           beam_width=a.beam_width, train_other=not a.freeze_other,
                           shard_teacher=not getattr(a, "replicate_teacher", False),
@@ -125,7 +124,7 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
                           seed=a.seed).validate()
 
 
-P_FLAGS = ("p_lr", "tau", "p_beta1", "p_metric")
+P_FLAGS = ("p_lr", "tau", "p_beta1", "p_metric", "p_select", "p_memory")
 
 
 def _explicit_p_flags(a) -> dict:
@@ -425,11 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--p-warmup", type=NONNEG_INT, default=0,
                        help="steps whose P step only accumulates its Adam moments before any code may change "
                             "(the first step's update is p_lr x sign(gradient) everywhere)")
-        p.add_argument("--p-select", default="update", choices=("update", "gain"),
-                       help="pv: re-encode the groups with the largest update, or the largest decrease of the linear model")
-        p.add_argument("--p-memory", type=UNIT, default=0.0,
+        p.add_argument("--p-select", default=None, choices=("update", "gain"),
+                       help="pv: re-encode the groups with the largest update, or the largest decrease of the linear "
+                            "model (tuned: gain on scalar formats, else update)")
+        p.add_argument("--p-memory", type=UNIT, default=None,
                        help="pv, linearized_pv: share of what rounding left out of a P step's target that the next "
-                            "one aims at too (0: none, as in the paper; 1: all, as the official code's delta_decay 0)")
+                            "one aims at too (0: none, as in the paper; 1: all, as the official code's delta_decay 0; "
+                            "tuned: 1 for pv on scalar formats, else 0)")
         p.add_argument("--trust-ratio", type=POSITIVE, default=None,
                        help="reject code changes that move a group by more than this times its norm")
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")

@@ -110,6 +110,10 @@ def test_explicit_flags_override_the_preset_and_the_tuned_p_step():
                                    "--steps", "7", "--p-lr", "0.005", "--lr", "3e-4"])
     cfg = strategy_config(_ft_cfg(a, "pv"), "pv", _strategy_settings(a))
     assert (cfg.steps, cfg.p_lr, cfg.lr, cfg.tau) == (7, 0.005, 3e-4, 1e-3)  # tau still the tuned one
+    a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", "int2g128",
+                                   "--p-select", "update", "--p-memory", "0"])
+    cfg = strategy_config(_ft_cfg(a, "pv"), "pv", _strategy_settings(a))
+    assert (cfg.p_select, cfg.p_memory, cfg.p_lr) == ("update", 0.0, 1e-3)  # p_lr still the scalar grid's tuned one
 
 
 def test_calibrate_draws_the_calibration_sequences_of_its_seed_as_the_pipeline_does(tmp_path, monkeypatch):
