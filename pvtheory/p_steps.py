@@ -6,7 +6,8 @@
 - subspace_p_step: the same restricted to a subspace S of tau groups (random, or greedy: the
   groups with the largest gradient), with the longer step 1 / L_S;
 - accumulated: any of these aiming also at the part of earlier targets that rounding left out
-  (memory 1 turns the linearized step into STE; the official PV-Tuning runs its subspace step so).
+  (memory 1 turns the linearized step into STE while the V step leaves the decoding alone; the
+  official PV-Tuning runs its subspace step so).
 
 Every solver keeps a group's current code unless another is strictly better, so "nothing changed"
 is a well-defined fixed point.
