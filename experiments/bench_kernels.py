@@ -155,7 +155,7 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
     if cuda_kernel.supports(x, one.codes, one.codebooks, one.scales) and cuda_kernel.load() is not None:
         t_cuda, e_cuda = timed(lambda L: cuda_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales,
                                                                  blocks_per_sm=blocks_per_sm))
-        target = blocks_per_sm or cuda_kernel.blocks_per_sm_for(fmt.num_codebooks, 2 ** fmt.bits)
+        target = cuda_kernel.split_target(fmt.num_codebooks, 2 ** fmt.bits, blocks_per_sm)
         splits, chunk = cuda_kernel.plan(n_out, n_in // 8, T, x.device, target)
         row.update(cuda_us=t_cuda, cuda_relative_error_vs_float32=e_cuda,
                    cuda_split={"splits": splits, "chunk_slabs": chunk, "blocks_per_sm": target})

@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = QuantFormat.parse(a.format)
     layer = random_layer(fmt, a.n_in, a.n_out, torch.bfloat16, "cuda", gen)
-    target = a.blocks_per_sm or cuda_kernel.blocks_per_sm_for(fmt.num_codebooks, 2 ** fmt.bits)
+    target = cuda_kernel.split_target(fmt.num_codebooks, 2 ** fmt.bits, a.blocks_per_sm)
     x = torch.randn(a.tokens, a.n_in, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, blocks_per_sm=target)

@@ -143,10 +143,10 @@ def markdown(t: dict) -> str:
         v = f"**{v}**" if c["mean"] == best else v
         return v if len(c["runs"]) == 1 else f"{v} ({c['min']:.2f}-{c['max']:.2f}, {len(c['runs'])})"
 
+    best = [min(c["mean"] for k, c in t[w][r]["rows"].items() if k in STRATEGY_ROWS and k != "calibrated")
+            for w, r in cols]
     for row in STRATEGY_ROWS:
         cells = [t[w][r]["rows"].get(row) for w, r in cols]
-        best = [min(c["mean"] for k, c in t[w][r]["rows"].items() if k in STRATEGY_ROWS and k != "calibrated")
-                for w, r in cols]
         lines.append(f"| {row} | " + " | ".join("" if c is None else fmt(c, b) for c, b in zip(cells, best)) + " |")
     paired = [t[w][r].get("pv_vs_best_other") for w, r in cols]
     if any(p and p["percent"] for p in paired):

@@ -117,7 +117,7 @@ def smollm2(a) -> None:
 
 
 def representations(a) -> None:
-    from experiments.representations import WIDTHS, choose_formats, layer_shapes, markdown, table
+    from experiments.representations import WIDTHS, choose_formats, layer_shapes, markdown, read_summary, table
     from pvtheory.io import write_json
 
     for model in a.model:
@@ -131,7 +131,7 @@ def representations(a) -> None:
                         summaries.append(parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs))
                     else:
                         summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag=tag))
-        result = table([json.loads(p.read_text()) for p in summaries])
+        result = table([read_summary(p) for p in summaries])
         name = Path(model).name.removesuffix(".gguf")
         write_json(a.out / f"representations_{name}.json", result)
         print(markdown(result))

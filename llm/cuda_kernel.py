@@ -291,6 +291,11 @@ def blocks_per_sm_for(num_codebooks: int, codebook_size: int) -> int:
     if BLOCKS_PER_SM_OVERRIDE is not None:
         return BLOCKS_PER_SM_OVERRIDE
     return 2 if (num_codebooks, codebook_size) == (2, 256) else 3
+
+
+def split_target(num_codebooks: int, codebook_size: int, blocks_per_sm: Optional[float] = None) -> float:
+    """The blocks per SM the split aims for: `blocks_per_sm` if given, else what the kernel is built for."""
+    return blocks_per_sm if blocks_per_sm is not None else blocks_per_sm_for(num_codebooks, codebook_size)
 X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
 
 _module = None
@@ -372,11 +377,9 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     (M, K, 8) and scales (out,), plus bias; bf16. The caller checks `supports` and `load`.
     blocks_per_sm: the split's target (default: what the kernel is built for, blocks_per_sm_for)."""
     N, J, M = codes.shape
-    if blocks_per_sm is None:
-        blocks_per_sm = blocks_per_sm_for(M, codebooks.shape[1])
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
-    splits, chunk = plan(N, J, T, x.device, blocks_per_sm)
+    splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[1], blocks_per_sm))
     partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 else 0, math.ceil(N / BLOCK_ROWS))
     y = load().aqlm_mma(x2, codes, codebooks, scales.reshape(-1),
                         None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk)
