@@ -53,10 +53,13 @@ def decode_tokens_per_s(model: str, fmt: str, batch: int = 1) -> Callable[[], fl
     return read
 
 
-def matvec_speedups(fmt: str, tokens: int, over: str) -> Callable[[], list]:
-    """[min, max] speedup of the CUDA kernel over bf16 ("dense_bf16_us") or AQLM ("aqlm_us") at the 7B shapes."""
+def matvec_speedups(fmt: str, tokens: int, over: str, file: str = "kernels/gpu_matvec.json",
+                    path: tuple = ("cases",)) -> Callable[[], list]:
+    """[min, max] speedup of the CUDA kernel over bf16 ("dense_bf16_us") or AQLM ("aqlm_us") at the 7B shapes,
+    over the cases at `path` in `file`."""
     def read():
-        cases = [c for c in _load("kernels/gpu_matvec.json")["cases"] if c["format"] == fmt and c["tokens"] == tokens]
+        cases = key(file, *path)()
+        cases = [c for c in cases if c["format"] == fmt and c["tokens"] == tokens]
         ratios = [c[over] / c["cuda_us"] for c in cases]
         return [round(min(ratios), 2), round(max(ratios), 2)]
     return read
@@ -103,9 +106,8 @@ for width, rep, fmt in (("about 2 bits", "scalar", "int2g128"), ("about 2 bits",
     HEADLINES.append((f"ref-llama {fmt} PV-Tuning vs the best other, same calibration (percent)", f,
                       key(f, width, rep, "pv_vs_best_other", "percent")))
 HEADLINES.append(("kernels: 2x8g8 CUDA kernel at 2 blocks per SM (the default), 1 token, speedup over bf16 [min, max]",
-                  "kernels/gpu_matvec_register_budget.json", lambda: (lambda r: [min(r), max(r)])(
-                      [round(c["dense_bf16_us"] / c["cuda_us"], 2) for c in _load("kernels/gpu_matvec_register_budget.json")
-                       ["blocks_per_sm"]["2"] if c["format"] == "2x8g8" and c["tokens"] == 1])))
+                  "kernels/gpu_matvec_register_budget.json",
+                  matvec_speedups("2x8g8", 1, "dense_bf16_us", "kernels/gpu_matvec_register_budget.json", ("blocks_per_sm", "2"))))
 
 
 def build() -> list:

@@ -56,10 +56,7 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
 def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_them(tmp_path):
     import json
     import lzma
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from llm_helpers import tiny_corpus, tiny_model_dir
 
     from experiments.reproduce import parallel_pipeline
