@@ -156,6 +156,10 @@ def markdown(t: dict) -> str:
             x = p["percent"]
             return f"{sum(x) / len(x):+.1f}% vs {p['strategy']}" + (f" ({min(x):+.1f} to {max(x):+.1f}, {len(x)})" if len(x) > 1 else "")
         lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diff(p) for p in paired) + " |")
+    changed = [t[w][r]["codes_changed"] for w, r in cols]
+    if any("pv" in c and "ste" in c for c in changed):
+        lines.append("| codes changed by PV / STE (mean) | " + " | ".join(
+            f"{c['pv'] / 1e6:.2f}M / {c['ste'] / 1e6:.2f}M" if "pv" in c and "ste" in c else "" for c in changed) + " |")
     return "\n".join(lines)
 
 

@@ -102,7 +102,9 @@ def test_the_representations_table_has_a_row_per_strategy_and_a_column_per_forma
     assert set(t["about 2 bits"]) == {"scalar", "vector"}
     assert t["about 2 bits"]["vector"]["rows"]["pv"]["runs"] == [summaries[1]["runs"]["pv"]["ppl"]]
     lines = markdown(t).splitlines()
-    assert len(lines) == 2 + 6 + 1 and "int2g128" in lines[0] and "vq8g4" in lines[0] and "same calibration" in lines[-1]
+    assert len(lines) == 2 + 6 + 2 and "int2g128" in lines[0] and "vq8g4" in lines[0] and "same calibration" in lines[-2]
+    pv, ste = (summaries[1]["runs"][k]["codes_changed_total"] for k in ("pv", "ste"))
+    assert lines[-1].startswith("| codes changed by PV / STE") and f"{pv / 1e6:.2f}M / {ste / 1e6:.2f}M" in lines[-1]
 
 
 def _summary(fmt: str, calibrated: float, **ppl) -> dict:
