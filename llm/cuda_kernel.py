@@ -37,8 +37,6 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
-#include <cooperative_groups.h>
-namespace cg = cooperative_groups;
 
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 0                // blocks per SM the register budget must allow; 0: min_blocks() per kernel
@@ -107,9 +105,7 @@ __device__ __forceinline__ uint4 decode(const RowCodes<M, KBITS>& c, int s, cons
 // At 3 blocks per SM (80 registers) the two-codebook kernel spills in its main loop; at 2 it spills nothing.
 constexpr int min_blocks(int M, int KBITS) { return MIN_BLOCKS > 0 ? MIN_BLOCKS : (M == 2 && KBITS == 8 ? 2 : 3); }
 
-// CLUSTER: the split-K chunks of a row block form one thread-block cluster (Hopper) and add their partial sums
-// through distributed shared memory; otherwise through global memory and the last block to finish.
-template <int M, int KBITS, int NT, bool CLUSTER>
+template <int M, int KBITS, int NT>
 __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_kernel(
     const uint4* __restrict__ x, const uint8_t* __restrict__ codes, const uint4* __restrict__ codebooks,
     const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
@@ -201,37 +197,6 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
   }
 
   // acc[.][nt][2h + q]: row (h ? row_b : row_a), token 8nt + 2t + q
-  if constexpr (CLUSTER) {
-    // this chunk's partial sums, [token][row in block], over the activations' shared memory (at least
-    // 32 * 16 bytes per token and super-slab: room for 128 floats per token)
-    __syncthreads();
-    float* red = reinterpret_cast<float*>(xs);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int token = 8 * nt + 2 * t + q;
-          if (token < T) red[token * BLOCK_ROWS + warp * 16 + g + 8 * h] = acc[0][nt][2 * h + q] + acc[1][nt][2 * h + q];
-        }
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    // block r of the cluster finishes the entries i = r (mod splits), adding the chunks in a fixed order
-    const int rank = cluster.block_rank();
-    for (int i = rank * WARPS * 32 + tid; i < T * BLOCK_ROWS; i += splits * WARPS * 32) {
-      const int token = i / BLOCK_ROWS, row = blockIdx.x * BLOCK_ROWS + i % BLOCK_ROWS;
-      float v = 0.f;
-      for (int c = 0; c < splits; ++c) v += cluster.map_shared_rank(red, c)[i];
-      if (row < N) {
-        float out = v * __bfloat162float(scales[row]);
-        if (bias != nullptr) out += __bfloat162float(bias[row]);
-        y[(size_t)token * N + row] = __float2bfloat16(out);
-      }
-    }
-    cluster.sync();  // no block leaves while another still reads its shared memory
-    return;
-  }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -269,62 +234,46 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
   if (tid == 0) counters[blockIdx.x] = 0;
 }
 
-template <int M, int KBITS, int NT, bool CLUSTER>
+template <int M, int KBITS, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
             const torch::Tensor& scales, const __nv_bfloat16* bias, torch::Tensor& y, torch::Tensor& partial,
             torch::Tensor& counters, int splits, int chunk_slabs) {
   const int T = x.size(0), N = codes.size(0), J = codes.size(1);
   const int cb_slots = KBITS == 8 ? M * 256 * 8 : 0;
   const size_t smem = (size_t)(cb_slots + chunk_slabs * 32 * T) * 16;
-  auto kernel = aqlm_mma_kernel<M, KBITS, NT, CLUSTER>;
+  auto kernel = aqlm_mma_kernel<M, KBITS, NT>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);  // may exceed the default 48 KB
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits);
-  cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute cluster[1];
-  if (CLUSTER) {  // the chunks of one row block: one cluster along y
-    cluster[0].id = cudaLaunchAttributeClusterDimension;
-    cluster[0].val.clusterDim.x = 1;
-    cluster[0].val.clusterDim.y = splits;
-    cluster[0].val.clusterDim.z = 1;
-    cfg.attrs = cluster;
-    cfg.numAttrs = 1;
-  }
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const uint4*>(x.data_ptr()),
-                     reinterpret_cast<const uint8_t*>(codes.data_ptr()), reinterpret_cast<const uint4*>(codebooks.data_ptr()),
-                     reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()), bias,
-                     reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
-                     N, J, T, chunk_slabs);
-  TORCH_CHECK(err == cudaSuccess, "aqlm_mma launch failed: ", cudaGetErrorString(err));
+  dim3 grid((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits);
+  kernel<<<grid, WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+      reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
+      bias, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
+      N, J, T, chunk_slabs);
 }
 
 torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
                        c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters,
-                       int64_t splits, int64_t chunk_slabs, bool cluster) {
+                       int64_t splits, int64_t chunk_slabs) {
   const int T = x.size(0), N = codes.size(0), M = codes.size(2), K = codebooks.size(1);
   auto y = torch::empty({T, N}, x.options());
   const __nv_bfloat16* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
   const bool two = T > 8;
-#define AQLM_LAUNCH_C(M_, KB_, C_) \
-  (two ? launch<M_, KB_, 2, C_>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs) \
-       : launch<M_, KB_, 1, C_>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs))
-#define AQLM_LAUNCH(M_, KB_) (cluster ? AQLM_LAUNCH_C(M_, KB_, true) : AQLM_LAUNCH_C(M_, KB_, false))
+#define AQLM_LAUNCH(M_, KB_) \
+  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs) \
+       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs))
   if (K == 256) {
     if (M == 1) AQLM_LAUNCH(1, 8); else AQLM_LAUNCH(2, 8);
   } else {
     if (M == 1) AQLM_LAUNCH(1, 16); else AQLM_LAUNCH(2, 16);
   }
 #undef AQLM_LAUNCH
-#undef AQLM_LAUNCH_C
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 """
 _CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales, "
         "c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters, int64_t splits, "
-        "int64_t chunk_slabs, bool cluster);")
+        "int64_t chunk_slabs);")
 
 MAX_TOKENS = 16
 BLOCK_ROWS = 128
@@ -347,13 +296,7 @@ def blocks_per_sm_for(num_codebooks: int, codebook_size: int) -> int:
 def split_target(num_codebooks: int, codebook_size: int, blocks_per_sm: Optional[float] = None) -> float:
     """The blocks per SM the split aims for: `blocks_per_sm` if given, else what the kernel is built for."""
     return blocks_per_sm if blocks_per_sm is not None else blocks_per_sm_for(num_codebooks, codebook_size)
-
-
 X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
-# Split-K through a thread-block cluster (sm_90+, at most 8 chunks: the portable cluster size) instead of
-# global memory and an atomic counter; PVTUNING_CUDA_CLUSTER=1 turns it on.
-CLUSTER = os.environ.get("PVTUNING_CUDA_CLUSTER", "0") == "1"
-MAX_CLUSTER = 8
 
 _module = None
 _failed: Optional[str] = None
@@ -437,9 +380,7 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
     splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[1], blocks_per_sm))
-    cluster = CLUSTER and 1 < splits <= MAX_CLUSTER and torch.cuda.get_device_capability(x.device)[0] >= 9
-    partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 and not cluster else 0, math.ceil(N / BLOCK_ROWS))
+    partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 else 0, math.ceil(N / BLOCK_ROWS))
     y = load().aqlm_mma(x2, codes, codebooks, scales.reshape(-1),
-                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk,
-                        cluster)
+                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk)
     return y.reshape(*x.shape[:-1], N)
