@@ -45,10 +45,12 @@ def toy_median(problem: str, method: str) -> Callable[[], float]:
     return lambda: statistics.median(_load("toy/toy_study.json")["convergence"][problem][method]["final"])
 
 
-def decode_tokens_per_s(model: str, fmt: str, batch: int = 1) -> Callable[[], float]:
+def decode_tokens_per_s(model: str, fmt: str, batch: int = 1, file: str = "kernels/gpu_decode.json",
+                        mode: str = "graph") -> Callable[[], float]:
+    """Greedy decoding tokens/s of one run in a bench_decode file; mode "graph" or "compiled"."""
     def read():
-        runs = _load("kernels/gpu_decode.json")["runs"]
-        return next(r["graph"]["tokens_per_s"] for r in runs
+        runs = _load(file)["runs"]
+        return next(r[mode]["tokens_per_s"] for r in runs
                     if r["model"] == model and r["format"] == fmt and r["batch"] == batch)
     return read
 
@@ -87,6 +89,9 @@ HEADLINES += [
       for fmt in ("2x8g8", "1x8g8", "1x16g8") for t in (1, 16) for name, over in (("bf16", "dense_bf16_us"), ("AQLM", "aqlm_us"))],
     *[(f"decoding tokens/s, 7B shape, batch {b}, {fmt}", "kernels/gpu_decode.json", decode_tokens_per_s("llama2-7b-shape", fmt, b))
       for b in (1, 8) for fmt in ("none", "2x8g8", "1x8g8", "1x16g8")],
+    *[(f"decoding tokens/s, 7B shape, batch 1, {fmt}, CUDA graph + torch.compile", "kernels/gpu_decode_compiled.json",
+       decode_tokens_per_s("llama2-7b-shape", fmt, 1, "kernels/gpu_decode_compiled.json", "compiled"))
+      for fmt in ("none", "2x8g8", "1x8g8")],
     ("7B-shape PV-Tuning step seconds (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "seconds_per_step")),
     ("7B-shape PV-Tuning step peak GiB (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "peak_gib")),
     ("ref-llama fine-tuning tokens/s, 1 GPU", "multi_gpu/ref-llama_2x8g8_world1.json", key("multi_gpu/ref-llama_2x8g8_world1.json", "tokens_per_second")),
