@@ -55,7 +55,8 @@ def agreement(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> int:
     return int(diff[0]) if len(diff) else a.shape[1] - prompt_len
 
 
-def bench_model(name: str, build, formats: list, args, device, batch: int) -> list:
+def bench_model(name: str, build, formats: list, args, device, batch: int, on_row=lambda rows: None) -> list:
+    """One row per variant ('none' first); on_row(rows so far) after each, e.g. to save them."""
     rows = []
     dtype = getattr(torch, args.dtype)
     prompt = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
@@ -67,6 +68,7 @@ def bench_model(name: str, build, formats: list, args, device, batch: int) -> li
             rows.append({"model": name, "format": fmt, "batch": batch,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(f"{name:10s} {fmt:7s} failed: {rows[-1]['error']}", flush=True)
+        on_row(rows)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -136,12 +138,14 @@ def main(argv=None) -> None:
         models.append(("llama2-7b-shape", lambda: random_model(LLAMA2_7B, 32, torch.bfloat16, device)))
     if args.smollm2:
         models.append(("smollm2-135m-shape", lambda: random_model(SMOLLM2_135M, 30, torch.bfloat16, device)))
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "new_tokens": args.new_tokens, "prompt_tokens": 16}
     rows = []
     for name, build in models:
         for batch in map(int, args.batch.split(",")):
-            rows += bench_model(name, build, formats, args, device, batch)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "new_tokens": args.new_tokens, "prompt_tokens": 16}
+            # saved after every variant, so a run cut short keeps what it measured
+            rows += bench_model(name, build, formats, args, device, batch,
+                                lambda done: write_json(args.out, {"meta": {**meta, "partial": True}, "runs": rows + done}))
     write_json(args.out, {"meta": meta, "runs": rows})
 
 

@@ -239,6 +239,11 @@ def main(argv=None) -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     gen = torch.Generator(device=args.device).manual_seed(0)
     rows = []
+
+    def save(meta: dict, partial: bool = False) -> None:  # after every case, so a run cut short keeps its cases
+        write_json(args.out, {"meta": {**meta, "torch": torch.__version__, **({"partial": True} if partial else {})},
+                              "cases": rows})
+
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         peak = copy_bandwidth_gbs()
@@ -253,6 +258,7 @@ def main(argv=None) -> None:
             for f in formats:
                 for T in tokens:
                     rows.append(bench_gpu_case(f, n_in, n_out, T, peak, props.L2_cache_size, gen, blocks_per_sm))
+                    save(meta, partial=True)
                     r = rows[-1]
                     print(f"{f:7s} {n_in:5d}->{n_out:5d} T={T:2d}  {r['kernel']} {r['kernel_us']:7.2f} us  bf16 {r['dense_bf16_us']:7.2f} us"
                           f"  x{r['speedup_vs_bf16']:5.2f}  {r['kernel_bandwidth_fraction']:.0%} of copy bw"
@@ -266,10 +272,11 @@ def main(argv=None) -> None:
                     continue
                 for T in tokens:
                     rows.append(bench_cpu_case(f, n_in, n_out, T, gen, args.reps))
+                    save(meta, partial=True)
                     r = rows[-1]
                     print(f"{f:7s} {n_in:5d}->{n_out:5d} T={T:2d}  lut {r['lut_ms']:8.3f} ms  fp32 {r['dense_float32_ms']:8.3f}"
                           f"  bf16 {r['dense_bf16_ms']:8.3f}  dequant {r['dequantize_then_matmul_ms']:8.2f}", flush=True)
-    write_json(args.out, {"meta": {**meta, "torch": torch.__version__}, "cases": rows})
+    save(meta)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,44 @@ def test_a_cell_pools_its_calibrations_and_pairs_pv_with_the_best_other_on_each(
     assert cell["pv_vs_best_other"]["percent"] == [round(100 * (11 / 12 - 1), 2), round(100 * (12.5 / 12 - 1), 2)]
     text = markdown(table(runs))
     assert "**11.75** (11.00-12.50, 2)" in text and "12.00 (12.00-12.00, 2)" in text and "-2.1% vs ste (-8.3 to +4.2, 2)" in text
+
+
+def test_a_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """bench_decode and bench_kernels save after every row (marked partial), so a run stopped by a time limit
+    loses only the row it was on."""
+    import json
+
+    from experiments import bench_decode, bench_kernels
+
+    def variant(name, build, fmt, prompt, graph_modes, args, dtype):
+        if fmt != "none":
+            raise KeyboardInterrupt  # what a time limit's signal does to the run
+        return {"model": name, "format": fmt, "batch": prompt.shape[0], "eager": {"ms_per_token": 1.0, "tokens_per_s": 1.0}}
+
+    monkeypatch.setattr(bench_decode, "bench_variant", variant)
+    out = tmp_path / "decode.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_decode.main(["--model", str(tmp_path), "--device", "cpu", "--formats", "2x8g8", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["partial"] and [r["format"] for r in saved["runs"]] == ["none"]
+
+    calls = []
+
+    def case(fmt, n_in, n_out, tokens, gen, reps, stop_after=1):
+        calls.append(fmt)
+        if len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return {"format": fmt, "lut_ms": 1.0, "dense_float32_ms": 1.0, "dense_bf16_ms": 1.0, "dequantize_then_matmul_ms": 1.0}
+
+    monkeypatch.setattr(bench_kernels, "bench_cpu_case", case)
+    out = tmp_path / "matvec.json"
+    args = ["--device", "cpu", "--shapes", "ref", "--formats", "2x8g8", "--tokens", "1,4", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(args)
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["partial"] and len(saved["cases"]) == 1
+    calls.clear()
+    monkeypatch.setattr(bench_kernels, "bench_cpu_case", lambda *a: case(*a, stop_after=10**6))
+    bench_kernels.main(args)
+    saved = json.loads(out.read_text())
+    assert "partial" not in saved["meta"] and len(saved["cases"]) == len(calls) > 1
