@@ -5,7 +5,7 @@
                                                --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT \
-                                                    [--seeds N] [--jobs N]
+                                                    [--seeds N] [--jobs N] [--recipe smollm2]
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
@@ -106,13 +106,18 @@ def main_table(a) -> None:
     plots(summaries, a.out, "main_table")
 
 
+# SmolLM2-135M's recipe, sized so that one format's whole pipeline fits in 10 minutes on one H200
+# (docs/results_smollm2.md); the calibration rounds per preset
+SMOLLM2_RECIPE = ("--nsamples", "512", "--block-tune-steps", "100", "--steps", "80", "--ft-batch-size", "64")
+SMOLLM2_ROUNDS = {"2x8g8": "4", "1x8g8": "12"}
+
+
 def smollm2(a) -> None:
-    # sized so that one format's whole pipeline fits in 10 minutes on one H200 (docs/results_smollm2.md)
-    common = ("--nsamples", "512", "--block-tune-steps", "100", "--steps", "80", "--ft-batch-size", "64",
-              "--prompts", str(Path(__file__).with_name("prompts.txt")))
+    common = SMOLLM2_RECIPE + ("--prompts", str(Path(__file__).with_name("prompts.txt")))
     summaries = [pipeline(a.model[0], a.corpus, a.out, "2x8g8", "pv,ste,continuous",
-                          common + ("--rounds", "4", "--strategy-settings", '{"pv":{"p_lr":0.03}}')),
-                 pipeline(a.model[0], a.corpus, a.out, "1x8g8", "pv,ste,continuous", common + ("--rounds", "12"))]
+                          common + ("--rounds", SMOLLM2_ROUNDS["2x8g8"], "--strategy-settings", '{"pv":{"p_lr":0.03}}')),
+                 pipeline(a.model[0], a.corpus, a.out, "1x8g8", "pv,ste,continuous",
+                          common + ("--rounds", SMOLLM2_ROUNDS["1x8g8"]))]
     plots(summaries, a.out, "smollm2")
 
 
@@ -125,8 +130,9 @@ def representations(a) -> None:
         for width, reps in choose_formats(layer_shapes(model)).items():
             preset = WIDTHS[width][1]
             for fmt, _ in reps.values():
+                recipe = SMOLLM2_RECIPE + ("--rounds", SMOLLM2_ROUNDS[preset]) if a.recipe == "smollm2" else ()
                 for seed in range(a.seeds):  # one calibration per seed; the table pools them
-                    extra, tag = ("--preset", preset, "--seed", str(seed)), f"_seed{seed}" if seed else ""
+                    extra, tag = ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""
                     if a.jobs > 1:
                         summaries.append(parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs))
                     else:
@@ -197,6 +203,9 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
     ap.add_argument("--seeds", type=int, default=1, help="representations: calibrations (seeds 0..n-1) per cell")
+    ap.add_argument("--recipe", choices=["presets", "smollm2"], default="presets",
+                    help="representations: each width's preset as it is, or with SmolLM2-135M's shorter recipe "
+                         "(the smollm2 part's calibration and fine-tuning budget)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="representations: a cell's strategies as this many processes at once, from one calibration")
     a = ap.parse_args(argv)

@@ -53,6 +53,27 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
     assert table["about 2 bits"]["scalar"]["rows"]["pv"]["runs"] == [10.0, 11.0]
 
 
+def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its_rounds(tmp_path, monkeypatch):
+    import json
+
+    from experiments import reproduce
+
+    flags = {}
+
+    def fake_pipeline(model, corpus, out, fmt, strategies, extra=(), tag=""):
+        flags[fmt] = extra
+        path = out / f"{fmt}.json"
+        path.write_text(json.dumps(_summary(fmt, 20.0, pv=10.0, ste=11.0)))
+        return path
+
+    monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)])
+    reproduce.main(["representations", "--model", "m.gguf", "--corpus", "c", "--out", str(tmp_path), "--recipe", "smollm2"])
+    rounds = {fmt: (e[e.index("--preset") + 1], e[e.index("--rounds") + 1]) for fmt, e in flags.items()}
+    assert rounds["2x8g8"] == ("2x8g8", "4") and rounds["int1g64"] == ("1x8g8", "12")
+    assert all(e[e.index("--steps") + 1] == "80" for e in flags.values())
+
+
 def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_them(tmp_path):
     import json
     import lzma
