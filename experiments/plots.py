@@ -3,9 +3,13 @@
     python -m experiments.plots main-table experiments/results/main_table/*.json --out main_table.png
     python -m experiments.plots curves experiments/results/main_table/ref-llama_1x8g8.json --out curves.png
 
+    python -m experiments.plots representations experiments/results/representations/table_*.json --out representations.png
+
 main-table: validation perplexity against bits per quantized weight, one line per strategy, one panel
 per model (several files of one model and format are merged; a strategy's first value wins).
 curves: the KL loss and the code groups changed at every fine-tuning step, one line per strategy.
+representations: from the tables of experiments.representations, every other strategy against PV-Tuning
+per representation and width, one panel per model.
 """
 from __future__ import annotations
 
@@ -96,14 +100,52 @@ def plot_curves(summary: dict, path, smooth: int = 10) -> None:
     plt.close(fig)
 
 
+def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
+    """Each other strategy's perplexity against PV-Tuning's on the same column (percent: above zero PV-Tuning
+    is better; bars at the means, lines from the lowest to the highest run, PV-Tuning's own spread in red at
+    zero), one group per column (representation x width) and a panel per model. tables: {model:
+    experiments.representations.table(...)}. Bars past `clip` percent are cut there and labelled."""
+    others = [s for s in ORDER if s not in ("calibrated", "pv")]
+    fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
+    width = 0.8 / len(others)
+    for ax, (model, t) in zip(axes[:, 0], tables.items()):
+        cols = [(w, r) for w in t for r in t[w] if "pv" in t[w][r]["rows"]]
+        for i, (w, r) in enumerate(cols):
+            rows = t[w][r]["rows"]
+            pv = rows["pv"]["mean"]
+            ax.plot([i, i], [100 * (rows["pv"]["min"] / pv - 1), 100 * (rows["pv"]["max"] / pv - 1)], color="C3", lw=3)
+            for k, s in enumerate(others):
+                if s not in rows:
+                    continue
+                x = i - 0.4 + width * (k + 0.5)
+                mean, lo, hi = (100 * (rows[s][q] / pv - 1) for q in ("mean", "min", "max"))
+                ax.bar(x, min(mean, clip), width, color=STYLE[s]["color"], label=LABELS[s] if i == 0 else None)
+                if hi > lo:
+                    ax.plot([x, x], [min(lo, clip), min(hi, clip)], color="k", lw=1)
+                if mean > clip:
+                    ax.text(x, clip, f"{mean:.0f}%", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.axhline(0, color="C3", lw=1.5, label="PV-Tuning")
+        ax.set_xticks(range(len(cols)), [f"{r} {t[w][r]['format']}\n{w} ({t[w][r]['bits']:.2f})" for w, r in cols],
+                      fontsize=8)
+        ax.set(title=model, ylabel="perplexity vs PV-Tuning (%)", ylim=(-2, clip * 1.3))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=len(others) + 1, loc="upper center")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("main-table", "curves"), help="which plot")
-    ap.add_argument("summaries", nargs="+", help="pipeline summary JSONs (curves: one)")
+    ap.add_argument("what", choices=("main-table", "curves", "representations"), help="which plot")
+    ap.add_argument("summaries", nargs="+",
+                    help="pipeline summary JSONs (curves: one); representations: tables named table_MODEL.json")
     ap.add_argument("--out", required=True, help="PNG to write")
     a = ap.parse_args(argv)
     summaries = [json.loads(Path(f).read_text()) for f in a.summaries]
-    if a.what == "main-table":
+    if a.what == "representations":
+        plot_representations({Path(f).stem.removeprefix("table_"): t for f, t in zip(a.summaries, summaries)}, a.out)
+    elif a.what == "main-table":
         plot_main_table(summaries, a.out)
     else:
         plot_curves(summaries[0], a.out)

@@ -21,6 +21,16 @@ def test_plots_of_the_main_table_and_training_curves_are_written(tmp_path):
     assert (tmp_path / "table.png").stat().st_size > 10_000 and (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+def test_the_representations_plot_is_written_from_the_committed_tables(tmp_path):
+    from pathlib import Path
+
+    from experiments.plots import main as plots
+
+    tables = sorted((Path(__file__).resolve().parents[1] / "experiments" / "results" / "representations").glob("table_*.json"))
+    plots(["representations", *map(str, tables), "--out", str(tmp_path / "r.png")])
+    assert len(tables) >= 2 and (tmp_path / "r.png").stat().st_size > 10_000
+
+
 def test_reproduce_names_what_a_part_needs(capsys):
     import pytest
 
