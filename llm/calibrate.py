@@ -469,7 +469,8 @@ def sequential_groups(names, true_sequential: bool) -> list:
 
 
 def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, device=None,
-              progress: bool = True, on_block: Optional[Callable[[int], None]] = None) -> dict:
+              progress: bool = True, on_block: Optional[Callable[[int, dict], None]] = None,
+              start_block: int = 0, report: Optional[dict] = None) -> dict:
     """Quantize every listed linear of every block of `model` in place; returns a report.
 
     The model may live on the CPU: each block is moved to `device` while it is calibrated
@@ -477,7 +478,13 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
     calling this with the same arguments) the layers of a block are dealt out to the ranks by size,
     each quantized by its owner and broadcast, and block tuning is data parallel over the ranks;
     every rank ends with the same model.
+
+    on_block(i, report so far) runs after block i (e.g. to save a partial checkpoint). To resume an
+    interrupted run: `model` with its first `start_block` blocks as that run left them and `report`
+    its report so far; their outputs on `sequences` become the next block's inputs.
     """
+    if start_block and cfg.original_targets:
+        raise ValueError("a calibration with original_targets cannot resume (its targets need the original blocks)")
     fmt = QuantFormat.parse(cfg.fmt)
     home = next(model.parameters()).device
     device = torch.device(device or home)
@@ -497,11 +504,21 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
     for m in (emb, rotary):
         if m is not None:
             m.to(home)
-    report = {"config": asdict(cfg), "format": str(fmt), "layers": [], "blocks": []}
-    phases = {}  # seconds per phase over the whole model (and the V step's conjugate-gradient iterations)
+    prior_seconds = 0.0
+    if start_block:
+        done = [r for r in report["layers"] if int(r["name"].split(".")[2]) < start_block]  # model.layers.{i}.*
+        report = {**report, "layers": done, "blocks": list(report["blocks"][:start_block])}
+        phases, prior_seconds = dict(report.get("phase_seconds", {})), report.get("seconds", 0.0)
+        for block in layers[:start_block]:  # the calibrated blocks' outputs: the inputs of the next one
+            inputs = run_block(block.to(device), inputs, kwargs)
+            block.to(home)
+    else:
+        report = {"config": asdict(cfg), "format": str(fmt), "layers": [], "blocks": []}
+        phases = {}  # seconds per phase over the whole model (and the V step's conjugate-gradient iterations)
     original_inputs = list(inputs) if cfg.original_targets else None  # the unquantized model's activations
-    for i, block in enumerate(tqdm(layers, desc=f"calibrate {fmt}", disable=not progress)):
-        tb = time.time()
+    for i in tqdm(range(start_block, len(layers)), desc=f"calibrate {fmt}", disable=not progress,
+                  initial=start_block, total=len(layers)):
+        block, tb = layers[i], time.time()
         block.to(device)
         targets = None
         if original_inputs is not None:
@@ -537,8 +554,39 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
                                  "seconds": round(time.time() - tb, 2)})
         inputs = outputs
         block.to(home)
+        report["phase_seconds"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in phases.items()}
+        report["seconds"] = round(time.time() - t0 + prior_seconds, 2)
         if on_block is not None:
-            on_block(i)
-    report["phase_seconds"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in phases.items()}
-    report["seconds"] = round(time.time() - t0, 2)
+            on_block(i, report)
     return report
+
+
+def calibrate_to(out, model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, meta: dict, device=None,
+                 progress: bool = True) -> dict:
+    """calibrate(model, ...) and save it as the checkpoint `out` (meta + the report as "calibration"),
+    resumable: after every block the calibrated blocks and the report go to the partial checkpoint
+    `out.partial`, and a rerun with the same meta["run"] (model, data, settings) continues from the
+    first block it lacks (not with cfg.original_targets: that run starts over); the partial is removed
+    once `out` is written. Under torch.distributed the first process writes. Returns the report."""
+    from llm.checkpoint import (check_same_run, has_checkpoint, load_partial_calibration, partial_path, remove_out,
+                                save_checkpoint, save_partial_calibration)
+
+    partial = partial_path(out)
+    start, report = 0, None
+    resumable = not cfg.original_targets  # its targets come from the original blocks, gone once calibrated
+    if resumable and has_checkpoint(partial):
+        start, report, stored = load_partial_calibration(partial, model)
+        check_same_run(partial, stored.get("run"), meta.get("run"))
+        print(f"resuming the calibration at block {start} of {len(decoder_layers(model))} ({partial})", flush=True)
+
+    def save_partial(i: int, rep: dict) -> None:
+        if resumable and D.rank() == 0 and i + 1 < len(decoder_layers(model)):
+            save_partial_calibration(partial, model, i + 1, rep, meta)
+
+    report = calibrate(model, sequences, cfg, device=device, progress=progress, on_block=save_partial,
+                       start_block=start, report=report)
+    if D.rank() == 0:
+        save_checkpoint(out, model, dict(meta, calibration=report, calibration_seconds=report["seconds"]))
+        remove_out(partial)
+    return report
+

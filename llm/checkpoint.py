@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llm.formats import QuantFormat, make_quantized, quantized_layers
-from llm.model import load_model, set_module
+from llm.model import decoder_layers, load_model, set_module
 
 
 class CheckpointError(ValueError):
@@ -208,6 +208,35 @@ def load_checkpoint(path, base_model_dir=None, device="cpu", dtype=torch.float32
         raise CheckpointError(f"{path} does not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     state = read_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
     return model.to(device), meta, state
+
+
+def partial_path(path) -> Path:
+    """Where an unfinished calibration of the checkpoint `path` keeps its calibrated blocks: PATH.partial."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def save_partial_calibration(path, model: nn.Module, next_block: int, report: dict, meta: dict) -> Path:
+    """The state of `model`'s first `next_block` decoder blocks (the calibrated ones) and the report so far."""
+    layers = decoder_layers(model)
+    blocks = nn.ModuleDict({str(j): layers[j] for j in range(next_block)})
+    return save_checkpoint(path, blocks, dict(meta, next_block=next_block, calibration_so_far=report))
+
+
+def load_partial_calibration(path, model: nn.Module) -> tuple[int, dict, dict]:
+    """Put the calibrated blocks of a partial checkpoint into `model` (loaded from its base model);
+    returns (the first block still to calibrate, the report so far, meta)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if "next_block" not in meta:
+        raise CheckpointError(f"{path} is not a partial calibration")
+    layers = decoder_layers(model)
+    blocks = nn.ModuleDict({str(j): layers[j] for j in range(meta["next_block"])})
+    quantize_structure(blocks, meta["quantized_layers"])
+    missing, unexpected = blocks.load_state_dict(read_tensors(path / "model.safetensors"), strict=False)
+    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return meta["next_block"], meta["calibration_so_far"], meta
 
 
 def read_tensors(file) -> dict:

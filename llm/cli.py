@@ -220,8 +220,8 @@ def cmd_calibrate(a) -> None:
     from dataclasses import asdict
 
     from llm import distributed as D
-    from llm.calibrate import calibrate
-    from llm.checkpoint import check_out, check_same_run, is_checkpoint, read_meta, save_checkpoint
+    from llm.calibrate import calibrate_to
+    from llm.checkpoint import check_out, check_same_run, is_checkpoint, partial_path, read_meta, remove_out
     from llm.data import fingerprint
     from llm.formats import model_bits
     from llm.model import load_model, read_config
@@ -232,6 +232,7 @@ def cmd_calibrate(a) -> None:
     _corpus(a.train, "--train")
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)
+    check_out(partial_path(a.out), a.overwrite)  # an interrupted run's blocks, or nothing
     run = {"base_model": model_identity(a.model), "train": fingerprint(a.train), "seq_len": a.seq_len,
            "nsamples": a.nsamples, "calibration": asdict(cfg)}
     if is_checkpoint(a.out) and not a.overwrite:
@@ -240,11 +241,12 @@ def cmd_calibrate(a) -> None:
         return
     seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples, cfg.seed)  # the draw the pipeline makes
     model = load_model(a.model, torch.float32, "cpu")
-    report = calibrate(model, seqs, cfg, device=dev)
-    if D.rank() > 0:  # every rank holds the same model; the first writes it
+    if a.overwrite and D.rank() == 0:
+        remove_out(partial_path(a.out))
+    # resumable: after each block the calibrated blocks go to OUT.partial, which a rerun continues from
+    report = calibrate_to(a.out, model, seqs, cfg, {"base_model": str(Path(a.model).resolve()), "run": run}, device=dev)
+    if D.rank() > 0:  # every rank holds the same model; the first wrote it
         return
-    save_checkpoint(a.out, model, {"base_model": str(Path(a.model).resolve()), "calibration": report,
-                                   "calibration_seconds": report["seconds"], "run": run})
     print(f"calibrated {a.model} to {a.format} ({model_bits(model)['bits_per_quantized_weight']:.3f} bits per "
           f"quantized weight) in {report['seconds']} s: {a.out}")
 

@@ -10,9 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from llm.calibrate import CalibrationConfig, calibrate
-from llm.checkpoint import (check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out,
-                            save_checkpoint)
+from llm.calibrate import CalibrationConfig, calibrate_to
+from llm.checkpoint import check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import FinetuneConfig, FinetuneError, check_resumable, finetune
@@ -198,8 +197,9 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
            "nsamples": nsamples, "calibration": asdict(calib)}
     ft_run = dict(run, ft_nsamples=n_ft)
     if not overwrite:
-        if has_checkpoint(out / "calibrated"):
-            check_same_run(out / "calibrated", read_meta(out / "calibrated").get("run"), run)
+        for ck in (out / "calibrated", out / "calibrated.partial"):
+            if has_checkpoint(ck):
+                check_same_run(ck, read_meta(ck).get("run"), run)
         for strategy in strategies:
             check_resumable(out / strategy, configs[strategy], ft_run)
     amp = finetune_cfg.amp
@@ -228,15 +228,13 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         summary["calibration_seconds"] = meta.get("calibration_seconds")
         summary["calibration_phase_seconds"] = meta.get("calibration", {}).get("phase_seconds")
         summary["calibration"] = meta.get("calibration", {}).get("config", summary["calibration"])  # what it was made with
-    else:
+    else:  # resumes from calibrated.partial: the blocks an interrupted run finished
         student = load_model(model_dir, torch.float32, "cpu")
-        tc = time.time()
         with peaks("calibration"):
-            report = calibrate(student, seqs, calib, device=device, progress=progress)
-        summary["calibration_seconds"] = round(time.time() - tc, 1)
+            report = calibrate_to(calibrated, student, seqs, calib, {"base_model": str(Path(model_dir).resolve()),
+                                                                     "run": run}, device=device, progress=progress)
+        summary["calibration_seconds"] = report["seconds"]
         summary["calibration_phase_seconds"] = report["phase_seconds"]
-        save_checkpoint(calibrated, student, {"base_model": str(Path(model_dir).resolve()), "calibration": report,
-                                              "calibration_seconds": summary["calibration_seconds"], "run": run})
     summary["bits"] = model_bits(student)
     with peaks("evaluation"):
         summary["ppl_calibrated"] = evaluate(student, val, device, amp)
@@ -268,8 +266,8 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
 def is_pipeline_out(path) -> bool:
     """A folder written by run_pipeline: summary.json, calibrated/ and one folder per strategy, nothing else."""
     names = {f.name for f in Path(path).iterdir() if not f.name.startswith(".")}
-    return bool(names) and names <= {"summary.json", "calibrated", *strategy_names()} and (
-        "summary.json" in names or "calibrated" in names)
+    return bool(names) and names <= {"summary.json", "calibrated", "calibrated.partial", *strategy_names()} and (
+        bool(names & {"summary.json", "calibrated", "calibrated.partial"}))
 
 
 def model_identity(model) -> dict:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llm.cli import main
 from llm_helpers import tiny_corpus, tiny_model_dir
@@ -131,3 +132,77 @@ def test_calibrate_draws_the_calibration_sequences_of_its_seed_as_the_pipeline_d
     code = main(["calibrate", str(model), "--train", str(train), "--out", str(tmp_path / "ck"), "--format", "1x6g8",
                  "--seed", "3", "--device", "cpu"])
     assert code != 0 and seen == [3] and not (tmp_path / "ck").exists()
+
+
+def test_an_interrupted_calibration_resumes_at_its_next_block_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import llm.calibrate
+    import llm.checkpoint
+    from llm.checkpoint import read_tensors
+
+    model = tiny_model_dir(tmp_path)
+    train, _ = tiny_corpus(tmp_path)
+    flags = ["--train", str(train), "--format", "1x6g8", "--nsamples", "4", "--seq-len", "32", "--rounds", "1",
+             "--block-tune-steps", "2", "--device", "cpu"]
+    hessians = []
+    counted = llm.calibrate.collect_hessians
+    monkeypatch.setattr(llm.calibrate, "collect_hessians", lambda *a: hessians.append(1) or counted(*a))
+    assert main(["calibrate", str(model), "--out", str(tmp_path / "whole"), *flags]) == 0
+    per_run = len(hessians)
+
+    saved = llm.checkpoint.save_partial_calibration
+
+    def save_then_die(*a, **k):  # a kill right after the first block is saved
+        saved(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", save_then_die)
+    assert main(["calibrate", str(model), "--out", str(tmp_path / "cut"), *flags]) != 0  # "interrupted: rerun ..."
+    assert (tmp_path / "cut.partial").is_dir() and not (tmp_path / "cut").exists()
+    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", saved)
+    hessians.clear()
+    assert main(["calibrate", str(model), "--out", str(tmp_path / "cut"), *flags]) == 0
+    assert len(hessians) == per_run // 2  # two blocks: only the second one was calibrated again
+    assert not (tmp_path / "cut.partial").exists()
+    whole, cut = (read_tensors(tmp_path / d / "model.safetensors") for d in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_a_partial_calibration_of_other_settings_is_refused_in_one_line(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    train, _ = tiny_corpus(tmp_path)
+    flags = ["--train", train, "--nsamples", "4", "--seq-len", "32", "--rounds", "1", "--block-tune-steps", "1",
+             "--device", "cpu", "--out", tmp_path / "o"]
+    from llm.checkpoint import save_partial_calibration
+    from llm.model import load_model
+
+    save_partial_calibration(tmp_path / "o.partial", load_model(model, torch.float32, "cpu"), 0, {"layers": [], "blocks": []},
+                             {"run": {"seq_len": 64}})
+    assert_one_line_error(run_cli("calibrate", model, *flags, "--format", "1x6g8"), "holds another run")
+    assert (tmp_path / "o.partial").is_dir() and not (tmp_path / "o").exists()
+
+
+def test_a_pipeline_killed_while_calibrating_resumes_from_its_partial_calibration(tmp_path, monkeypatch, capsys):
+    import llm.checkpoint
+
+    model = tiny_model_dir(tmp_path)
+    train, val = tiny_corpus(tmp_path)
+    args = ["pipeline", model, "--train", train, "--validation", val, "--out", tmp_path / "run", "--format", "1x6g8",
+            "--strategies", "continuous", "--steps", "1", "--nsamples", "4", "--seq-len", "32", "--rounds", "1",
+            "--block-tune-steps", "1", "--ft-batch-size", "2", "--eval-windows", "2", "--device", "cpu"]
+    saved = llm.checkpoint.save_partial_calibration
+
+    def save_then_die(*a, **k):
+        saved(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", save_then_die)
+    assert main(list(map(str, args))) != 0
+    assert (tmp_path / "run" / "calibrated.partial").is_dir() and not (tmp_path / "run" / "calibrated").exists()
+    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", saved)
+    capsys.readouterr()
+    assert main(list(map(str, args))) == 0
+    assert "resuming the calibration at block 1 of 2" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["calibrated", "continuous", "summary.json"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(json.loads((tmp_path / "run" / "calibrated" / "meta.json").read_text())["calibration"]["blocks"]) == 2
+    assert summary["calibration_seconds"] > 0
