@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from llm import checkpoint as C
 from llm import distributed as D
 from llm.formats import AQLMLinear, QuantFormat, ScalarLinear, make_quantized
 from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, set_module
@@ -568,25 +569,22 @@ def calibrate_to(out, model: nn.Module, sequences: Tensor, cfg: CalibrationConfi
     `out.partial`, and a rerun with the same meta["run"] (model, data, settings) continues from the
     first block it lacks (not with cfg.original_targets: that run starts over); the partial is removed
     once `out` is written. Under torch.distributed the first process writes. Returns the report."""
-    from llm.checkpoint import (check_same_run, has_checkpoint, load_partial_calibration, partial_path, remove_out,
-                                save_checkpoint, save_partial_calibration)
-
-    partial = partial_path(out)
+    partial = C.partial_path(out)
     start, report = 0, None
     resumable = not cfg.original_targets  # its targets come from the original blocks, gone once calibrated
-    if resumable and has_checkpoint(partial):
-        start, report, stored = load_partial_calibration(partial, model)
-        check_same_run(partial, stored.get("run"), meta.get("run"))
+    if resumable and C.has_checkpoint(partial):
+        C.check_same_run(partial, C.read_meta(partial).get("run"), meta.get("run"))
+        start, report, _ = C.load_partial_calibration(partial, model)
         print(f"resuming the calibration at block {start} of {len(decoder_layers(model))} ({partial})", flush=True)
 
     def save_partial(i: int, rep: dict) -> None:
         if resumable and D.rank() == 0 and i + 1 < len(decoder_layers(model)):
-            save_partial_calibration(partial, model, i + 1, rep, meta)
+            C.save_partial_calibration(partial, model, i + 1, rep, meta)
 
     report = calibrate(model, sequences, cfg, device=device, progress=progress, on_block=save_partial,
                        start_block=start, report=report)
     if D.rank() == 0:
-        save_checkpoint(out, model, dict(meta, calibration=report, calibration_seconds=report["seconds"]))
-        remove_out(partial)
+        C.save_checkpoint(out, model, dict(meta, calibration=report, calibration_seconds=report["seconds"]))
+        C.remove_out(partial)
     return report
 
