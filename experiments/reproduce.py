@@ -5,7 +5,7 @@
                                                --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT \
-                                                    [--seeds N] [--jobs N] [--recipe smollm2]
+                                                    [--seeds N] [--jobs N] [--cells N] [--recipe smollm2]
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llm import cli
@@ -126,17 +127,22 @@ def representations(a) -> None:
     from pvtheory.io import write_json
 
     for model in a.model:
-        summaries = []
+        cells = []  # (format, pipeline flags, tag): one calibration each
         for width, reps in choose_formats(layer_shapes(model)).items():
             preset = WIDTHS[width][1]
             for fmt, _ in reps.values():
                 recipe = SMOLLM2_RECIPE + ("--rounds", SMOLLM2_ROUNDS[preset]) if a.recipe == "smollm2" else ()
                 for seed in range(a.seeds):  # one calibration per seed; the table pools them
-                    extra, tag = ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""
-                    if a.jobs > 1:
-                        summaries.append(parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs))
-                    else:
-                        summaries.append(pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag=tag))
+                    cells.append((fmt, ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""))
+
+        def cell(c: tuple) -> Path:
+            fmt, extra, tag = c
+            if a.jobs > 1 or a.cells > 1:  # processes of their own: cells may run side by side
+                return parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs)
+            return pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag=tag)
+
+        with ThreadPoolExecutor(max_workers=a.cells) as pool:  # each worker waits on its cell's processes
+            summaries = list(pool.map(cell, cells))
         result = table([read_summary(p) for p in summaries])
         name = Path(model).name.removesuffix(".gguf")
         write_json(a.out / f"representations_{name}.json", result)
@@ -200,14 +206,16 @@ def main(argv=None) -> None:
     ap.add_argument("--formats", default="2x8g8,1x8g8", help="main-table: formats, comma-separated")
     ap.add_argument("--strategies", default=",".join(BUILTIN),
                     help="main-table, representations: strategies, comma-separated")
-    ap.add_argument("--gpus", type=int, default=2, help="multi-gpu: processes to compare with one")
+    ap.add_argument("--gpus", type=cli.POSITIVE_INT, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
-    ap.add_argument("--seeds", type=int, default=1, help="representations: calibrations (seeds 0..n-1) per cell")
+    ap.add_argument("--seeds", type=cli.POSITIVE_INT, default=1, help="representations: calibrations (seeds 0..n-1) per cell")
     ap.add_argument("--recipe", choices=["presets", "smollm2"], default="presets",
                     help="representations: each width's preset as it is, or with SmolLM2-135M's shorter recipe "
                          "(the smollm2 part's calibration and fine-tuning budget)")
-    ap.add_argument("--jobs", type=int, default=1,
+    ap.add_argument("--jobs", type=cli.POSITIVE_INT, default=1,
                     help="representations: a cell's strategies as this many processes at once, from one calibration")
+    ap.add_argument("--cells", type=cli.POSITIVE_INT, default=1,
+                    help="representations: this many cells (calibrations) at once, each with its --jobs processes")
     a = ap.parse_args(argv)
     needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus"),
              "representations": ("model", "corpus")}

@@ -226,3 +226,30 @@ def test_a_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch)
     bench_kernels.main(args)
     saved = json.loads(out.read_text())
     assert "partial" not in saved["meta"] and len(saved["cases"]) == len(calls) > 1
+
+
+def test_reproduce_representations_runs_several_cells_at_once_and_keeps_their_order(tmp_path, monkeypatch):
+    import json
+    import threading
+
+    from experiments import reproduce
+
+    started = []
+    together = threading.Barrier(3, timeout=30)  # the first three cells must be running at the same time
+
+    def fake_parallel(model, corpus, out, fmt, strategies, extra, tag, jobs):
+        started.append(fmt)
+        if len(started) <= 3:
+            together.wait()
+        path = out / f"{fmt}.json"
+        path.write_text(json.dumps(_summary(fmt, 20.0, pv=10.0, ste=11.0)))
+        return path
+
+    monkeypatch.setattr(reproduce, "parallel_pipeline", fake_parallel)
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)])
+    reproduce.main(["representations", "--model", "ref-llama", "--corpus", "c", "--out", str(tmp_path), "--cells", "3"])
+    assert len(started) == 6
+    table = json.loads((tmp_path / "representations_ref-llama.json").read_text())
+    assert [c["format"] for w in table.values() for c in w.values()] == ["int2g128", "vq8g4", "2x8g8", "int1g64", "vq9g8", "2x6g8"]
+    with pytest.raises(SystemExit):
+        reproduce.main(["representations", "--model", "m", "--corpus", "c", "--out", str(tmp_path), "--cells", "0"])
