@@ -264,7 +264,8 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
 
 
 def is_pipeline_out(path) -> bool:
-    """A folder written by run_pipeline: summary.json, calibrated/ and one folder per strategy, nothing else."""
+    """A folder written by run_pipeline: summary.json, calibrated/ (or an unfinished calibrated.partial/) and one
+    folder per strategy, nothing else."""
     names = {f.name for f in Path(path).iterdir() if not f.name.startswith(".")}
     return bool(names) and names <= {"summary.json", "calibrated", "calibrated.partial", *strategy_names()} and (
         bool(names & {"summary.json", "calibrated", "calibrated.partial"}))
