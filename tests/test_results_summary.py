@@ -1,4 +1,6 @@
 """The README's headline figures are the values in the result files they cite."""
+import json
+
 import pytest
 
 from experiments.summary import main
@@ -51,12 +53,10 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
     def fake_pipeline(model, corpus, out, fmt, strategies, extra=(), tag=""):
         seed = int(extra[extra.index("--seed") + 1])
         calls.append((fmt, seed, tag))
-        path = out / f"{fmt}{tag}.json"
-        path.write_text(json.dumps(_summary(fmt, 20.0 + seed, pv=10.0 + seed, ste=11.0)))
-        return path
+        return _written(out / f"{fmt}{tag}.json", _summary(fmt, 20.0 + seed, pv=10.0 + seed, ste=11.0))
 
     monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
-    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)])
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
     reproduce.main(["representations", "--model", "ref-llama", "--corpus", "c", "--out", str(tmp_path), "--seeds", "2"])
     assert len(calls) == 12 and {(s, t) for _, s, t in calls} == {(0, ""), (1, "_seed1")}
     table = json.loads((tmp_path / "representations_ref-llama.json").read_text())
@@ -72,12 +72,10 @@ def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its
 
     def fake_pipeline(model, corpus, out, fmt, strategies, extra=(), tag=""):
         flags[fmt] = extra
-        path = out / f"{fmt}.json"
-        path.write_text(json.dumps(_summary(fmt, 20.0, pv=10.0, ste=11.0)))
-        return path
+        return _written(out / f"{fmt}.json", _summary(fmt, 20.0, pv=10.0, ste=11.0))
 
     monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
-    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)])
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
     reproduce.main(["representations", "--model", "m.gguf", "--corpus", "c", "--out", str(tmp_path), "--recipe", "smollm2"])
     rounds = {fmt: (e[e.index("--preset") + 1], e[e.index("--rounds") + 1]) for fmt, e in flags.items()}
     assert rounds["2x8g8"] == ("2x8g8", "4") and rounds["int1g64"] == ("1x8g8", "12")
@@ -136,6 +134,14 @@ def test_the_representations_table_has_a_row_per_strategy_and_a_column_per_forma
     assert len(lines) == 2 + 6 + 2 and "int2g128" in lines[0] and "vq8g4" in lines[0] and "same calibration" in lines[-2]
     pv, ste = (summaries[1]["runs"][k]["codes_changed_total"] for k in ("pv", "ste"))
     assert lines[-1].startswith("| codes changed by PV / STE") and f"{pv / 1e6:.2f}M / {ste / 1e6:.2f}M" in lines[-1]
+
+
+REF_LLAMA_SHAPES = [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)]  # a block's linears (out, in)
+
+
+def _written(path, obj: dict):
+    path.write_text(json.dumps(obj))
+    return path
 
 
 def _summary(fmt: str, calibrated: float, **ppl) -> dict:
@@ -241,12 +247,10 @@ def test_reproduce_representations_runs_several_cells_at_once_and_keeps_their_or
         started.append(fmt)
         if len(started) <= 3:
             together.wait()
-        path = out / f"{fmt}.json"
-        path.write_text(json.dumps(_summary(fmt, 20.0, pv=10.0, ste=11.0)))
-        return path
+        return _written(out / f"{fmt}.json", _summary(fmt, 20.0, pv=10.0, ste=11.0))
 
     monkeypatch.setattr(reproduce, "parallel_pipeline", fake_parallel)
-    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)])
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
     reproduce.main(["representations", "--model", "ref-llama", "--corpus", "c", "--out", str(tmp_path), "--cells", "3"])
     assert len(started) == 6
     table = json.loads((tmp_path / "representations_ref-llama.json").read_text())
