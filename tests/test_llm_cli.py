@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -134,9 +135,24 @@ def test_calibrate_draws_the_calibration_sequences_of_its_seed_as_the_pipeline_d
     assert code != 0 and seen == [3] and not (tmp_path / "ck").exists()
 
 
+@contextmanager
+def killed_once_the_first_block_is_saved(monkeypatch):
+    """A calibration inside this block stops (KeyboardInterrupt) right after its first partial checkpoint."""
+    import llm.checkpoint
+
+    saved = llm.checkpoint.save_partial_calibration
+
+    def save_then_die(*a, **k):
+        saved(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", save_then_die)
+    yield
+    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", saved)
+
+
 def test_an_interrupted_calibration_resumes_at_its_next_block_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
     import llm.calibrate
-    import llm.checkpoint
     from llm.checkpoint import read_tensors
 
     model = tiny_model_dir(tmp_path)
@@ -149,16 +165,9 @@ def test_an_interrupted_calibration_resumes_at_its_next_block_and_ends_as_an_uni
     assert main(["calibrate", str(model), "--out", str(tmp_path / "whole"), *flags]) == 0
     per_run = len(hessians)
 
-    saved = llm.checkpoint.save_partial_calibration
-
-    def save_then_die(*a, **k):  # a kill right after the first block is saved
-        saved(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", save_then_die)
-    assert main(["calibrate", str(model), "--out", str(tmp_path / "cut"), *flags]) != 0  # "interrupted: rerun ..."
+    with killed_once_the_first_block_is_saved(monkeypatch):
+        assert main(["calibrate", str(model), "--out", str(tmp_path / "cut"), *flags]) != 0  # "interrupted: rerun ..."
     assert (tmp_path / "cut.partial").is_dir() and not (tmp_path / "cut").exists()
-    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", saved)
     hessians.clear()
     assert main(["calibrate", str(model), "--out", str(tmp_path / "cut"), *flags]) == 0
     assert len(hessians) == per_run // 2  # two blocks: only the second one was calibrated again
@@ -182,23 +191,14 @@ def test_a_partial_calibration_of_other_settings_is_refused_in_one_line(tmp_path
 
 
 def test_a_pipeline_killed_while_calibrating_resumes_from_its_partial_calibration(tmp_path, monkeypatch, capsys):
-    import llm.checkpoint
-
     model = tiny_model_dir(tmp_path)
     train, val = tiny_corpus(tmp_path)
     args = ["pipeline", model, "--train", train, "--validation", val, "--out", tmp_path / "run", "--format", "1x6g8",
             "--strategies", "continuous", "--steps", "1", "--nsamples", "4", "--seq-len", "32", "--rounds", "1",
             "--block-tune-steps", "1", "--ft-batch-size", "2", "--eval-windows", "2", "--device", "cpu"]
-    saved = llm.checkpoint.save_partial_calibration
-
-    def save_then_die(*a, **k):
-        saved(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", save_then_die)
-    assert main(list(map(str, args))) != 0
+    with killed_once_the_first_block_is_saved(monkeypatch):
+        assert main(list(map(str, args))) != 0
     assert (tmp_path / "run" / "calibrated.partial").is_dir() and not (tmp_path / "run" / "calibrated").exists()
-    monkeypatch.setattr(llm.checkpoint, "save_partial_calibration", saved)
     capsys.readouterr()
     assert main(list(map(str, args))) == 0
     assert "resuming the calibration at block 1 of 2" in capsys.readouterr().out
