@@ -296,6 +296,8 @@ def blocks_per_sm_for(num_codebooks: int, codebook_size: int) -> int:
 def split_target(num_codebooks: int, codebook_size: int, blocks_per_sm: Optional[float] = None) -> float:
     """The blocks per SM the split aims for: `blocks_per_sm` if given, else what the kernel is built for."""
     return blocks_per_sm if blocks_per_sm is not None else blocks_per_sm_for(num_codebooks, codebook_size)
+
+
 X_SHARED_BYTES = 48 * 1024  # activations staged per block at most
 
 _module = None
