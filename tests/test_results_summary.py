@@ -11,7 +11,6 @@ def test_every_headline_figure_matches_its_result_file():
 
 
 def test_plots_of_the_main_table_and_training_curves_are_written(tmp_path):
-    import json
     from pathlib import Path
 
     from experiments.plots import plot_curves, plot_main_table
@@ -44,8 +43,6 @@ def test_reproduce_names_what_a_part_needs(capsys):
 
 
 def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(tmp_path, monkeypatch):
-    import json
-
     from experiments import reproduce
 
     calls = []
@@ -64,8 +61,6 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
 
 
 def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its_rounds(tmp_path, monkeypatch):
-    import json
-
     from experiments import reproduce
 
     flags = {}
@@ -83,7 +78,6 @@ def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its
 
 
 def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_them(tmp_path):
-    import json
     import lzma
 
     from llm_helpers import tiny_corpus, tiny_model_dir
@@ -119,7 +113,6 @@ def test_each_representation_gets_the_format_of_nearest_bits_whose_groups_divide
 
 
 def test_the_representations_table_has_a_row_per_strategy_and_a_column_per_format():
-    import json
     from pathlib import Path
 
     from experiments.representations import markdown, table
@@ -164,8 +157,6 @@ def test_merge_joins_the_strategies_of_one_calibration_and_refuses_two_calibrati
 
 
 def test_merge_and_table_refuse_a_file_that_is_not_a_summary_in_one_line(tmp_path, capsys):
-    import json
-
     from experiments.representations import main
 
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
@@ -196,8 +187,6 @@ def test_a_cell_pools_its_calibrations_and_pairs_pv_with_the_best_other_on_each(
 def test_a_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     """bench_decode and bench_kernels save after every row (marked partial), so a run stopped by a time limit
     loses only the row it was on."""
-    import json
-
     from experiments import bench_decode, bench_kernels
 
     def variant(name, build, fmt, prompt, graph_modes, args, dtype):
@@ -235,7 +224,6 @@ def test_a_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch)
 
 
 def test_reproduce_representations_runs_several_cells_at_once_and_keeps_their_order(tmp_path, monkeypatch):
-    import json
     import threading
 
     from experiments import reproduce
