@@ -394,7 +394,9 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     With checkpoint_dir, writes a checkpoint every cfg.checkpoint_every steps and at the end, and
     (resume=True) continues from the checkpoint found there. A non-finite loss stops the run with
     FinetuneError, leaving the last good checkpoint in place. on_step(step, loss) is called after
-    every step (timing, logging). Under torch.distributed (see
+    every step (timing, logging). The report's seconds count every step, the calls before a resume
+    included (recorded in the checkpoint; None if it did not record them); seconds_this_call, this call's.
+    Under torch.distributed (see
     llm.distributed) every rank calls this with the same arguments; rank 0 writes the checkpoints.
     """
     cfg.validate()
@@ -426,6 +428,9 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
         _load_optimizer_state(opt, state, device)
         code_step.load_state_dict(state, device)
         start, losses, changed = m["step"], m["losses"], m["codes_changed"]
+        prior_seconds = m.get("seconds")  # None: a checkpoint that did not record its steps' time
+    else:
+        prior_seconds = 0.0
     amp = cfg.amp and device.type == "cuda"
 
     def save(step: int) -> None:
@@ -433,11 +438,17 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
             return
         p_state = D.gather_to_first(code_step.state_dict())  # every rank takes part
         if D.rank() == 0:
-            info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg), run=run)
+            info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg), run=run,
+                        seconds=all_seconds())
             save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **p_state})
         D.barrier()
 
     t0 = time.time()
+
+    def all_seconds() -> Optional[float]:
+        """Wall seconds of every step so far, the calls before a resume included (None if one is unknown)."""
+        return None if prior_seconds is None else round(prior_seconds + time.time() - t0, 2)
+
     with code_step.capturing(capture):
         for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})",
                          disable=not progress or D.rank() > 0, initial=start, total=cfg.steps):
@@ -464,11 +475,12 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                 on_step(step, loss)
             if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save(step + 1)
-    seconds = time.time() - t0
+    seconds, this_call = all_seconds(), round(time.time() - t0, 2)
     save(cfg.steps)
     student.eval()
     return {"strategy": cfg.strategy, "steps": cfg.steps, "losses": losses, "codes_changed": changed,
-            "seconds": round(seconds, 2), "resumed_at": start, "world_size": D.world_size(), "config": asdict(cfg)}
+            "seconds": seconds, "seconds_this_call": this_call, "resumed_at": start, "world_size": D.world_size(),
+            "config": asdict(cfg)}
 
 
 def _finite_everywhere(loss: Tensor) -> bool:

@@ -246,8 +246,11 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         with peaks(f"finetune_{strategy}"):
             rep = finetune(s, teacher, ft_seqs, configs[strategy], device=device, checkpoint_dir=out / strategy,
                            meta={"base_model": str(Path(model_dir).resolve()), "run": ft_run}, progress=progress)
-        steps_run = len(rep["losses"]) - rep.get("resumed_at", 0)
-        rep["seconds_per_step"] = round(rep["seconds"] / steps_run, 3) if steps_run > 0 else None
+        steps_run = len(rep["losses"]) - rep["resumed_at"]
+        if rep["seconds"] is not None and rep["losses"]:  # every step's time, a resumed run's earlier calls included
+            rep["seconds_per_step"] = round(rep["seconds"] / len(rep["losses"]), 3)
+        else:
+            rep["seconds_per_step"] = round(rep["seconds_this_call"] / steps_run, 3) if steps_run > 0 else None
         rep["ppl"] = evaluate(s, val, device, amp)
         if prompts:
             texts[strategy] = continuations(s, tokenizer, prompts, new_tokens, device)

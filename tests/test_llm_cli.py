@@ -32,6 +32,10 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["runs"]) == {"continuous", "pv"} and summary["ppl_calibrated"] > 1
     assert main(list(map(str, args))) == 0  # everything is checkpointed: a rerun resumes and finishes
+    rerun = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for name, run in summary["runs"].items():  # ... and keeps the time its steps took in the first run
+        assert run["seconds"] <= rerun["runs"][name]["seconds"] < run["seconds"] + 1.0
+        assert rerun["runs"][name]["seconds_per_step"] == pytest.approx(rerun["runs"][name]["seconds"] / 3, abs=1e-3)
     assert main(["export", str(tmp_path / "run" / "pv"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
     capsys.readouterr()

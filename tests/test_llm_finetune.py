@@ -57,8 +57,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, p_memory):
     assert read_meta(tmp_path / "ck")["step"] == 3
     # ... and a fresh process (a fresh copy of the calibrated model) resumes from it
     resumed = copy.deepcopy(student)
+    first_seconds = read_meta(tmp_path / "ck")["seconds"]
     rep = finetune(resumed, teacher, SEQS, FinetuneConfig(steps=6, **cfg), checkpoint_dir=tmp_path / "ck", progress=False)
     assert rep["losses"] == pytest.approx(rep_whole["losses"], rel=1e-5)
+    assert rep["seconds"] >= first_seconds + rep["seconds_this_call"] - 0.01  # the first 3 steps' time is kept
     for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), n
 
