@@ -104,11 +104,15 @@ def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
     """Each other strategy's perplexity against PV-Tuning's on the same column (percent: above zero PV-Tuning
     is better; bars at the means, lines from the lowest to the highest run, PV-Tuning's own spread in red at
     zero), one group per column (representation x width) and a panel per model. tables: {model:
-    experiments.representations.table(...)}. Bars past `clip` percent are cut there and labelled."""
+    experiments.representations.table(...)}. Bars past +-`clip` percent are cut there and labelled."""
     others = [s for s in ORDER if s not in ("calibrated", "pv")]
     fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
     width = 0.8 / len(others)
+    def cut(v: float) -> float:
+        return max(min(v, clip), -clip)
+
     for ax, (model, t) in zip(axes[:, 0], tables.items()):
+        lowest = -2.0
         cols = [(w, r) for w in t for r in t[w] if "pv" in t[w][r]["rows"]]
         for i, (w, r) in enumerate(cols):
             rows = t[w][r]["rows"]
@@ -119,15 +123,16 @@ def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
                     continue
                 x = i - 0.4 + width * (k + 0.5)
                 mean, lo, hi = (100 * (rows[s][q] / pv - 1) for q in ("mean", "min", "max"))
-                ax.bar(x, min(mean, clip), width, color=STYLE[s]["color"], label=LABELS[s] if i == 0 else None)
+                ax.bar(x, cut(mean), width, color=STYLE[s]["color"], label=LABELS[s] if i == 0 else None)
                 if hi > lo:
-                    ax.plot([x, x], [min(lo, clip), min(hi, clip)], color="k", lw=1)
-                if mean > clip:
-                    ax.text(x, clip, f"{mean:.0f}%", ha="center", va="bottom", fontsize=7, rotation=90)
+                    ax.plot([x, x], [cut(lo), cut(hi)], color="k", lw=1)
+                if abs(mean) > clip:
+                    ax.text(x, cut(mean), f"{mean:.0f}%", ha="center", va="bottom", fontsize=7, rotation=90)
+                lowest = min(lowest, cut(lo) * 1.15)
         ax.axhline(0, color="C3", lw=1.5, label="PV-Tuning")
         ax.set_xticks(range(len(cols)), [f"{r} {t[w][r]['format']}\n{w} ({t[w][r]['bits']:.2f})" for w, r in cols],
                       fontsize=8)
-        ax.set(title=model, ylabel="perplexity vs PV-Tuning (%)", ylim=(-2, clip * 1.3))
+        ax.set(title=model, ylabel="perplexity vs PV-Tuning (%)", ylim=(lowest, clip * 1.3))
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, ncol=len(others) + 1, loc="upper center")
     fig.tight_layout()
