@@ -6,6 +6,7 @@
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT \
                                                     [--seeds N] [--jobs N] [--cells N] [--recipe smollm2]
+                                                    [--only FORMATS] [--micro-batch-size N]
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
@@ -135,11 +136,19 @@ def representations(a) -> None:
                 for seed in range(a.seeds):  # one calibration per seed; the table pools them
                     cells.append((fmt, ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""))
 
+        if a.only:
+            unknown = set(a.only.split(",")) - {fmt for fmt, _, _ in cells}
+            if unknown:
+                raise SystemExit(f"--only: {', '.join(sorted(unknown))} is not a format of this model's table "
+                                 f"({', '.join(dict.fromkeys(fmt for fmt, _, _ in cells))})")
+            cells = [c for c in cells if c[0] in a.only.split(",")]
+        ft = ("--micro-batch-size", str(a.micro_batch_size)) if a.micro_batch_size else ()
+
         def cell(c: tuple) -> Path:
             fmt, extra, tag = c
             if a.jobs > 1 or a.cells > 1:  # processes of their own: cells may run side by side
-                return parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs)
-            return pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag=tag)
+                return parallel_pipeline(model, a.corpus, a.out, fmt, a.strategies, extra, tag, a.jobs, ft)
+            return pipeline(model, a.corpus, a.out, fmt, a.strategies, extra + ft, tag=tag)
 
         with ThreadPoolExecutor(max_workers=a.cells) as pool:  # each worker waits on its cell's processes
             summaries = list(pool.map(cell, cells))
@@ -216,6 +225,10 @@ def main(argv=None) -> None:
                     help="representations: a cell's strategies as this many processes at once, from one calibration")
     ap.add_argument("--cells", type=cli.POSITIVE_INT, default=1,
                     help="representations: this many cells (calibrations) at once, each with its --jobs processes")
+    ap.add_argument("--only", help="representations: only the cells of these formats, comma-separated")
+    ap.add_argument("--micro-batch-size", type=cli.POSITIVE_INT,
+                    help="representations: fine-tuning micro-batches of this many sequences (the same global batch "
+                         "with less memory per process, so that more processes share one GPU)")
     a = ap.parse_args(argv)
     needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus"),
              "representations": ("model", "corpus")}

@@ -77,6 +77,26 @@ def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its
     assert all(e[e.index("--steps") + 1] == "80" for e in flags.values())
 
 
+def test_reproduce_representations_runs_only_the_named_cells_with_the_given_micro_batches(tmp_path, monkeypatch, capsys):
+    from experiments import reproduce
+
+    flags = {}
+
+    def fake_pipeline(model, corpus, out, fmt, strategies, extra=(), tag=""):
+        flags[fmt] = extra
+        return _written(out / f"{fmt}.json", _summary(fmt, 20.0, pv=10.0, ste=11.0))
+
+    monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
+    args = ["representations", "--model", "m", "--corpus", "c", "--out", str(tmp_path), "--micro-batch-size", "8"]
+    reproduce.main(args + ["--only", "vq8g4,2x6g8"])
+    assert set(flags) == {"vq8g4", "2x6g8"}
+    assert all(e[e.index("--micro-batch-size") + 1] == "8" for e in flags.values())
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(args + ["--only", "vq8g4,int3g8"])
+    assert "int3g8 is not a format of this model's table" in str(e.value.code)
+
+
 def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_them(tmp_path):
     import lzma
 
@@ -231,7 +251,7 @@ def test_reproduce_representations_runs_several_cells_at_once_and_keeps_their_or
     started = []
     together = threading.Barrier(3, timeout=30)  # the first three cells must be running at the same time
 
-    def fake_parallel(model, corpus, out, fmt, strategies, extra, tag, jobs):
+    def fake_parallel(model, corpus, out, fmt, strategies, extra, tag, jobs, ft_extra=()):
         started.append(fmt)
         if len(started) <= 3:
             together.wait()
