@@ -110,7 +110,9 @@ def main_table(a) -> None:
 
 # SmolLM2-135M's recipe, sized so that one format's whole pipeline fits in 10 minutes on one H200
 # (docs/results_smollm2.md); the calibration rounds per preset
-SMOLLM2_RECIPE = ("--nsamples", "512", "--block-tune-steps", "100", "--steps", "80", "--ft-batch-size", "64")
+SMOLLM2_CALIBRATION = ("--nsamples", "512", "--block-tune-steps", "100")
+SMOLLM2_FINETUNE = ("--steps", "80", "--ft-batch-size", "64")
+SMOLLM2_RECIPE = SMOLLM2_CALIBRATION + SMOLLM2_FINETUNE
 SMOLLM2_ROUNDS = {"2x8g8": "4", "1x8g8": "12"}
 
 
@@ -132,7 +134,7 @@ def representations(a) -> None:
         for width, reps in choose_formats(layer_shapes(model)).items():
             preset = WIDTHS[width][1]
             for fmt, _ in reps.values():
-                recipe = SMOLLM2_RECIPE + ("--rounds", SMOLLM2_ROUNDS[preset]) if a.recipe == "smollm2" else ()
+                recipe = SMOLLM2_CALIBRATION + ("--rounds", SMOLLM2_ROUNDS[preset]) if a.recipe == "smollm2" else ()
                 for seed in range(a.seeds):  # one calibration per seed; the table pools them
                     cells.append((fmt, ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""))
 
@@ -142,7 +144,8 @@ def representations(a) -> None:
                 raise SystemExit(f"--only: {', '.join(sorted(unknown))} is not a format of this model's table "
                                  f"({', '.join(dict.fromkeys(fmt for fmt, _, _ in cells))})")
             cells = [c for c in cells if c[0] in a.only.split(",")]
-        ft = ("--micro-batch-size", str(a.micro_batch_size)) if a.micro_batch_size else ()
+        ft = SMOLLM2_FINETUNE if a.recipe == "smollm2" else ()  # pipeline flags only, never `pvtuning calibrate`'s
+        ft += ("--micro-batch-size", str(a.micro_batch_size)) if a.micro_batch_size else ()
 
         def cell(c: tuple) -> Path:
             fmt, extra, tag = c

@@ -97,6 +97,27 @@ def test_reproduce_representations_runs_only_the_named_cells_with_the_given_micr
     assert "int3g8 is not a format of this model's table" in str(e.value.code)
 
 
+def test_reproduce_representations_gives_pvtuning_calibrate_only_flags_it_takes(tmp_path, monkeypatch):
+    from experiments import reproduce
+    from llm.cli import build_parser
+
+    seen = {}
+
+    def fake_parallel(model, corpus, out, fmt, strategies, extra, tag, jobs, ft_extra=()):
+        seen[fmt] = (extra, ft_extra)
+        return _written(out / f"{fmt}.json", _summary(fmt, 20.0, pv=10.0, ste=11.0))
+
+    monkeypatch.setattr(reproduce, "parallel_pipeline", fake_parallel)
+    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
+    reproduce.main(["representations", "--model", "m.gguf", "--corpus", "c", "--out", str(tmp_path), "--recipe", "smollm2",
+                    "--jobs", "2", "--micro-batch-size", "8"])
+    for fmt, (extra, ft) in seen.items():  # parallel_pipeline calibrates with `extra`, fine-tunes with both
+        build_parser().parse_args(["calibrate", "m", "--train", "t", "--out", "o", "--format", fmt, *extra])
+        build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", fmt,
+                                   *extra, *ft])
+        assert ft[ft.index("--steps") + 1] == "80" and ft[ft.index("--micro-batch-size") + 1] == "8"
+
+
 def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_them(tmp_path):
     import lzma
 
