@@ -60,7 +60,8 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
     assert table["about 2 bits"]["scalar"]["rows"]["pv"]["runs"] == [10.0, 11.0]
 
 
-def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its_rounds(tmp_path, monkeypatch):
+def _representations_flags(monkeypatch, tmp_path, *args: str) -> dict:
+    """`reproduce representations ARGS` with a fake pipeline per cell: {format: the flags its pipeline got}."""
     from experiments import reproduce
 
     flags = {}
@@ -71,29 +72,23 @@ def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its
 
     monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
     monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
-    reproduce.main(["representations", "--model", "m.gguf", "--corpus", "c", "--out", str(tmp_path), "--recipe", "smollm2"])
+    reproduce.main(["representations", "--model", "m.gguf", "--corpus", "c", "--out", str(tmp_path), *args])
+    return flags
+
+
+def test_reproduce_representations_with_the_smollm2_recipe_gives_each_preset_its_rounds(tmp_path, monkeypatch):
+    flags = _representations_flags(monkeypatch, tmp_path, "--recipe", "smollm2")
     rounds = {fmt: (e[e.index("--preset") + 1], e[e.index("--rounds") + 1]) for fmt, e in flags.items()}
     assert rounds["2x8g8"] == ("2x8g8", "4") and rounds["int1g64"] == ("1x8g8", "12")
     assert all(e[e.index("--steps") + 1] == "80" for e in flags.values())
 
 
-def test_reproduce_representations_runs_only_the_named_cells_with_the_given_micro_batches(tmp_path, monkeypatch, capsys):
-    from experiments import reproduce
-
-    flags = {}
-
-    def fake_pipeline(model, corpus, out, fmt, strategies, extra=(), tag=""):
-        flags[fmt] = extra
-        return _written(out / f"{fmt}.json", _summary(fmt, 20.0, pv=10.0, ste=11.0))
-
-    monkeypatch.setattr(reproduce, "pipeline", fake_pipeline)
-    monkeypatch.setattr("experiments.representations.layer_shapes", lambda model: REF_LLAMA_SHAPES)
-    args = ["representations", "--model", "m", "--corpus", "c", "--out", str(tmp_path), "--micro-batch-size", "8"]
-    reproduce.main(args + ["--only", "vq8g4,2x6g8"])
+def test_reproduce_representations_runs_only_the_named_cells_with_the_given_micro_batches(tmp_path, monkeypatch):
+    flags = _representations_flags(monkeypatch, tmp_path, "--micro-batch-size", "8", "--only", "vq8g4,2x6g8")
     assert set(flags) == {"vq8g4", "2x6g8"}
     assert all(e[e.index("--micro-batch-size") + 1] == "8" for e in flags.values())
     with pytest.raises(SystemExit) as e:
-        reproduce.main(args + ["--only", "vq8g4,int3g8"])
+        _representations_flags(monkeypatch, tmp_path, "--only", "vq8g4,int3g8")
     assert "int3g8 is not a format of this model's table" in str(e.value.code)
 
 
