@@ -108,6 +108,7 @@ def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
     others = [s for s in ORDER if s not in ("calibrated", "pv")]
     fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
     width = 0.8 / len(others)
+
     def cut(v: float) -> float:
         return max(min(v, clip), -clip)
 
