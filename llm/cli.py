@@ -255,7 +255,7 @@ def cmd_finetune(a) -> None:
     from llm import distributed as D
     from llm.checkpoint import check_out, load_checkpoint, read_meta, remove_out
     from llm.data import fingerprint
-    from llm.finetune import check_resumable, finetune
+    from llm.finetune import check_resumable, describe_seconds, finetune
     from llm.model import load_model, read_config
     from llm.pipeline import finetune_nsamples, model_identity, strategy_config, train_sequences
 
@@ -287,7 +287,7 @@ def cmd_finetune(a) -> None:
                    meta={"base_model": str(Path(base).resolve()), "run": run})
     if D.rank() == 0:
         print(f"{a.strategy}: KL {rep['losses'][0]:.4f} -> {rep['losses'][-1]:.4f} in {rep['steps']} steps "
-              f"({rep['seconds']} s), {sum(rep['codes_changed'])} code changes: {a.out}")
+              f"({describe_seconds(rep)}), {sum(rep['codes_changed'])} code changes: {a.out}")
 
 
 def _load_model_or_checkpoint(path, base, dev) -> tuple:

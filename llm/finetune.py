@@ -483,6 +483,16 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
             "config": asdict(cfg)}
 
 
+def describe_seconds(rep: dict) -> str:
+    """A fine-tuning report's time, to print: every step's, or this call's where a resumed checkpoint did not
+    record the earlier steps' time."""
+    if rep.get("seconds") is not None:
+        return f"{rep['seconds']} s"
+    if rep.get("seconds_this_call") is not None:
+        return f"{rep['seconds_this_call']} s for steps {rep['resumed_at'] + 1}-{rep['steps']}"
+    return "time not recorded"
+
+
 def _finite_everywhere(loss: Tensor) -> bool:
     """True if `loss` is finite on every process (one decision for all, or their collectives would part)."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)

@@ -14,7 +14,7 @@ from llm.calibrate import CalibrationConfig, calibrate_to
 from llm.checkpoint import check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
-from llm.finetune import FinetuneConfig, FinetuneError, check_resumable, finetune
+from llm.finetune import FinetuneConfig, FinetuneError, check_resumable, describe_seconds, finetune
 from llm.strategies import is_strategy, strategy_names
 from llm.formats import QuantFormat, model_bits
 from llm import kernels
@@ -289,6 +289,6 @@ def format_summary(summary: dict) -> str:
              f"  original        ppl {summary['ppl_original']:8.3f}",
              f"  calibrated      ppl {summary['ppl_calibrated']:8.3f}   ({summary.get('calibration_seconds')} s)"]
     for name, r in summary.get("runs", {}).items():
-        lines.append(f"  {name:15s} ppl {r['ppl']:8.3f}   ({r['steps']} steps, {r['seconds']} s, "
+        lines.append(f"  {name:15s} ppl {r['ppl']:8.3f}   ({r['steps']} steps, {describe_seconds(r)}, "
                      f"{r['codes_changed_total']} code changes)")
     return "\n".join(lines)

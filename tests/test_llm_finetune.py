@@ -1,5 +1,6 @@
 """Fine-tuning: KL falls for every strategy; a resumed run equals an uninterrupted one."""
 import copy
+import json
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from llm.finetune import FinetuneConfig, FinetuneError, finetune, step_size_factor
+from llm.finetune import FinetuneConfig, FinetuneError, describe_seconds, finetune, step_size_factor
 from llm.optim import Lamb
 from llm_helpers import tiny_model
 
@@ -63,6 +64,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, p_memory):
     assert rep["seconds"] >= first_seconds + rep["seconds_this_call"] - 0.01  # the first 3 steps' time is kept
     for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), n
+
+
+def test_a_run_resumed_from_a_checkpoint_without_its_time_reports_only_the_steps_it_timed(tmp_path):
+    teacher, student = calibrated("llama")
+    cfg = dict(strategy="pv", batch_size=4, p_lr=3e-3, tau=0.05, checkpoint_every=2, seed=3)
+    finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=2, **cfg), checkpoint_dir=tmp_path / "ck",
+             progress=False)
+    meta_file = tmp_path / "ck" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["seconds"]  # as a checkpoint written before checkpoints recorded their time
+    meta_file.write_text(json.dumps(meta))
+    rep = finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=4, **cfg), checkpoint_dir=tmp_path / "ck",
+                   progress=False)
+    assert rep["seconds"] is None and rep["seconds_this_call"] > 0 and read_meta(tmp_path / "ck")["seconds"] is None
+    assert describe_seconds(rep).endswith("s for steps 3-4")
 
 
 @pytest.mark.parametrize("strategy", ["pv", "linearized_pv"])
