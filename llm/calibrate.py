@@ -587,4 +587,3 @@ def calibrate_to(out, model: nn.Module, sequences: Tensor, cfg: CalibrationConfi
         C.save_checkpoint(out, model, dict(meta, calibration=report, calibration_seconds=report["seconds"]))
         C.remove_out(partial)
     return report
-

@@ -203,11 +203,23 @@ def load_checkpoint(path, base_model_dir=None, device="cpu", dtype=torch.float32
     sd = read_tensors(path / "model.safetensors")
     for k, src in meta.get("tied", {}).items():
         sd[k] = sd[src]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
-        raise CheckpointError(f"{path} does not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _load_matching(model, sd, f"{path} does not match {base}")
     state = read_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
     return model.to(device), meta, state
+
+
+def _load_matching(module: nn.Module, sd: dict, mismatch: str) -> None:
+    """module.load_state_dict(sd), every tensor accounted for but the rotary tables the model recomputes;
+    CheckpointError(mismatch + the keys) otherwise."""
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
+        raise CheckpointError(f"{mismatch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _first_blocks(model: nn.Module, n: int) -> nn.ModuleDict:
+    """The model's first n decoder blocks, keyed "0".."n-1" (what a partial calibration stores)."""
+    layers = decoder_layers(model)
+    return nn.ModuleDict({str(j): layers[j] for j in range(n)})
 
 
 def partial_path(path) -> Path:
@@ -218,9 +230,8 @@ def partial_path(path) -> Path:
 
 def save_partial_calibration(path, model: nn.Module, next_block: int, report: dict, meta: dict) -> Path:
     """The state of `model`'s first `next_block` decoder blocks (the calibrated ones) and the report so far."""
-    layers = decoder_layers(model)
-    blocks = nn.ModuleDict({str(j): layers[j] for j in range(next_block)})
-    return save_checkpoint(path, blocks, dict(meta, next_block=next_block, calibration_so_far=report))
+    return save_checkpoint(path, _first_blocks(model, next_block), dict(meta, next_block=next_block,
+                                                                        calibration_so_far=report))
 
 
 def load_partial_calibration(path, model: nn.Module) -> tuple[int, dict, dict]:
@@ -230,12 +241,9 @@ def load_partial_calibration(path, model: nn.Module) -> tuple[int, dict, dict]:
     meta = read_meta(path)
     if "next_block" not in meta:
         raise CheckpointError(f"{path} is not a partial calibration")
-    layers = decoder_layers(model)
-    blocks = nn.ModuleDict({str(j): layers[j] for j in range(meta["next_block"])})
+    blocks = _first_blocks(model, meta["next_block"])
     quantize_structure(blocks, meta["quantized_layers"])
-    missing, unexpected = blocks.load_state_dict(read_tensors(path / "model.safetensors"), strict=False)
-    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
-        raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _load_matching(blocks, read_tensors(path / "model.safetensors"), f"{path} does not match the model")
     return meta["next_block"], meta["calibration_so_far"], meta
 
 
