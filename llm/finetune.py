@@ -432,6 +432,11 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     else:
         prior_seconds = 0.0
     amp = cfg.amp and device.type == "cuda"
+    t0 = time.time()
+
+    def all_seconds() -> Optional[float]:
+        """Wall seconds of every step so far, the calls before a resume included (None if one is unknown)."""
+        return None if prior_seconds is None else round(prior_seconds + time.time() - t0, 2)
 
     def save(step: int) -> None:
         if ckpt is None:
@@ -442,12 +447,6 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                         seconds=all_seconds())
             save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **p_state})
         D.barrier()
-
-    t0 = time.time()
-
-    def all_seconds() -> Optional[float]:
-        """Wall seconds of every step so far, the calls before a resume included (None if one is unknown)."""
-        return None if prior_seconds is None else round(prior_seconds + time.time() - t0, 2)
 
     with code_step.capturing(capture):
         for step in tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.strategy})",
