@@ -139,11 +139,12 @@ def representations(a) -> None:
                     cells.append((fmt, ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""))
 
         if a.only:
-            unknown = set(a.only.split(",")) - {fmt for fmt, _, _ in cells}
+            only = set(a.only.split(","))
+            unknown = only - {fmt for fmt, _, _ in cells}
             if unknown:
                 raise SystemExit(f"--only: {', '.join(sorted(unknown))} is not a format of this model's table "
                                  f"({', '.join(dict.fromkeys(fmt for fmt, _, _ in cells))})")
-            cells = [c for c in cells if c[0] in a.only.split(",")]
+            cells = [c for c in cells if c[0] in only]
         ft = SMOLLM2_FINETUNE if a.recipe == "smollm2" else ()  # pipeline flags only, never `pvtuning calibrate`'s
         ft += ("--micro-batch-size", str(a.micro_batch_size)) if a.micro_batch_size else ()
 
