@@ -5,7 +5,7 @@
                                                --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
     python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT \
-                                                    [--seeds N] [--jobs N] [--cells N] [--recipe smollm2]
+                                                    [--seeds N] [--first-seed K] [--jobs N] [--cells N] [--recipe smollm2]
                                                     [--only FORMATS] [--micro-batch-size N]
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
@@ -135,7 +135,7 @@ def representations(a) -> None:
             preset = WIDTHS[width][1]
             for fmt, _ in reps.values():
                 recipe = SMOLLM2_CALIBRATION + ("--rounds", SMOLLM2_ROUNDS[preset]) if a.recipe == "smollm2" else ()
-                for seed in range(a.seeds):  # one calibration per seed; the table pools them
+                for seed in range(a.first_seed, a.first_seed + a.seeds):  # one calibration per seed; the table pools them
                     cells.append((fmt, ("--preset", preset, "--seed", str(seed), *recipe), f"_seed{seed}" if seed else ""))
 
         if a.only:
@@ -221,7 +221,10 @@ def main(argv=None) -> None:
                     help="main-table, representations: strategies, comma-separated")
     ap.add_argument("--gpus", type=cli.POSITIVE_INT, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
-    ap.add_argument("--seeds", type=cli.POSITIVE_INT, default=1, help="representations: calibrations (seeds 0..n-1) per cell")
+    ap.add_argument("--seeds", type=cli.POSITIVE_INT, default=1,
+                    help="representations: calibrations per cell, seeds --first-seed .. --first-seed + n - 1")
+    ap.add_argument("--first-seed", type=cli.NONNEG_INT, default=0,
+                    help="representations: the first cell seed (more seeds for a table already run: its tables pool)")
     ap.add_argument("--recipe", choices=["presets", "smollm2"], default="presets",
                     help="representations: each width's preset as it is, or with SmolLM2-135M's shorter recipe "
                          "(the smollm2 part's calibration and fine-tuning budget)")

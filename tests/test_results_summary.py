@@ -42,7 +42,7 @@ def test_reproduce_names_what_a_part_needs(capsys):
     assert e.value.code == 2 and "main-table needs --model and --corpus" in capsys.readouterr().err
 
 
-def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(tmp_path, monkeypatch):
+def test_reproduce_representations_runs_one_calibration_per_seed_from_the_first_and_pools_them(tmp_path, monkeypatch):
     from experiments import reproduce
 
     calls = []
@@ -58,6 +58,11 @@ def test_reproduce_representations_runs_one_calibration_per_seed_and_pools_them(
     assert len(calls) == 12 and {(s, t) for _, s, t in calls} == {(0, ""), (1, "_seed1")}
     table = json.loads((tmp_path / "representations_ref-llama.json").read_text())
     assert table["about 2 bits"]["scalar"]["rows"]["pv"]["runs"] == [10.0, 11.0]
+
+    calls.clear()
+    reproduce.main(["representations", "--model", "ref-llama", "--corpus", "c", "--out", str(tmp_path / "more"),
+                    "--first-seed", "2"])
+    assert len(calls) == 6 and {(s, t) for _, s, t in calls} == {(2, "_seed2")}
 
 
 def _representations_flags(monkeypatch, tmp_path, *args: str) -> dict:
