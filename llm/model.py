@@ -1,8 +1,12 @@
 """Loading Hugging Face causal LMs, and where their quantizable linear layers are."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -56,25 +60,40 @@ def read_config(model) -> dict:
     """The model's config (config.json, or a GGUF file's metadata), checked for a supported architecture."""
     folder, gguf_file = model_source(model)
     if gguf_file is not None:
-        from transformers import AutoConfig
+        converted = gguf_as_folder(model)
+        if converted is not None:
+            return json.loads((converted / "config.json").read_text())  # checked before it was written
+        return _gguf_config(model)
+    source = folder / "config.json"
+    try:
+        cfg = json.loads(source.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{source} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    _check_architecture(cfg, source)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"{folder} has no weights (*.safetensors or *.bin)")
+    return cfg
 
-        try:
-            cfg = AutoConfig.from_pretrained(**pretrained_kwargs(model)).to_dict()
-        except Exception as e:  # the GGUF reader raises many kinds on a damaged file
-            raise ModelError(f"could not read the GGUF model {folder / gguf_file}: {_first_line(e)}") from None
-        source = folder / gguf_file
-    else:
-        source = folder / "config.json"
-        try:
-            cfg = json.loads(source.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{source} is not valid JSON: {e.msg} (line {e.lineno})") from None
+
+def _gguf_config(model) -> dict:
+    """A GGUF file's config from its metadata, checked for a supported architecture."""
+    from transformers import AutoConfig
+
+    folder, gguf_file = model_source(model)
+    try:
+        cfg = AutoConfig.from_pretrained(**pretrained_kwargs(model)).to_dict()
+    except ModelError:
+        raise
+    except Exception as e:  # the GGUF reader raises many kinds on a damaged file
+        raise ModelError(f"could not read the GGUF model {folder / gguf_file}: {_first_line(e)}") from None
+    _check_architecture(cfg, folder / gguf_file)
+    return cfg
+
+
+def _check_architecture(cfg: dict, source: Path) -> None:
     arch = cfg.get("model_type")
     if arch not in SUPPORTED:
         raise ModelError(f"unsupported architecture {arch!r} in {source}; supported: {', '.join(SUPPORTED)}")
-    if gguf_file is None and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise ModelError(f"{folder} has no weights (*.safetensors or *.bin)")
-    return cfg
 
 
 def _first_line(e: BaseException) -> str:
@@ -86,9 +105,21 @@ def load_model(model, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mo
     """The causal LM from a local Hugging Face directory or GGUF file (no downloads), in eval mode.
     A GGUF model is dequantized to `dtype` and its GGUF quantization note dropped from the config:
     the loaded weights are the original for every measurement."""
+    read_config(model)
+    converted = gguf_as_folder(model)
+    if converted is not None:
+        try:
+            return _from_pretrained(converted, dtype).to(device).eval()
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            _forget(converted)
+    return _from_pretrained(model, dtype).to(device).eval()
+
+
+def _from_pretrained(model, dtype: torch.dtype) -> nn.Module:
+    """transformers' AutoModelForCausalLM.from_pretrained, local files only, errors as ModelError, a GGUF
+    model's quantization note dropped (a plain float model)."""
     from transformers import AutoModelForCausalLM
 
-    read_config(model)
     try:
         m = AutoModelForCausalLM.from_pretrained(**pretrained_kwargs(model), dtype=dtype)
     except ModelError:
@@ -104,11 +135,63 @@ def load_model(model, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mo
         for attr in ("hf_quantizer", "quantization_method"):  # a plain float model from here on
             if attr in vars(m):
                 setattr(m, attr, None)
-    return m.to(device).eval()
+    return m
 
 
 def load_tokenizer(model):
     """The model's tokenizer (transformers AutoTokenizer, local files only; a GGUF file's own vocabulary)."""
+    from transformers import AutoTokenizer
+
+    converted = gguf_as_folder(model)
+    if converted is not None:
+        try:
+            return AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            _forget(converted)
+    return _gguf_tokenizer(model)
+
+
+def gguf_as_folder(model) -> Optional[Path]:
+    """For a GGUF model, a Hugging Face folder holding the same model (config.json, float32 weights,
+    tokenizer) under the cache (PVTUNING_CACHE), keyed by the file's bytes and written once, so that
+    every later load skips the GGUF parse (about 30 s a load for SmolLM2-135M on 2 cores, and a pipeline
+    loads its model three times). None for a Hugging Face folder, and where the cache cannot hold it
+    (no room for the float32 weights twice over, a read-only cache): then each load reads the GGUF.
+    ModelError for a damaged GGUF file or an unsupported architecture."""
+    folder, gguf_file = model_source(model)
+    if gguf_file is None:
+        return None
+    from llm import data
+
+    file = (folder / gguf_file).resolve()
+    st = file.stat()
+    out = Path(data.CACHE) / f"gguf-{file.stem}-{_bytes_key(str(file), st.st_size, st.st_mtime_ns)}"
+    if out.is_dir():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out.with_name(out.name + ".lock")):  # processes started together convert it once
+            if out.is_dir():
+                return out
+            _gguf_config(model)  # a clear error before the weights are read
+            m = _from_pretrained(model, torch.float32)
+            if shutil.disk_usage(out.parent).free < 2 * sum(p.numel() * 4 for p in m.parameters()):
+                return None
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                m.save_pretrained(str(tmp))
+                _gguf_tokenizer(model).save_pretrained(str(tmp))
+                os.rename(tmp, out)  # whole or absent
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return None
+    return out
+
+
+def _gguf_tokenizer(model):
+    """The tokenizer stored in a GGUF file (or a model folder), errors as ModelError."""
     from transformers import AutoTokenizer
 
     try:
@@ -117,6 +200,35 @@ def load_tokenizer(model):
         raise
     except Exception as e:
         raise ModelError(f"could not load the tokenizer of {model}: {_first_line(e)}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _bytes_key(path: str, size: int, mtime_ns: int) -> str:
+    """sha1 of the file's bytes (20 hex digits), once per process while the file is unchanged."""
+    from llm.data import fingerprint
+
+    return fingerprint(path)[:20]
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on the file `lock` (where the platform has fcntl; else no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _forget(converted: Path) -> None:
+    """Remove a cached conversion that failed to load (the next load writes it again)."""
+    shutil.rmtree(converted, ignore_errors=True)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

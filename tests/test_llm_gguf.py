@@ -20,6 +20,13 @@ def _tied_gqa_llama():
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Each test's own cache: the float32 copies of its GGUF files go there."""
+    monkeypatch.setattr("llm.data.CACHE", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
 @pytest.fixture
 def gguf_model(tmp_path):
     model = _tied_gqa_llama()
@@ -36,6 +43,49 @@ def test_gguf_model_gives_the_logits_of_the_model_it_was_written_from(gguf_model
     assert loaded.config.num_key_value_heads == 2
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
     assert getattr(loaded.config, "quantization_config", None) is None  # a plain float model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_a_gguf_file_is_parsed_once_and_then_loaded_from_its_float32_copy(gguf_model, cache, monkeypatch):
+    import llm.model as M
+
+    _, path = gguf_model
+    first = load_model(path)
+    assert len(list(cache.glob("gguf-tiny-*/model.safetensors"))) == 1
+    direct = M._gguf_tokenizer(path)
+    monkeypatch.setattr(M, "_gguf_config", lambda model: pytest.fail("the GGUF file was parsed again"))
+    monkeypatch.setattr(M, "_gguf_tokenizer", lambda model: pytest.fail("the GGUF file was parsed again"))
+    again = load_model(path)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(again, ids), _logits(first, ids))
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert read_config(path)["num_key_value_heads"] == 2
+    text = "PV-Tuning: the P step, then the V step.\n"
+    assert load_tokenizer(path)(text)["input_ids"] == direct(text)["input_ids"]
+
+
+def test_a_gguf_file_without_a_writable_cache_loads_as_before(gguf_model, tmp_path, monkeypatch):
+    model, path = gguf_model
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr("llm.data.CACHE", blocked / "cache")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(_logits(load_model(path), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_damaged_float32_copy_is_rebuilt_not_trusted(gguf_model, cache):
+    model, path = gguf_model
+    load_model(path)
+    (weights,) = cache.glob("gguf-tiny-*/model.safetensors")
+    weights.write_bytes(b"damaged")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(_logits(load_model(path), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    load_model(path)  # written again
+    assert weights.stat().st_size > 1000
 
 
 def test_a_folder_holding_one_gguf_file_is_that_model(gguf_model):
