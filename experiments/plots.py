@@ -22,6 +22,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from pvtheory.io import save_figure  # noqa: E402
@@ -100,10 +102,15 @@ def plot_curves(summary: dict, path, smooth: int = 10) -> None:
     plt.close(fig)
 
 
+def _mean(x: Sequence[float]) -> float:
+    return sum(x) / len(x)
+
+
 def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
-    """Each other strategy's perplexity against PV-Tuning's on the same column (percent: above zero PV-Tuning
-    is better; bars at the means, lines from the lowest to the highest run, PV-Tuning's own spread in red at
-    zero), one group per column (representation x width) and a panel per model. tables: {model:
+    """Each other strategy's perplexity against PV-Tuning's on the same calibration (percent: above zero
+    PV-Tuning is better; bars at the means over calibrations, lines from the lowest to the highest, PV-Tuning's
+    own spread over calibrations in red at zero), one group per column (representation x width) and a panel
+    per model; a strategy never run on PV-Tuning's calibrations has no bar. tables: {model:
     experiments.representations.table(...)}. Bars past +-`clip` percent are cut there and labelled."""
     others = [s for s in ORDER if s not in ("calibrated", "pv")]
     fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
@@ -119,24 +126,36 @@ def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
             rows = t[w][r]["rows"]
             pv = rows["pv"]["mean"]
             ax.plot([i, i], [100 * (rows["pv"]["min"] / pv - 1), 100 * (rows["pv"]["max"] / pv - 1)], color="C3", lw=3)
+            vc = t[w][r]["vs_continuous"]
             for k, s in enumerate(others):
-                if s not in rows:
+                pct, hatch = t[w][r]["vs_pv"].get(s), None
+                if not pct and s in rows:  # on other calibrations only: through continuous on each, else the means
+                    hatch = "//"
+                    if s in vc and "pv" in vc:
+                        pct = [100 * ((1 + _mean(vc[s]) / 100) / (1 + _mean(vc["pv"]) / 100) - 1)]
+                    else:
+                        pct = [100 * (rows[s]["mean"] / pv - 1)]
+                if not pct:
                     continue
                 x = i - 0.4 + width * (k + 0.5)
-                mean, lo, hi = (100 * (rows[s][q] / pv - 1) for q in ("mean", "min", "max"))
-                ax.bar(x, cut(mean), width, color=STYLE[s]["color"], label=LABELS[s] if i == 0 else None)
+                mean, lo, hi = sum(pct) / len(pct), min(pct), max(pct)
+                ax.bar(x, cut(mean), width, color=STYLE[s]["color"], hatch=hatch, edgecolor="w" if hatch else None)
                 if hi > lo:
                     ax.plot([x, x], [cut(lo), cut(hi)], color="k", lw=1)
                 if abs(mean) > clip:
                     ax.text(x, cut(mean), f"{mean:.0f}%", ha="center", va="bottom", fontsize=7, rotation=90)
                 lowest = min(lowest, cut(lo) * 1.15)
-        ax.axhline(0, color="C3", lw=1.5, label="PV-Tuning")
+        ax.axhline(0, color="C3", lw=1.5)
         ax.set_xticks(range(len(cols)), [f"{r} {t[w][r]['format']}\n{w} ({t[w][r]['bits']:.2f})" for w, r in cols],
                       fontsize=8)
         ax.set(title=model, ylabel="perplexity vs PV-Tuning (%)", ylim=(lowest, clip * 1.3))
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, ncol=len(others) + 1, loc="upper center")
-    fig.tight_layout()
+    handles = [Line2D([], [], color="C3", lw=1.5, label="PV-Tuning")]
+    handles += [Patch(color=STYLE[s]["color"], label=LABELS[s]) for s in others]
+    handles.append(Patch(facecolor="0.6", hatch="//", edgecolor="w",
+                         label="not run on PV's calibrations: via continuous on each, else the means"))
+    fig.legend(handles=handles, fontsize=8, ncol=3, loc="upper center")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.2 / len(tables)))
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 

@@ -121,13 +121,25 @@ def table(summaries: list) -> dict:
             cell = {"format": fmt, "bits": group[0]["bits"]["bits_per_quantized_weight"],
                     "original": group[0]["ppl_original"], "rows": rows,
                     "codes_changed": {k: round(sum(v) / len(v)) for k, v in codes.items()}}
-            others = [k for k in rows if k not in ("calibrated", "pv")]
-            if "pv" in rows and others:
-                best = min(others, key=lambda k: rows[k]["mean"])
+            cell["vs_pv"] = _versus(group, "pv")
+            cell["vs_continuous"] = _versus(group, "continuous")
+            if cell["vs_pv"]:  # the best of the strategies run on PV-Tuning's calibrations
+                best = min(cell["vs_pv"], key=lambda k: sum(cell["vs_pv"][k]) / len(cell["vs_pv"][k]))
                 paired = [100 * (s["runs"]["pv"]["ppl"] / s["runs"][best]["ppl"] - 1) for s in group
                           if "pv" in s["runs"] and best in s["runs"]]
                 cell["pv_vs_best_other"] = {"strategy": best, "percent": [round(x, 2) for x in paired]}
             out.setdefault(width, {})[rep] = cell
+    return out
+
+
+def _versus(group: list, base: str) -> dict:
+    """{strategy: [percent of its perplexity over `base`'s, on each calibration where both ran]}."""
+    out: dict = {}
+    for s in group:
+        if base in s["runs"]:
+            for k, r in s["runs"].items():
+                if k != base:
+                    out.setdefault(k, []).append(round(100 * (r["ppl"] / s["runs"][base]["ppl"] - 1), 2))
     return out
 
 
@@ -148,14 +160,24 @@ def markdown(t: dict) -> str:
     for row in STRATEGY_ROWS:
         cells = [t[w][r]["rows"].get(row) for w, r in cols]
         lines.append(f"| {row} | " + " | ".join("" if c is None else fmt(c, b) for c, b in zip(cells, best)) + " |")
-    paired = [t[w][r].get("pv_vs_best_other") for w, r in cols]
-    if any(p and p["percent"] for p in paired):
-        def diff(p) -> str:
-            if not p or not p["percent"]:
-                return ""
-            x = p["percent"]
-            return f"{sum(x) / len(x):+.1f}% vs {p['strategy']}" + (f" ({min(x):+.1f} to {max(x):+.1f}, {len(x)})" if len(x) > 1 else "")
-        lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diff(p) for p in paired) + " |")
+    def mean_pct(x: list) -> str:
+        return f"{sum(x) / len(x):+.1f}%"
+
+    def diff(cell: dict) -> str:
+        p = cell.get("pv_vs_best_other")
+        if not p or not p["percent"]:
+            return ""
+        x = p["percent"]
+        text = f"{mean_pct(x)} vs {p['strategy']}" + (f" ({min(x):+.1f} to {max(x):+.1f}, {len(x)})" if len(x) > 1 else "")
+        vc = cell.get("vs_continuous", {})
+        unpaired = [k for k in cell["rows"] if k in vc and k not in cell.get("vs_pv", {}) and k != "pv"]
+        if unpaired and "pv" in vc:  # run on other calibrations only: through continuous, which every calibration has
+            text += "; not on PV's calibrations, each vs continuous on its own: PV " + mean_pct(vc["pv"]) + ", " + \
+                ", ".join(f"{k} {mean_pct(vc[k])}" for k in unpaired)
+        return text
+
+    if any(diff(t[w][r]) for w, r in cols):
+        lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diff(t[w][r]) for w, r in cols) + " |")
     changed = [t[w][r]["codes_changed"] for w, r in cols]
     if any("pv" in c and "ste" in c for c in changed):
         lines.append("| codes changed by PV / STE (mean) | " + " | ".join(

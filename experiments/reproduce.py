@@ -217,8 +217,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", action="append", default=[], help="model directory or GGUF file (repeatable)")
     ap.add_argument("--corpus", type=Path, help="folder holding train.txt.xz and validation.txt.xz")
     ap.add_argument("--formats", default="2x8g8,1x8g8", help="main-table: formats, comma-separated")
-    ap.add_argument("--strategies", default=",".join(BUILTIN),
-                    help="main-table, representations: strategies, comma-separated")
+    ap.add_argument("--strategies", default=",".join(sorted(BUILTIN, key=lambda s: s != "pv")),
+                    help="main-table, representations: strategies, comma-separated, run in this order (default: "
+                         "PV-Tuning first, so that a run cut short still has it beside what finished)")
     ap.add_argument("--gpus", type=cli.POSITIVE_INT, default=2, help="multi-gpu: processes to compare with one")
     ap.add_argument("--full", action="store_true", help="toy: every seed (minutes), not the quick demo")
     ap.add_argument("--seeds", type=cli.POSITIVE_INT, default=1,

@@ -121,6 +121,10 @@ for width, rep in REPRESENTATION_COLUMNS:
     f = "representations/table_smollm2.json"
     HEADLINES.append((f"SmolLM2-135M {width}, {rep}: PV-Tuning vs the best other run, same calibration (percent)", f,
                       key(f, width, rep, "pv_vs_best_other", "percent")))
+for width, rep in (("about 2 bits", "scalar"), ("about 2 bits", "vector"), ("about 1.5 bits", "vector")):
+    f = "representations/table_smollm2.json"  # STE ran on a second calibration: each against continuous-only
+    HEADLINES += [(f"SmolLM2-135M {width}, {rep}: {s} vs continuous-only, same calibration (percent)", f,
+                   key(f, width, rep, "vs_continuous", s)) for s in ("pv", "ste")]
 HEADLINES.append(("kernels: 2x8g8 CUDA kernel at 2 blocks per SM (the default), 1 token, speedup over bf16 [min, max]",
                   "kernels/gpu_matvec_register_budget.json",
                   matvec_speedups("2x8g8", 1, "dense_bf16_us", "kernels/gpu_matvec_register_budget.json", ("blocks_per_sm", "2"))))

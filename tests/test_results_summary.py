@@ -225,6 +225,21 @@ def test_a_cell_pools_its_calibrations_and_pairs_pv_with_the_best_other_on_each(
     assert "**11.75** (11.00-12.50, 2)" in text and "12.00 (12.00-12.00, 2)" in text and "-2.1% vs ste (-8.3 to +4.2, 2)" in text
 
 
+def test_a_strategy_never_run_on_pvs_calibrations_is_compared_through_continuous(tmp_path):
+    from experiments.plots import plot_representations
+    from experiments.representations import markdown, table
+
+    runs = [_summary("int1g64", 40.0, pv=11.0, continuous=10.0), _summary("int1g64", 42.0, ste=9.0, continuous=10.0)]
+    t = table(runs)
+    cell = t["about 1.5 bits"]["scalar"]
+    assert cell["pv_vs_best_other"] == {"strategy": "continuous", "percent": [10.0]}  # same calibration only
+    assert cell["vs_pv"] == {"continuous": [-9.09]} and cell["vs_continuous"] == {"pv": [10.0], "ste": [-10.0]}
+    assert "+10.0% vs continuous; not on PV's calibrations, each vs continuous on its own: PV +10.0%, ste -10.0%" \
+        in markdown(t)
+    plot_representations({"m": t}, tmp_path / "r.png")  # STE drawn through continuous, hatched
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
 def test_a_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     """bench_decode and bench_kernels save after every row (marked partial), so a run stopped by a time limit
     loses only the row it was on."""
