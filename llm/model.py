@@ -120,8 +120,16 @@ def _from_pretrained(model, dtype: torch.dtype) -> nn.Module:
     model's quantization note dropped (a plain float model)."""
     from transformers import AutoModelForCausalLM
 
+    kw = pretrained_kwargs(model)
+    if "gguf_file" in kw:
+        try:  # transformers versions that can keep GGUF weights packed: a plain dense model here, always
+            from transformers.utils.quantization_config import GgufConfig
+
+            kw["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:
+            pass
     try:
-        m = AutoModelForCausalLM.from_pretrained(**pretrained_kwargs(model), dtype=dtype)
+        m = AutoModelForCausalLM.from_pretrained(**kw, dtype=dtype)
     except ModelError:
         raise
     except Exception as e:
