@@ -62,7 +62,10 @@ def read_config(model) -> dict:
     if gguf_file is not None:
         converted = gguf_as_folder(model)
         if converted is not None:
-            return json.loads((converted / "config.json").read_text())  # checked before it was written
+            try:
+                return json.loads((converted / "config.json").read_text())  # checked before it was written
+            except (OSError, ValueError):  # a damaged cache is rebuilt, never trusted
+                _forget(converted)
         return _gguf_config(model)
     source = folder / "config.json"
     try:
@@ -156,7 +159,7 @@ def load_tokenizer(model):
             return AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
         except Exception:  # a damaged cache is rebuilt, never trusted
             _forget(converted)
-    return _gguf_tokenizer(model)
+    return _tokenizer_from(model)
 
 
 def gguf_as_folder(model) -> Optional[Path]:
@@ -189,7 +192,7 @@ def gguf_as_folder(model) -> Optional[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 m.save_pretrained(str(tmp))
-                _gguf_tokenizer(model).save_pretrained(str(tmp))
+                _tokenizer_from(model).save_pretrained(str(tmp))
                 os.rename(tmp, out)  # whole or absent
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -198,8 +201,8 @@ def gguf_as_folder(model) -> Optional[Path]:
     return out
 
 
-def _gguf_tokenizer(model):
-    """The tokenizer stored in a GGUF file (or a model folder), errors as ModelError."""
+def _tokenizer_from(model):
+    """transformers' AutoTokenizer of a model folder or GGUF file (its own vocabulary), errors as ModelError."""
     from transformers import AutoTokenizer
 
     try:

@@ -56,9 +56,9 @@ def test_a_gguf_file_is_parsed_once_and_then_loaded_from_its_float32_copy(gguf_m
     _, path = gguf_model
     first = load_model(path)
     assert len(list(cache.glob("gguf-tiny-*/model.safetensors"))) == 1
-    direct = M._gguf_tokenizer(path)
+    direct = M._tokenizer_from(path)
     monkeypatch.setattr(M, "_gguf_config", lambda model: pytest.fail("the GGUF file was parsed again"))
-    monkeypatch.setattr(M, "_gguf_tokenizer", lambda model: pytest.fail("the GGUF file was parsed again"))
+    monkeypatch.setattr(M, "_tokenizer_from", lambda model: pytest.fail("the GGUF file was parsed again"))
     again = load_model(path)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.equal(_logits(again, ids), _logits(first, ids))
@@ -77,15 +77,18 @@ def test_a_gguf_file_without_a_writable_cache_loads_as_before(gguf_model, tmp_pa
     assert torch.allclose(_logits(load_model(path), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_a_damaged_float32_copy_is_rebuilt_not_trusted(gguf_model, cache):
+@pytest.mark.parametrize("damaged", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_damaged_float32_copy_is_rebuilt_not_trusted(gguf_model, cache, damaged):
     model, path = gguf_model
     load_model(path)
-    (weights,) = cache.glob("gguf-tiny-*/model.safetensors")
-    weights.write_bytes(b"damaged")
+    (file,) = cache.glob(f"gguf-tiny-*/{damaged}")
+    file.write_bytes(b"damaged")
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(_logits(load_model(path), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    tok = load_tokenizer(path)
+    assert tok.decode(tok("PV-Tuning", add_special_tokens=False)["input_ids"]) == "PV-Tuning"
     load_model(path)  # written again
-    assert weights.stat().st_size > 1000
+    assert file.read_bytes() != b"damaged"
 
 
 def test_a_folder_holding_one_gguf_file_is_that_model(gguf_model):
