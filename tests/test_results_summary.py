@@ -97,13 +97,14 @@ def test_reproduce_representations_runs_only_the_named_cells_with_the_given_micr
     assert "int3g8 is not a format of this model's table" in str(e.value.code)
 
 
-def test_reproduce_representations_gives_pvtuning_calibrate_only_flags_it_takes(tmp_path, monkeypatch):
+def test_reproduce_representations_runs_pv_first_and_gives_pvtuning_calibrate_only_flags_it_takes(tmp_path, monkeypatch):
     from experiments import reproduce
     from llm.cli import build_parser
 
     seen = {}
 
     def fake_parallel(model, corpus, out, fmt, strategies, extra, tag, jobs, ft_extra=()):
+        assert strategies.split(",")[0] == "pv"  # PV-Tuning first: a run cut short still has it
         seen[fmt] = (extra, ft_extra)
         return _written(out / f"{fmt}.json", _summary(fmt, 20.0, pv=10.0, ste=11.0))
 
