@@ -110,7 +110,8 @@ def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
     """Each other strategy's perplexity against PV-Tuning's on the same calibration (percent: above zero
     PV-Tuning is better; bars at the means over calibrations, lines from the lowest to the highest, PV-Tuning's
     own spread over calibrations in red at zero), one group per column (representation x width) and a panel
-    per model; a strategy never run on PV-Tuning's calibrations has no bar. tables: {model:
+    per model; a strategy never run on PV-Tuning's calibrations is hatched, compared through continuous-only on
+    each calibration (or through the means where continuous-only shares none with both). tables: {model:
     experiments.representations.table(...)}. Bars past +-`clip` percent are cut there and labelled."""
     others = [s for s in ORDER if s not in ("calibrated", "pv")]
     fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
@@ -138,7 +139,7 @@ def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
                 if not pct:
                     continue
                 x = i - 0.4 + width * (k + 0.5)
-                mean, lo, hi = sum(pct) / len(pct), min(pct), max(pct)
+                mean, lo, hi = _mean(pct), min(pct), max(pct)
                 ax.bar(x, cut(mean), width, color=STYLE[s]["color"], hatch=hatch, edgecolor="w" if hatch else None)
                 if hi > lo:
                     ax.plot([x, x], [cut(lo), cut(hi)], color="k", lw=1)
