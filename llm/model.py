@@ -6,12 +6,13 @@ import importlib.util
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+from pvtheory.io import exclusive_lock
 
 SUPPORTED = ("llama", "mistral")
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -174,14 +175,12 @@ def gguf_as_folder(model) -> Optional[Path]:
         return None
     from llm import data
 
-    file = (folder / gguf_file).resolve()
-    st = file.stat()
-    out = Path(data.CACHE) / f"gguf-{file.stem}-{_bytes_key(str(file), st.st_size, st.st_mtime_ns)}"
+    out = Path(data.CACHE) / f"gguf-{Path(gguf_file).stem}-{model_fingerprint(model)}"
     if out.is_dir():
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out.with_name(out.name + ".lock")):  # processes started together convert it once
+        with exclusive_lock(out.with_name(out.name + ".lock")):  # processes started together convert it once
             if out.is_dir():
                 return out
             _gguf_config(model)  # a clear error before the weights are read
@@ -213,28 +212,26 @@ def _tokenizer_from(model):
         raise ModelError(f"could not load the tokenizer of {model}: {_first_line(e)}") from None
 
 
-@functools.lru_cache(maxsize=16)
-def _bytes_key(path: str, size: int, mtime_ns: int) -> str:
+def model_fingerprint(model) -> str:
+    """sha1 (20 hex digits) of what a model is read from: a GGUF file's bytes, or a folder's config.json and
+    weight files; each file hashed once per process while it is unchanged."""
+    folder, gguf_file = model_source(model)
+    files = [folder / gguf_file] if gguf_file else sorted(
+        f for f in folder.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    if len(files) == 1:
+        return _file_sha1(str(files[0].resolve()), files[0].stat().st_size, files[0].stat().st_mtime_ns)
+    import hashlib
+
+    parts = [f"{f.name}:{_file_sha1(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)}" for f in files]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha1(path: str, size: int, mtime_ns: int) -> str:
     """sha1 of the file's bytes (20 hex digits), once per process while the file is unchanged."""
     from llm.data import fingerprint
 
     return fingerprint(path)[:20]
-
-
-@contextmanager
-def _exclusive(lock: Path):
-    """Hold an exclusive lock on the file `lock` (where the platform has fcntl; else no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _forget(converted: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -19,8 +20,8 @@ from llm.strategies import is_strategy, strategy_names
 from llm.formats import QuantFormat, model_bits
 from llm import kernels
 from llm.generate import GreedyDecoder
-from llm.model import load_model, load_tokenizer, model_source, read_config
-from pvtheory.io import write_json
+from llm.model import load_model, load_tokenizer, model_fingerprint, model_source, read_config
+from pvtheory.io import exclusive_lock, write_json
 
 
 def train_tokens(model_dir, train, train_chars: Optional[int] = None) -> torch.Tensor:
@@ -89,9 +90,38 @@ def continuations(model, tokenizer, prompts: Sequence[str], new_tokens: int, dev
     return out
 
 
-def evaluate(model, val: torch.Tensor, device, amp: bool) -> float:
+def evaluate(model, val: torch.Tensor, device, amp: bool, weights: Optional[str] = None) -> float:
+    """Perplexity of `model` on the windows `val`. weights: a fingerprint of the model's weights
+    (model_fingerprint of a base model, fingerprint of a checkpoint's model.safetensors); with it the
+    result is kept under the cache (PVTUNING_CACHE) and any later evaluation of the same weights on the
+    same windows, device type and precision reads it: processes started together from one calibration
+    evaluate it once, and a resumed or finished pipeline evaluates nothing twice."""
     dtype = torch.bfloat16 if amp and torch.device(device).type == "cuda" else None
-    return perplexity(model.to(device), val, batch_size=32, device=device, dtype=dtype, progress=False)
+
+    def compute() -> float:
+        return perplexity(model.to(device), val, batch_size=32, device=device, dtype=dtype, progress=False)
+
+    if weights is None:
+        return compute()
+    import hashlib
+
+    from llm import data
+
+    windows_key = hashlib.sha1(val.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    key = hashlib.sha1(f"{weights}|{windows_key}|{torch.device(device).type}|{dtype}".encode()).hexdigest()[:20]
+    path = Path(data.CACHE) / f"ppl-{key}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(path.with_suffix(".lock")):
+            try:
+                return float(json.loads(path.read_text())["perplexity"])
+            except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: computed again
+                ppl = compute()
+                write_json(path, {"perplexity": ppl, "weights": weights, "windows": list(val.shape),
+                                  "device": torch.device(device).type, "dtype": str(dtype)})
+                return ppl
+    except OSError:  # no writable cache
+        return compute()
 
 
 # Per-strategy P-step settings found by sweeps on ref-llama (2x8g8 and 1x8g8, docs/results.md):
@@ -216,7 +246,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
                "ft_nsamples": n_ft,
                "eval_windows": len(val), "device": str(device), "calibration": asdict(calib),
                "finetune": asdict(finetune_cfg), "strategy_settings": strategy_settings or {}}
-    summary["ppl_original"] = evaluate(teacher, val, device, amp)
+    summary["ppl_original"] = evaluate(teacher, val, device, amp, weights=model_fingerprint(model_dir))
     texts = {"prompts": list(prompts)}
     if prompts:
         texts["original"] = continuations(teacher, tokenizer, prompts, new_tokens, device)
@@ -237,7 +267,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         summary["calibration_phase_seconds"] = report["phase_seconds"]
     summary["bits"] = model_bits(student)
     with peaks("evaluation"):
-        summary["ppl_calibrated"] = evaluate(student, val, device, amp)
+        summary["ppl_calibrated"] = evaluate(student, val, device, amp, weights=fingerprint(calibrated / "model.safetensors"))
     if prompts:
         texts["calibrated"] = continuations(student, tokenizer, prompts, new_tokens, device)
     summary["runs"] = {}
@@ -251,7 +281,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
             rep["seconds_per_step"] = round(rep["seconds"] / len(rep["losses"]), 3)
         else:
             rep["seconds_per_step"] = round(rep["seconds_this_call"] / steps_run, 3) if steps_run > 0 else None
-        rep["ppl"] = evaluate(s, val, device, amp)
+        rep["ppl"] = evaluate(s, val, device, amp, weights=fingerprint(out / strategy / "model.safetensors"))
         if prompts:
             texts[strategy] = continuations(s, tokenizer, prompts, new_tokens, device)
         rep["loss_first_last"] = [rep["losses"][0], sum(rep["losses"][-10:]) / len(rep["losses"][-10:])] if rep["losses"] else []

@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename over the target."""
+"""Atomic file output (write to a temporary file in the same folder, then rename over the target), and a lock
+that processes sharing a cache take so that one of them writes what the others then read."""
 from __future__ import annotations
 
 import json
@@ -37,3 +38,20 @@ def save_figure(fig, path: PathLike, **kwargs) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
+@contextmanager
+def exclusive_lock(lock: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created) while the block runs; other processes asking
+    for it wait. Where the platform has no fcntl, no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -6,6 +6,12 @@ import os
 # aqlm 1.1.7's CPU kernel accumulates into shared outputs inside numba's prange: with more than one
 # thread its results are wrong. numba reads this at import, so it is set before anything imports it.
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+# The package's cache (tokens, GGUF conversions, perplexities) goes to a folder of this test session, so
+# that no test reads what an earlier run left (set before llm.data reads it at import).
+if "PVTUNING_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["PVTUNING_CACHE"] = tempfile.mkdtemp(prefix="pvtuning-test-cache-")
 
 import numpy as np
 import torch

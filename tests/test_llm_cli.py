@@ -22,7 +22,7 @@ def assert_one_line_error(proc, pattern):
     assert len(lines) == 1 and pattern in lines[0], proc.stderr
 
 
-def test_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
+def test_pipeline_runs_end_to_end_and_resumes_without_evaluating_anything_twice(tmp_path, capsys, monkeypatch):
     model = tiny_model_dir(tmp_path)
     train, val = tiny_corpus(tmp_path)
     args = ["pipeline", model, "--train", train, "--validation", val, "--out", tmp_path / "run", "--format", "1x6g8",
@@ -31,8 +31,11 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(list(map(str, args))) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["runs"]) == {"continuous", "pv"} and summary["ppl_calibrated"] > 1
+    monkeypatch.setattr("llm.pipeline.perplexity", lambda *a, **k: pytest.fail("evaluated the same weights again"))
     assert main(list(map(str, args))) == 0  # everything is checkpointed: a rerun resumes and finishes
     rerun = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [rerun[k] for k in ("ppl_original", "ppl_calibrated")] == [summary[k] for k in ("ppl_original", "ppl_calibrated")]
+    assert {k: r["ppl"] for k, r in rerun["runs"].items()} == {k: r["ppl"] for k, r in summary["runs"].items()}
     for name, run in summary["runs"].items():  # ... and keeps the time its steps took in the first run
         assert run["seconds"] <= rerun["runs"][name]["seconds"] < run["seconds"] + 1.0
         assert rerun["runs"][name]["seconds_per_step"] == pytest.approx(rerun["runs"][name]["seconds"] / 3, abs=1e-3)

@@ -307,3 +307,18 @@ def test_a_checkpoint_left_only_as_old_by_a_kill_is_used_by_every_command(calibr
                       "--device", "cpu")
     assert code == 0 and not lines
     assert C.is_checkpoint(calibrated) and not calibrated.with_name(f".{calibrated.name}.old").exists()
+
+
+def test_a_damaged_perplexity_in_the_cache_is_computed_again(tmp_path, monkeypatch):
+    from llm import pipeline
+
+    monkeypatch.setattr("llm.data.CACHE", tmp_path / "cache")
+    monkeypatch.setattr(pipeline, "perplexity", lambda *a, **k: 7.0)
+    model, val = torch.nn.Linear(2, 2), torch.zeros(3, 8, dtype=torch.long)
+    assert pipeline.evaluate(model, val, "cpu", amp=False, weights="w") == 7.0
+    (cached,) = (tmp_path / "cache").glob("ppl-*.json")
+    cached.write_text("{not json")
+    monkeypatch.setattr(pipeline, "perplexity", lambda *a, **k: 8.0)
+    assert pipeline.evaluate(model, val, "cpu", amp=False, weights="w") == 8.0  # recomputed, not trusted
+    assert pipeline.evaluate(model, val, "cpu", amp=False, weights="w") == 8.0  # and kept
+    assert pipeline.evaluate(model, val, "cpu", amp=False, weights="other") == 8.0 and len(list(cached.parent.glob("ppl-*.json"))) == 2
