@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -193,6 +194,9 @@ def gguf_as_folder(model) -> Optional[Path]:
                 m.save_pretrained(str(tmp))
                 _tokenizer_from(model).save_pretrained(str(tmp))
                 os.rename(tmp, out)  # whole or absent
+                size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+                print(f"{folder / gguf_file}: its float32 copy ({size:.0f} MB) is now {out}; later loads read it",
+                      file=sys.stderr)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
