@@ -112,16 +112,20 @@ def evaluate(model, val: torch.Tensor, device, amp: bool, weights: Optional[str]
     path = Path(data.CACHE) / f"ppl-{key}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(path.with_suffix(".lock")):
-            try:
-                return float(json.loads(path.read_text())["perplexity"])
-            except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: computed again
-                ppl = compute()
-                write_json(path, {"perplexity": ppl, "weights": weights, "windows": list(val.shape),
-                                  "device": torch.device(device).type, "dtype": str(dtype)})
-                return ppl
-    except OSError:  # no writable cache
+    except OSError:  # no cache to keep it in
         return compute()
+    with exclusive_lock(path.with_suffix(".lock")):
+        try:
+            return float(json.loads(path.read_text())["perplexity"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: computed again
+            pass
+        ppl = compute()
+        try:
+            write_json(path, {"perplexity": ppl, "weights": weights, "windows": list(val.shape),
+                              "device": torch.device(device).type, "dtype": str(dtype)})
+        except OSError:  # a read-only cache: the next evaluation computes it again
+            pass
+        return ppl
 
 
 # Per-strategy P-step settings found by sweeps on ref-llama (2x8g8 and 1x8g8, docs/results.md):

@@ -43,13 +43,15 @@ def save_figure(fig, path: PathLike, **kwargs) -> None:
 @contextmanager
 def exclusive_lock(lock: PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the file `lock` (created) while the block runs; other processes asking
-    for it wait. Where the platform has no fcntl, no lock."""
+    for it wait. Without fcntl, or where the lock file cannot be created, the block runs unlocked."""
     try:
         import fcntl
-    except ImportError:
+
+        f = open(lock, "w")
+    except (ImportError, OSError):
         yield
         return
-    with open(lock, "w") as f:
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
