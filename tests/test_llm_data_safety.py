@@ -309,7 +309,7 @@ def test_a_checkpoint_left_only_as_old_by_a_kill_is_used_by_every_command(calibr
     assert C.is_checkpoint(calibrated) and not calibrated.with_name(f".{calibrated.name}.old").exists()
 
 
-def test_a_damaged_perplexity_in_the_cache_is_computed_again(tmp_path, monkeypatch):
+def test_a_damaged_or_unwritable_perplexity_cache_is_computed_again(tmp_path, monkeypatch):
     from llm import pipeline
 
     monkeypatch.setattr("llm.data.CACHE", tmp_path / "cache")
@@ -322,3 +322,6 @@ def test_a_damaged_perplexity_in_the_cache_is_computed_again(tmp_path, monkeypat
     assert pipeline.evaluate(model, val, "cpu", amp=False, weights="w") == 8.0  # recomputed, not trusted
     assert pipeline.evaluate(model, val, "cpu", amp=False, weights="w") == 8.0  # and kept
     assert pipeline.evaluate(model, val, "cpu", amp=False, weights="other") == 8.0 and len(list(cached.parent.glob("ppl-*.json"))) == 2
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("llm.data.CACHE", tmp_path / "a-file" / "cache")  # no cache can be made: computed
+    assert pipeline.evaluate(model, val, "cpu", amp=False, weights="w") == 8.0
