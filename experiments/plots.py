@@ -26,9 +26,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
+from experiments.representations import STRATEGY_ROWS  # noqa: E402
 from pvtheory.io import save_figure  # noqa: E402
 
-ORDER = ("calibrated", "continuous", "ste", "stochastic", "linearized_pv", "pv")
+ORDER = STRATEGY_ROWS  # the rows of the paper's table, in its order
 LABELS = {"calibrated": "calibrated only", "continuous": "continuous only (V)", "ste": "STE",
           "stochastic": "stochastic rounding", "linearized_pv": "linearized PV", "pv": "PV-Tuning"}
 STYLE = {"pv": dict(color="C3", lw=2.2, marker="o"), "ste": dict(color="C0", marker="s"),
