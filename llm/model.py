@@ -179,19 +179,21 @@ def gguf_as_folder(model) -> Optional[Path]:
     out = Path(data.CACHE) / f"gguf-{Path(gguf_file).stem}-{model_fingerprint(model)}"
     if out.is_dir():
         return out
+    if out in _NO_COPY:
+        return None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(out.with_name(out.name + ".lock")):  # processes started together convert it once
             if out.is_dir():
                 return out
-            _gguf_config(model)  # a clear error before the weights are read
-            m = _from_pretrained(model, torch.float32)
-            if shutil.disk_usage(out.parent).free < 2 * sum(p.numel() * 4 for p in m.parameters()):
+            cfg = _gguf_config(model)  # a clear error before the weights are read
+            if shutil.disk_usage(out.parent).free < 2 * 4 * _parameter_count(cfg):
+                _NO_COPY.add(out)
                 return None
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                m.save_pretrained(str(tmp))
+                _from_pretrained(model, torch.float32).save_pretrained(str(tmp))
                 _tokenizer_from(model).save_pretrained(str(tmp))
                 os.rename(tmp, out)  # whole or absent
                 size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
@@ -200,8 +202,21 @@ def gguf_as_folder(model) -> Optional[Path]:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
+        _NO_COPY.add(out)
         return None
     return out
+
+
+# the float32 copies this process found no room or no write access for: it reads those GGUF files directly
+_NO_COPY: set = set()
+
+
+def _parameter_count(cfg: dict) -> int:
+    """The number of parameters of a model of this config (built on the meta device: no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).parameters())
 
 
 def _tokenizer_from(model):

@@ -77,6 +77,23 @@ def test_a_gguf_file_without_a_writable_cache_loads_as_before(gguf_model, tmp_pa
     assert torch.allclose(_logits(load_model(path), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_with_no_room_for_the_copy_each_load_reads_the_gguf_once(gguf_model, cache, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import llm.model as M
+
+    model, path = gguf_model
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**6, 10**6, 100))
+    reads = []
+    real = M._from_pretrained
+    monkeypatch.setattr(M, "_from_pretrained", lambda m, dtype: reads.append(m) or real(m, dtype))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        assert torch.allclose(_logits(load_model(path), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    assert reads == [path, path] and not [p for p in cache.glob("gguf-*") if p.is_dir()]  # no copy written
+
+
 @pytest.mark.parametrize("damaged", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_a_damaged_float32_copy_is_rebuilt_not_trusted(gguf_model, cache, damaged):
     model, path = gguf_model
