@@ -116,15 +116,15 @@ for width, rep in REPRESENTATION_COLUMNS:
     HEADLINES.append((f"ref-mistral {width}, {rep}: PV-Tuning vs the best other, same calibration (percent)", f,
                       key(f, width, rep, "pv_vs_best_other", "percent")))
 for width, rep in REPRESENTATION_COLUMNS:
-    if (width, rep) == ("about 1.5 bits", "additive"):  # SmolLM2's 2x6g8 column is not measured yet
-        continue
     f = "representations/table_smollm2.json"
     HEADLINES.append((f"SmolLM2-135M {width}, {rep}: PV-Tuning vs the best other run, same calibration (percent)", f,
                       key(f, width, rep, "pv_vs_best_other", "percent")))
 for width, rep in (("about 2 bits", "scalar"), ("about 2 bits", "vector"), ("about 1.5 bits", "vector")):
-    f = "representations/table_smollm2.json"  # STE ran on a second calibration: each against continuous-only
+    f = "representations/table_smollm2.json"  # three calibrations: each strategy against continuous-only on each
     HEADLINES += [(f"SmolLM2-135M {width}, {rep}: {s} vs continuous-only, same calibration (percent)", f,
                    key(f, width, rep, "vs_continuous", s)) for s in ("pv", "ste")]
+f = "representations/p_warmup_smollm2_vq10g8_seed2.json"
+HEADLINES.append(("SmolLM2-135M vq10g8 PV-Tuning with a 5-step P warm-up (seed-2 calibration)", f, ppl(f, "pv")))
 HEADLINES.append(("kernels: 2x8g8 CUDA kernel at 2 blocks per SM (the default), 1 token, speedup over bf16 [min, max]",
                   "kernels/gpu_matvec_register_budget.json",
                   matvec_speedups("2x8g8", 1, "dense_bf16_us", "kernels/gpu_matvec_register_budget.json", ("blocks_per_sm", "2"))))

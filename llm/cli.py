@@ -116,7 +116,6 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
     return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size_ft"],
                           micro_batch_size=p["micro_batch_size"], lr=p["lr"], lr_schedule=a.lr_schedule,
                           v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), trust_ratio=a.trust_ratio,
-                          p_warmup=a.p_warmup,
                           beam_width=a.beam_width, train_other=not a.freeze_other,
                           shard_teacher=not getattr(a, "replicate_teacher", False),
                           p_state_dtype=a.p_state_dtype, p_grad_dtype=a.p_grad_dtype,
@@ -124,7 +123,7 @@ def _ft_cfg(a, strategy: str) -> FinetuneConfig:
                           seed=a.seed).validate()
 
 
-P_FLAGS = ("p_lr", "tau", "p_beta1", "p_metric", "p_select", "p_memory")
+P_FLAGS = ("p_lr", "tau", "p_beta1", "p_metric", "p_select", "p_memory", "p_warmup")
 
 
 def _explicit_p_flags(a) -> dict:
@@ -423,9 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
         p.add_argument("--untuned", action="store_true",
                        help="do not apply the tuned per-strategy settings (library defaults for unset flags)")
-        p.add_argument("--p-warmup", type=NONNEG_INT, default=0,
+        p.add_argument("--p-warmup", type=NONNEG_INT, default=None,
                        help="steps whose P step only accumulates its Adam moments before any code may change "
-                            "(the first step's update is p_lr x sign(gradient) everywhere)")
+                            "(the first step's update is p_lr x sign(gradient) everywhere; tuned: pv 5 on codebooks "
+                            "at <= 1.5 bits, else 0)")
         p.add_argument("--p-select", default=None, choices=("update", "gain"),
                        help="pv: re-encode the groups with the largest update, or the largest decrease of the linear "
                             "model (tuned: gain on scalar formats, else update)")

@@ -154,6 +154,12 @@ LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1, "p_beta1": 0.95}, "ste": {"p_lr": 1e-3}
 # against STE 39.98 / 40.12 / 40.03 on the same calibrations (momentum 0.9 at 2 bits: 17.77).
 SCALAR_OVERRIDES = {"pv": {"p_memory": 1.0, "p_lr": 1e-3, "p_beta1": 0.0, "p_select": "gain"}}
 SCALAR_LOW_BIT_OVERRIDES = {"pv": {"p_beta1": 0.9}}
+# With Adam's bias correction the first P step's update is p_lr x sign(dL/dW) in every coordinate, so the
+# low-bit step (p_lr 0.1) re-encodes about 10,000 groups at once and the loss jumps (SmolLM2-135M vq10g8:
+# KL 1.52 -> 8.10). Five steps that only gather the moments first remove the jump: vq10g8 28.96 against
+# 31.70 without (continuous-only 28.74, one calibration, docs/representations.md); on CPU proxies too
+# (ref-llama vq9g8, SmolLM2's first 4 blocks). Unmeasured on the scalar grid, whose PV step is 100x smaller.
+CODEBOOK_LOW_BIT_OVERRIDES = {"pv": {"p_warmup": 5}}
 
 
 def tuned_strategy_settings(fmt: str, pv_p_lr: Optional[float] = None) -> dict:
@@ -165,8 +171,9 @@ def tuned_strategy_settings(fmt: str, pv_p_lr: Optional[float] = None) -> dict:
     overrides = [LOW_BIT_OVERRIDES] if code_bits <= 1.5 else []
     if q.kind == "scalar":
         overrides += [SCALAR_OVERRIDES] + ([SCALAR_LOW_BIT_OVERRIDES] if code_bits <= 1.5 else [])
-    elif pv_p_lr is not None:
-        overrides.append({"pv": {"p_lr": pv_p_lr}})
+    else:
+        overrides += [CODEBOOK_LOW_BIT_OVERRIDES] if code_bits <= 1.5 else []
+        overrides += [{"pv": {"p_lr": pv_p_lr}}] if pv_p_lr is not None else []
     settings = {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
     for o in overrides:
         for k, v in o.items():

@@ -125,6 +125,20 @@ def test_explicit_flags_override_the_preset_and_the_tuned_p_step():
     assert (cfg.p_select, cfg.p_memory, cfg.p_lr) == ("update", 0.0, 1e-3)  # p_lr still the scalar grid's tuned one
 
 
+def test_pv_warms_its_p_step_up_on_codebooks_at_low_bits_unless_a_flag_says_otherwise():
+    from llm.cli import _ft_cfg, _strategy_settings, build_parser
+    from llm.pipeline import strategy_config
+
+    def warmup(fmt: str, strategy: str = "pv", *flags) -> int:
+        a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o",
+                                       "--format", fmt, *flags])
+        return strategy_config(_ft_cfg(a, strategy), strategy, _strategy_settings(a)).p_warmup
+
+    assert warmup("1x8g8") == warmup("vq10g8") == warmup("2x6g8") == 5
+    assert warmup("2x8g8") == warmup("int1g64") == warmup("1x8g8", "ste") == 0
+    assert warmup("1x8g8", "pv", "--p-warmup", "0") == 0 and warmup("2x8g8", "pv", "--p-warmup", "3") == 3
+
+
 def test_calibrate_draws_the_calibration_sequences_of_its_seed_as_the_pipeline_does(tmp_path, monkeypatch):
     import llm.pipeline
 
