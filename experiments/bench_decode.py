@@ -24,7 +24,7 @@ import time
 import torch
 
 from experiments.bench_scale import LLAMA2_7B, SMOLLM2_135M, quantize_randomly, random_model
-from llm import kernels
+from llm import cuda_kernel, kernels
 from llm.formats import QuantFormat, model_bits
 from llm.generate import GreedyDecoder, prepare_for_inference
 from llm.model import load_model
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     if args.smollm2:
         models.append(("smollm2-135m-shape", lambda: random_model(SMOLLM2_135M, 30, torch.bfloat16, device)))
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "new_tokens": args.new_tokens, "prompt_tokens": 16}
+            "new_tokens": args.new_tokens, "prompt_tokens": 16, "programmatic_dependent_launch": cuda_kernel.PDL}
     rows = []
     for name, build in models:
         for batch in map(int, args.batch.split(",")):

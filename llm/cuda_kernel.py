@@ -102,6 +102,20 @@ __device__ __forceinline__ uint4 decode(const RowCodes<M, KBITS>& c, int s, cons
   return r;
 }
 
+// Programmatic dependent launch (Hopper): launched with the attribute, a kernel may start while the kernel
+// before it on the stream finishes; it must wait before reading what that kernel wrote or writing what it
+// reads. Only the weights (codes, codebooks) are read before the wait. Without the attribute both are no-ops.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // At 3 blocks per SM (80 registers) the two-codebook kernel spills in its main loop; at 2 it spills nothing.
 constexpr int min_blocks(int M, int KBITS) { return MIN_BLOCKS > 0 ? MIN_BLOCKS : (M == 2 && KBITS == 8 ? 2 : 3); }
 
@@ -151,6 +165,7 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
         for (int c = 0; c < 8; ++c) cb[(e << 3) + ((c + tid) & 7)] = v[p];  // rotated: conflict-free stores
     }
   }
+  wait_for_previous_kernel();  // x, y, partial and counters may belong to the kernel before
   // activations of this chunk in the order the B fragments read them: slot ((slab*8 + s)*T + n)*4 + t
   // holds group slab*32 + 8t + s of token n (lanes of one load read consecutive slots)
   constexpr int X_BATCH = 4;
@@ -195,6 +210,7 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
     ca = na;
     cb_ = nb;
   }
+  let_next_kernel_start();  // the next kernel's blocks may now fill their codebooks while these finish
 
   // acc[.][nt][2h + q]: row (h ? row_b : row_a), token 8nt + 2t + q
 #pragma unroll
@@ -237,14 +253,23 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
 template <int M, int KBITS, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
             const torch::Tensor& scales, const __nv_bfloat16* bias, torch::Tensor& y, torch::Tensor& partial,
-            torch::Tensor& counters, int splits, int chunk_slabs) {
+            torch::Tensor& counters, int splits, int chunk_slabs, bool pdl) {
   const int T = x.size(0), N = codes.size(0), J = codes.size(1);
   const int cb_slots = KBITS == 8 ? M * 256 * 8 : 0;
   const size_t smem = (size_t)(cb_slots + chunk_slabs * 32 * T) * 16;
   auto kernel = aqlm_mma_kernel<M, KBITS, NT>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);  // may exceed the default 48 KB
-  dim3 grid((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits);
-  kernel<<<grid, WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits);
+  config.blockDim = dim3(WARPS * 32);
+  config.dynamicSmemBytes = smem;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel,
       reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
       reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
       bias, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
@@ -253,14 +278,14 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 
 torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
                        c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters,
-                       int64_t splits, int64_t chunk_slabs) {
+                       int64_t splits, int64_t chunk_slabs, bool pdl) {
   const int T = x.size(0), N = codes.size(0), M = codes.size(2), K = codebooks.size(1);
   auto y = torch::empty({T, N}, x.options());
   const __nv_bfloat16* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
   const bool two = T > 8;
 #define AQLM_LAUNCH(M_, KB_) \
-  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs) \
-       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs))
+  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, pdl) \
+       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, pdl))
   if (K == 256) {
     if (M == 1) AQLM_LAUNCH(1, 8); else AQLM_LAUNCH(2, 8);
   } else {
@@ -273,7 +298,7 @@ torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codeb
 """
 _CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales, "
         "c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters, int64_t splits, "
-        "int64_t chunk_slabs);")
+        "int64_t chunk_slabs, bool pdl);")
 
 MAX_TOKENS = 16
 BLOCK_ROWS = 128
@@ -284,6 +309,9 @@ SLAB_GROUPS = 32
 # measured budget, 3, stays). PVTUNING_CUDA_BLOCKS_PER_SM sets one value for every kernel.
 _BLOCKS_PER_SM_ENV = os.environ.get("PVTUNING_CUDA_BLOCKS_PER_SM")
 BLOCKS_PER_SM_OVERRIDE: Optional[int] = int(_BLOCKS_PER_SM_ENV) if _BLOCKS_PER_SM_ENV else None
+# PVTUNING_CUDA_PDL=1 launches with programmatic dependent launch (Hopper): a layer's kernel fills its
+# codebooks and loads its first codes while the kernel before it finishes. Off until measured.
+PDL = os.environ.get("PVTUNING_CUDA_PDL", "0") == "1"
 
 
 def blocks_per_sm_for(num_codebooks: int, codebook_size: int) -> int:
@@ -384,5 +412,6 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[1], blocks_per_sm))
     partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 else 0, math.ceil(N / BLOCK_ROWS))
     y = load().aqlm_mma(x2, codes, codebooks, scales.reshape(-1),
-                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk)
+                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk,
+                        PDL)
     return y.reshape(*x.shape[:-1], N)

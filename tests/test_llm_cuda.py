@@ -106,3 +106,38 @@ def test_cuda_kernel_matches_the_float32_reference_at_1_to_16_bf16_tokens(fmt, n
         again = cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, blocks_per_sm)
         assert torch.equal(y, again)  # the split-K counters reset themselves; the sum order is fixed
     assert kernels.kernel_for(layer, torch.randn(17, n_in, device="cuda", dtype=torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("fmt", ["2x8g8", "1x8g8"])
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_cuda_kernel_launched_as_a_programmatic_dependent_gives_the_same_outputs_in_a_graph(fmt, tokens, monkeypatch):
+    from llm import cuda_kernel
+    from test_llm_kernels import random_layer
+
+    assert cuda_kernel.load() is not None, cuda_kernel.build_error()
+    layers = [random_layer(fmt, 4096, 4096, i % 2 == 0, i, "cuda").to(torch.bfloat16) for i in range(4)]
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def chain() -> list:  # back to back, each kernel reading the one before it: the wait must order them
+        outs, h = [], x
+        for layer in layers:
+            h = cuda_kernel.aqlm_matmul(h, layer.codes, layer.codebooks, layer.scales, layer.bias)
+            outs.append(h)
+        return outs
+
+    monkeypatch.setattr(cuda_kernel, "PDL", False)
+    expected = chain()
+    monkeypatch.setattr(cuda_kernel, "PDL", True)
+    assert all(torch.equal(a, b) for a, b in zip(chain(), expected))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, expected))
