@@ -37,6 +37,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
+#include <tuple>
 
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 0                // blocks per SM the register budget must allow; 0: min_blocks() per kernel
@@ -259,21 +260,30 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
   const size_t smem = (size_t)(cb_slots + chunk_slabs * 32 * T) * 16;
   auto kernel = aqlm_mma_kernel<M, KBITS, NT>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);  // may exceed the default 48 KB
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits);
-  config.blockDim = dim3(WARPS * 32);
-  config.dynamicSmemBytes = smem;
-  config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  cudaLaunchKernelEx(&config, kernel,
+  const dim3 grid((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits), block(WARPS * 32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto args = std::make_tuple(
       reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
       reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
       bias, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
       N, J, T, chunk_slabs);
+#if CUDART_VERSION >= 12000
+  if (pdl) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    std::apply([&](auto... a) { cudaLaunchKernelEx(&config, kernel, a...); }, args);
+    return;
+  }
+#endif
+  std::apply([&](auto... a) { kernel<<<grid, block, smem, stream>>>(a...); }, args);
 }
 
 torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
