@@ -61,14 +61,9 @@ def pretrained_kwargs(path) -> dict:
 def read_config(model) -> dict:
     """The model's config (config.json, or a GGUF file's metadata), checked for a supported architecture."""
     folder, gguf_file = model_source(model)
-    if gguf_file is not None:
-        converted = gguf_as_folder(model)
-        if converted is not None:
-            try:
-                return json.loads((converted / "config.json").read_text())  # checked before it was written
-            except (OSError, ValueError):  # a damaged cache is rebuilt, never trusted
-                _forget(converted)
-        return _gguf_config(model)
+    if gguf_file is not None:  # the float32 copy's config was checked before it was written
+        cfg = _from_float32_copy(model, lambda copy: json.loads((copy / "config.json").read_text()), (OSError, ValueError))
+        return cfg if cfg is not None else _gguf_config(model)
     source = folder / "config.json"
     try:
         cfg = json.loads(source.read_text())
@@ -111,13 +106,8 @@ def load_model(model, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mo
     A GGUF model is dequantized to `dtype` and its GGUF quantization note dropped from the config:
     the loaded weights are the original for every measurement."""
     read_config(model)
-    converted = gguf_as_folder(model)
-    if converted is not None:
-        try:
-            return _from_pretrained(converted, dtype).to(device).eval()
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            _forget(converted)
-    return _from_pretrained(model, dtype).to(device).eval()
+    m = _from_float32_copy(model, lambda copy: _from_pretrained(copy, dtype))
+    return (m if m is not None else _from_pretrained(model, dtype)).to(device).eval()
 
 
 def _from_pretrained(model, dtype: torch.dtype) -> nn.Module:
@@ -155,13 +145,8 @@ def load_tokenizer(model):
     """The model's tokenizer (transformers AutoTokenizer, local files only; a GGUF file's own vocabulary)."""
     from transformers import AutoTokenizer
 
-    converted = gguf_as_folder(model)
-    if converted is not None:
-        try:
-            return AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            _forget(converted)
-    return _tokenizer_from(model)
+    tok = _from_float32_copy(model, lambda copy: AutoTokenizer.from_pretrained(str(copy), local_files_only=True))
+    return tok if tok is not None else _tokenizer_from(model)
 
 
 def gguf_as_folder(model) -> Optional[Path]:
@@ -253,9 +238,18 @@ def _file_sha1(path: str, size: int, mtime_ns: int) -> str:
     return fingerprint(path)[:20]
 
 
-def _forget(converted: Path) -> None:
-    """Remove a cached conversion that failed to load (the next load writes it again)."""
-    shutil.rmtree(converted, ignore_errors=True)
+def _from_float32_copy(model, read, errors: tuple = (Exception,)):
+    """read(folder) of a GGUF model's float32 copy (gguf_as_folder); None for a Hugging Face folder, where
+    there is no copy, or where reading it raised one of `errors`: a damaged copy is removed (the next load
+    writes it again), never trusted."""
+    copy = gguf_as_folder(model)
+    if copy is None:
+        return None
+    try:
+        return read(copy)
+    except errors:
+        shutil.rmtree(copy, ignore_errors=True)
+        return None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
