@@ -176,8 +176,9 @@ def markdown(t: dict) -> str:
                 ", ".join(f"{k} {mean_pct(vc[k])}" for k in unpaired)
         return text
 
-    if any(diff(t[w][r]) for w, r in cols):
-        lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diff(t[w][r]) for w, r in cols) + " |")
+    diffs = [diff(t[w][r]) for w, r in cols]
+    if any(diffs):
+        lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diffs) + " |")
     changed = [t[w][r]["codes_changed"] for w, r in cols]
     if any("pv" in c and "ste" in c for c in changed):
         lines.append("| codes changed by PV / STE (mean) | " + " | ".join(
