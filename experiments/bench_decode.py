@@ -139,7 +139,8 @@ def main(argv=None) -> None:
     if args.smollm2:
         models.append(("smollm2-135m-shape", lambda: random_model(SMOLLM2_135M, 30, torch.bfloat16, device)))
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "new_tokens": args.new_tokens, "prompt_tokens": 16, "programmatic_dependent_launch": cuda_kernel.PDL}
+            "new_tokens": args.new_tokens, "prompt_tokens": 16,
+            "programmatic_dependent_launch": device.type == "cuda" and cuda_kernel.programmatic_dependent_launch(device)}
     rows = []
     for name, build in models:
         for batch in map(int, args.batch.split(",")):

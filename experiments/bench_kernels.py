@@ -254,7 +254,7 @@ def main(argv=None) -> None:
         meta = {"device": props.name, "copy_bandwidth_gbs": round(peak, 1), "l2_bytes": props.L2_cache_size,
                 "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(),
                 "split_blocks_per_sm": blocks_per_sm, "built_blocks_per_sm": cuda_kernel.BLOCKS_PER_SM_OVERRIDE or "per kernel",
-                "programmatic_dependent_launch": cuda_kernel.PDL}
+                "programmatic_dependent_launch": cuda_kernel.programmatic_dependent_launch(torch.device("cuda"))}
         for n_in, n_out in shapes:
             for f in formats:
                 for T in tokens:

@@ -125,9 +125,26 @@ for width, rep in (("about 2 bits", "scalar"), ("about 2 bits", "vector"), ("abo
                    key(f, width, rep, "vs_continuous", s)) for s in ("pv", "ste")]
 f = "representations/p_warmup_smollm2_vq10g8_seed2.json"
 HEADLINES.append(("SmolLM2-135M vq10g8 PV-Tuning with a 5-step P warm-up (seed-2 calibration)", f, ppl(f, "pv")))
+f = "representations/p_warmup_ref-llama_vq9g8_seed1.json"
+HEADLINES += [(f"ref-llama vq9g8 {s} (seed-1 calibration; PV-Tuning with a 5-step P warm-up)", f, ppl(f, s))
+              for s in ("continuous", "pv")]
 HEADLINES.append(("kernels: 2x8g8 CUDA kernel at 2 blocks per SM (the default), 1 token, speedup over bf16 [min, max]",
                   "kernels/gpu_matvec_register_budget.json",
                   matvec_speedups("2x8g8", 1, "dense_bf16_us", "kernels/gpu_matvec_register_budget.json", ("blocks_per_sm", "2"))))
+
+
+def pdl_speedups(fmt: str, tokens: int) -> Callable[[], list]:
+    """[min, max] speedup over bf16 of the CUDA kernel launched as a programmatic dependent, at the 7B shapes."""
+    def read():
+        cases = _load("kernels/gpu_programmatic_dependent_launch.json")["matvec"]
+        ratios = [c["with_vs_bf16"] for c in cases if c["format"] == fmt and c["tokens"] == tokens]
+        return [min(ratios), max(ratios)]
+    return read
+
+
+HEADLINES += [(f"kernels: CUDA kernel {fmt}, {t} token(s), programmatic dependent launch (the default on Hopper), "
+               "speedup over bf16 at the 7B shapes [min, max]", "kernels/gpu_programmatic_dependent_launch.json",
+               pdl_speedups(fmt, t)) for fmt in ("2x8g8", "1x8g8") for t in (1, 16)]
 
 
 def build() -> list:
