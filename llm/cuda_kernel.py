@@ -343,8 +343,7 @@ _module = None
 _failed: Optional[str] = None
 _workspace: dict = {}
 _outgrown: list = []  # workspaces replaced by larger ones, kept: a captured CUDA graph may still point at them
-_sm_count: dict = {}
-_capability_major: dict = {}
+_properties: dict = {}  # device index -> torch.cuda.get_device_properties, read once
 
 
 def load() -> Optional[object]:
@@ -387,12 +386,14 @@ def supports(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> boo
 
 def programmatic_dependent_launch(device: torch.device) -> bool:
     """Whether the kernel launches on `device` as a programmatic dependent: asked for (PDL) and supported."""
-    if not PDL:
-        return False
+    return PDL and _device_properties(device).major >= 9
+
+
+def _device_properties(device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capability_major:
-        _capability_major[index] = torch.cuda.get_device_capability(index)[0]
-    return _capability_major[index] >= 9
+    if index not in _properties:
+        _properties[index] = torch.cuda.get_device_properties(index)
+    return _properties[index]
 
 
 def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float) -> tuple:
@@ -400,12 +401,9 @@ def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_pe
     of 32 groups, so that row blocks x splits fills at most blocks_per_sm blocks per SM (one wave: a
     second, partly filled wave would cost as much as the first) and a chunk's activations fit in
     X_SHARED_BYTES."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
     row_blocks = math.ceil(n_out / BLOCK_ROWS)
     slabs = math.ceil(n_groups / SLAB_GROUPS)
-    splits = min(slabs, max(1, int(blocks_per_sm * _sm_count[index]) // row_blocks))
+    splits = min(slabs, max(1, int(blocks_per_sm * _device_properties(device).multi_processor_count) // row_blocks))
     chunk = min(math.ceil(slabs / splits), max(1, X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)))
     return math.ceil(slabs / chunk), chunk
 
