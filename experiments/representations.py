@@ -36,15 +36,9 @@ STRATEGY_ROWS = ("calibrated", "continuous", "ste", "stochastic", "linearized_pv
 
 def layer_shapes(model) -> list:
     """(out, in) of every linear the pipeline quantizes, from the model's config (nothing loaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from llm.model import linear_shapes
 
-    from llm.model import block_linears, decoder_layers, read_config
-
-    cfg = read_config(model)
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    return [(l.out_features, l.in_features) for b in decoder_layers(m) for l in block_linears(b).values()]
+    return list(linear_shapes(model).values())
 
 
 def bits(fmt: str, shapes: list) -> float | None:

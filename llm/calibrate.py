@@ -32,7 +32,7 @@ from tqdm import tqdm
 from llm import checkpoint as C
 from llm import distributed as D
 from llm.formats import AQLMLinear, QuantFormat, ScalarLinear, make_quantized
-from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, set_module
+from llm.model import BLOCK_LINEARS, block_linears, decoder_layers, linear_shapes, set_module
 from pvtheory.codes import beam_search, decode, nearest_entry
 from pvtheory.init import residual_kmeans
 
@@ -71,6 +71,14 @@ class CalibrationConfig:
             if not ok:
                 raise ValueError(f"calibration setting {name} must be {rule}, got {getattr(self, name)}")
         return self
+
+
+def check_format_fits(model, cfg: CalibrationConfig) -> None:
+    """Raise ValueError if cfg's format cannot quantize one of the linears it names in `model` (a model
+    directory or GGUF file), from the config alone: a run fails here, not after minutes of work."""
+    fmt = QuantFormat.parse(cfg.fmt)
+    for name, (_, n_in) in linear_shapes(model, cfg.linears).items():
+        fmt.check_divides(n_in, name)
 
 
 @dataclass

@@ -219,7 +219,7 @@ def cmd_calibrate(a) -> None:
     from dataclasses import asdict
 
     from llm import distributed as D
-    from llm.calibrate import calibrate_to
+    from llm.calibrate import calibrate_to, check_format_fits
     from llm.checkpoint import check_out, check_same_run, is_checkpoint, partial_path, read_meta, remove_out
     from llm.data import fingerprint
     from llm.formats import model_bits
@@ -228,6 +228,7 @@ def cmd_calibrate(a) -> None:
 
     read_config(a.model)
     cfg = _calib_cfg(a)
+    check_format_fits(a.model, cfg)
     _corpus(a.train, "--train")
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)

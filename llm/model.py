@@ -252,6 +252,17 @@ def _from_float32_copy(model, read, errors: tuple = (Exception,)):
         return None
 
 
+def linear_shapes(model, names=BLOCK_LINEARS) -> dict:
+    """{"model.layers.i.name": (out, in)} of the linears calibration quantizes, from the model's config
+    alone (the model is built on the meta device: no weights read, no memory taken)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_config(model)))
+    return {f"model.layers.{i}.{n}": (l.out_features, l.in_features)
+            for i, b in enumerate(decoder_layers(m)) for n, l in block_linears(b, names).items()}
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks (model.model.layers for Llama and Mistral)."""
     return model.model.layers

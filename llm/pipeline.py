@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from llm.calibrate import CalibrationConfig, calibrate_to
+from llm.calibrate import CalibrationConfig, calibrate_to, check_format_fits
 from llm.checkpoint import check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
@@ -225,6 +225,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     if not strategies:
         raise FinetuneError("no strategy to run: name at least one")
     calib.validate()
+    check_format_fits(model_dir, calib)
     configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}
     for path, what in ((train, "train corpus"), (validation, "validation corpus")):
         check_corpus(path, what)

@@ -77,6 +77,23 @@ def test_format_whose_group_does_not_divide_the_layer(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_pipeline_with_a_format_that_does_not_divide_a_layer_fails_before_reading_the_data(tmp_path, monkeypatch):
+    from llm import pipeline
+
+    model = tiny_model_dir(tmp_path)
+    train, valid = tiny_corpus(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the corpus was read before the format was checked")
+
+    monkeypatch.setattr(pipeline, "train_tokens", no_work)
+    monkeypatch.setattr(pipeline, "validation_windows", no_work)
+    with pytest.raises(ValueError, match="group size 7 does not divide model.layers.0.self_attn.q_proj"):
+        pipeline.run_pipeline(model, train, valid, tmp_path / "o", pipeline.CalibrationConfig(fmt="1x8g7"),
+                              pipeline.FinetuneConfig(steps=1), device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_format_string(tmp_path):
     model = tiny_model_dir(tmp_path)
     assert_one_line_error(run_cli("calibrate", model, "--train", "x", "--out", tmp_path / "o", "--format", "2bits"),
