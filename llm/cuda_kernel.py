@@ -20,6 +20,9 @@ gathers of codebook vectors, not the bytes of codes it reads, so the kernel is b
   finish (an atomic counter) adds the partials in chunk order (deterministic), applies scale and
   bias and writes bf16. The counters reset themselves; the workspace is reused by every call on
   the device (one stream at a time).
+- On compute capability 9.0+ the kernel is launched as a programmatic dependent: it fills its
+  shared-memory codebooks and loads its first codes (weights, which no earlier kernel writes) while
+  the kernel before it finishes, and waits for that kernel before it touches activations or outputs.
 
 Built with torch's JIT extension loader on first use (nvcc and ninja needed); where it cannot be
 built, `llm.kernels` falls back to the Triton kernel.
