@@ -5,8 +5,9 @@ slice of the global batch. The teacher only runs forward: its decoder layers are
 with PyTorch's FSDP2 (`shard_for_inference`), each rank keeping 1/world of their parameters and
 gathering one layer's at a time, so its memory per process falls with the number of processes. Then:
 
-- V step: the gradients of the continuous parameters are summed over ranks (all-reduce), so every
-  rank takes the same Adam step and the replicas stay identical;
+- V step: each continuous parameter has one owner rank; its gradient is summed onto the owner
+  (reduce), which alone keeps its optimizer moments (ZeRO-1), steps it and broadcasts it, so the
+  replicas stay identical;
 - P step: each quantized layer has one owner rank (layers are dealt out by size). The weight
   gradients dL/dW are summed onto the owner (reduce), only the owner keeps that layer's P-step
   state (the per-weight moments, the largest state of PV-Tuning: ZeRO-style sharding) and

@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -363,23 +363,54 @@ class CodeStep:
 KEEP_CODES = stateless("keep codes", lambda param, objective: param)
 
 
-def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
+def _optimizer_state(opt: torch.optim.Optimizer, index: Sequence[int]) -> dict:
+    """The optimizer's state as flat tensors "opt.{i}.{name}", i the parameter's place among all the V
+    parameters (index[j] for the optimizer's j-th): the one-process layout, whichever rank holds it."""
     out = {}
-    for i, st in opt.state_dict()["state"].items():
+    for j, st in opt.state_dict()["state"].items():
         for k, v in st.items():
-            out[f"opt.{i}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+            out[f"opt.{index[j]}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
     return out
 
 
-def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, device) -> None:
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, index: Sequence[int], device) -> None:
+    """Inverse of _optimizer_state: the entries of the parameters this optimizer holds (index)."""
+    local = {i: j for j, i in enumerate(index)}
     sd = opt.state_dict()
     new_state: dict = {}
     for key, v in state.items():
         if key.startswith("opt."):
             _, i, k = key.split(".", 2)
-            new_state.setdefault(int(i), {})[k] = v.to(device) if k != "step" else v
+            if int(i) in local:
+                new_state.setdefault(local[int(i)], {})[k] = v.to(device) if k != "step" else v
     sd["state"] = new_state
     opt.load_state_dict(sd)
+
+
+def sharded_v_optimizer(params: list, cfg: FinetuneConfig) -> tuple:
+    """(optimizer, owner, index): the V step's optimizer state sharded over processes (ZeRO-1). Each
+    parameter has one owner rank (dealt out by size), which alone keeps its moments and steps it; `owner`
+    maps a parameter's place in `params` to its rank, `index` lists the places this rank's optimizer
+    holds. One process: every parameter, as a plain optimizer."""
+    owner = D.layer_owners({i: p.numel() for i, p in enumerate(params)})
+    index = [i for i in range(len(params)) if owner[i] == D.rank()]
+    mine = [params[i] for i in index] or [torch.zeros(0, requires_grad=True)]  # torch refuses an empty list
+    opt = (Lamb if cfg.v_optimizer == "lamb" else torch.optim.Adam)(mine, lr=cfg.lr, betas=tuple(cfg.betas))
+    return opt, owner, index
+
+
+def reduce_v_gradients(params: list, owner: dict) -> None:
+    """Sum each V parameter's gradient over processes onto its owner; the other ranks drop theirs."""
+    if not D.is_distributed():
+        return
+    buckets = D.GradientBuckets(owner)
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            buckets.add(i, p.grad)
+    buckets.finish()
+    for i, p in enumerate(params):
+        if owner[i] != D.rank():
+            p.grad = None
 
 
 def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: FinetuneConfig, device=None,
@@ -412,7 +443,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     if v_step is not None:
         stepped_by_v = {id(p) for m in quantized_layers(student).values() for p in m.value_parameters()}
         params = [p for p in params if id(p) not in stepped_by_v]
-    opt = (Lamb if cfg.v_optimizer == "lamb" else torch.optim.Adam)(params, lr=cfg.lr, betas=tuple(cfg.betas))
+    opt, v_owner, v_index = sharded_v_optimizer(params, cfg)
     code_step = CodeStep(student, cfg, v_step)
     capture = code_step.active
     losses, changed, start = [], [], 0
@@ -425,7 +456,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
             sd[k] = sd[src]
         student.load_state_dict(sd, strict=False)
         state = read_tensors(ckpt / "state.safetensors")
-        _load_optimizer_state(opt, state, device)
+        _load_optimizer_state(opt, state, v_index, device)
         code_step.load_state_dict(state, device)
         start, losses, changed = m["step"], m["losses"], m["codes_changed"]
         prior_seconds = m.get("seconds")  # None: a checkpoint that did not record its steps' time
@@ -441,11 +472,11 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     def save(step: int) -> None:
         if ckpt is None:
             return
-        p_state = D.gather_to_first(code_step.state_dict())  # every rank takes part
+        state = D.gather_to_first({**_optimizer_state(opt, v_index), **code_step.state_dict()})  # every rank
         if D.rank() == 0:
             info = dict(meta or {}, step=step, losses=losses, codes_changed=changed, finetune=asdict(cfg), run=run,
                         seconds=all_seconds())
-            save_checkpoint(ckpt, student, info, {**_optimizer_state(opt), **p_state})
+            save_checkpoint(ckpt, student, info, state)
         D.barrier()
 
     with code_step.capturing(capture):
@@ -460,7 +491,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                 else:
                     where = "; no checkpoint had been written yet" if ckpt else ""
                 raise FinetuneError(f"loss became {loss} at step {step}: stopped{where} (try a smaller --lr / --p-lr)")
-            D.all_reduce_sum_(p.grad for p in params)
+            reduce_v_gradients(params, v_owner)
             changed.append(code_step.step() if capture else 0)  # P (and V) steps from the gradient at W
             if stepped_by_v:  # the given V step took these; the optimizer leaves them
                 for p in student.parameters():
@@ -468,7 +499,8 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
                         p.grad = None
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * step_size_factor(cfg, step)
-            opt.step()  # V step
+            opt.step()  # V step, each rank on the parameters it owns
+            D.broadcast_from_owners_({i: p.data for i, p in enumerate(params)}, v_owner)
             losses.append(loss)
             if on_step is not None:
                 on_step(step, loss)
@@ -479,7 +511,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     student.eval()
     return {"strategy": cfg.strategy, "steps": cfg.steps, "losses": losses, "codes_changed": changed,
             "seconds": seconds, "seconds_this_call": this_call, "resumed_at": start, "world_size": D.world_size(),
-            "config": asdict(cfg)}
+            "v_parameters_held": sum(params[i].numel() for i in v_index), "config": asdict(cfg)}
 
 
 def describe_seconds(rep: dict) -> str:

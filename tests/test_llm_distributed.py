@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, **CFG),
                            checkpoint_dir=f"{out_dir}/ck-{strategy}", progress=False)
             result[strategy] = {"losses": rep["losses"], "changed": rep["codes_changed"], "world": rep["world_size"],
-                                "teacher_local": D.local_numel(teacher)}
+                                "teacher_local": D.local_numel(teacher), "v_held": rep["v_parameters_held"]}
             if rank == 1:  # the replicas must agree: rank 1 saves its copy beside rank 0's checkpoint
                 torch.save(student.state_dict(), f"{out_dir}/rank1-{strategy}.pt")
         teacher, student = calibrated()  # the P step's gradients summed over processes in bfloat16
@@ -78,6 +78,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, micro_batch_size=2, **CFG),
                        progress=False)
         result["pv_micro"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
+        result["v_held_by_rank"] = [None] * world
+        torch.distributed.all_gather_object(result["v_held_by_rank"], result["pv"]["v_held"])
         if rank == 0:
             with open(f"{out_dir}/result.json", "w") as f:
                 json.dump(result, f)
@@ -91,7 +93,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_with_a_sharded_teacher_give_the_loss_curve_of_one_and_resume_in_one(tmp_path):
+def test_two_gloo_processes_with_sharded_teacher_and_optimizer_state_give_the_loss_curve_of_one_and_resume_in_one(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -109,6 +111,8 @@ def test_two_gloo_processes_with_a_sharded_teacher_give_the_loss_curve_of_one_an
         layers = sum(p.numel() for layer in decoder_layers(teacher) for p in layer.parameters())
         total = sum(p.numel() for p in teacher.parameters())
         assert result[strategy]["teacher_local"] == total - layers // 2
+        # and the optimizer state of part of the student's continuous parameters (ZeRO-1), together all of them
+        assert sum(result["v_held_by_rank"]) == rep_one["v_parameters_held"] > max(result["v_held_by_rank"])
         assert result[strategy]["losses"] == pytest.approx(rep_one["losses"][:4], rel=1e-5)
         assert result[strategy]["changed"] == rep_one["codes_changed"][:4]
         ck = tmp_path / f"ck-{strategy}"
