@@ -143,11 +143,13 @@ def main(argv=None) -> None:
     rep = finetune(student, teacher, seqs, cfg, device=device, progress=D.rank() == 0, on_step=on_step)
     step_seconds = [round(b - a_, 4) for a_, b in zip([t0] + times[:-1], times)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    peaks = [None] * D.world_size()
+    # held: how many continuous parameters' optimizer state each rank keeps (sharded, ZeRO-1)
+    peaks, held = [None] * D.world_size(), [None] * D.world_size()
     if D.is_distributed():
         torch.distributed.all_gather_object(peaks, peak)
+        torch.distributed.all_gather_object(held, rep["v_parameters_held"])
     else:
-        peaks = [peak]
+        peaks, held = [peak], [rep["v_parameters_held"]]
     if D.rank() == 0:
         steady = step_seconds[1:] or step_seconds
         res = {"source": source, "world_size": D.world_size(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -156,7 +158,8 @@ def main(argv=None) -> None:
                "codes_changed": rep["codes_changed"], "step_seconds": step_seconds,
                "seconds_per_step_after_first": round(sum(steady) / len(steady), 4),
                "tokens_per_second": round(a.batch_size * seq_len * len(steady) / sum(steady), 1),
-               "peak_gib_per_rank": [None if p is None else round(p, 2) for p in peaks]}
+               "peak_gib_per_rank": [None if p is None else round(p, 2) for p in peaks],
+               "v_parameters_held_per_rank": held}
         write_json(a.out, res)
         print(json.dumps({k: v for k, v in res.items() if k not in ("losses", "codes_changed", "step_seconds", "config")}))
     D.barrier()
