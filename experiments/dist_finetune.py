@@ -143,13 +143,11 @@ def main(argv=None) -> None:
     rep = finetune(student, teacher, seqs, cfg, device=device, progress=D.rank() == 0, on_step=on_step)
     step_seconds = [round(b - a_, 4) for a_, b in zip([t0] + times[:-1], times)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    # held: how many continuous parameters' optimizer state each rank keeps (sharded, ZeRO-1)
-    peaks, held = [None] * D.world_size(), [None] * D.world_size()
+    # per rank: peak memory, and how many continuous parameters' optimizer state it keeps (sharded, ZeRO-1)
+    per_rank = [(peak, rep["v_parameters_held"])] * D.world_size()
     if D.is_distributed():
-        torch.distributed.all_gather_object(peaks, peak)
-        torch.distributed.all_gather_object(held, rep["v_parameters_held"])
-    else:
-        peaks, held = [peak], [rep["v_parameters_held"]]
+        torch.distributed.all_gather_object(per_rank, per_rank[0])
+    peaks, held = [p for p, _ in per_rank], [h for _, h in per_rank]
     if D.rank() == 0:
         steady = step_seconds[1:] or step_seconds
         res = {"source": source, "world_size": D.world_size(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
