@@ -257,8 +257,9 @@ def linear_shapes(model, names=BLOCK_LINEARS) -> dict:
     alone (the model is built on the meta device: no weights read, no memory taken)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.for_model(**read_config(model))  # outside the meta context: a GGUF is loaded to read it
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_config(model)))
+        m = AutoModelForCausalLM.from_config(config)
     return {f"model.layers.{i}.{n}": (l.out_features, l.in_features)
             for i, b in enumerate(decoder_layers(m)) for n, l in block_linears(b, names).items()}
 

@@ -170,3 +170,14 @@ def test_gguf_without_its_packages_is_one_clear_error(gguf_model, monkeypatch):
     monkeypatch.setattr(llm.model.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ModelError, match=r"needs the package\(s\) gguf: pip install 'pvtuning\[gguf\]'"):
         read_config(path)
+
+
+def test_linear_shapes_of_a_gguf_model_read_before_its_float32_copy_exists(gguf_model, cache):
+    from llm.model import linear_shapes
+
+    model, path = gguf_model
+    assert not cache.exists() or not list(cache.glob("gguf-*"))  # the first read parses the GGUF file itself
+    shapes = linear_shapes(path)
+    layer = model.model.layers[0]
+    assert shapes["model.layers.0.self_attn.k_proj"] == (layer.self_attn.k_proj.out_features, layer.self_attn.k_proj.in_features)
+    assert len(shapes) == 7 * len(model.model.layers)
