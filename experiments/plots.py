@@ -31,10 +31,12 @@ from pvtheory.io import save_figure  # noqa: E402
 
 ORDER = STRATEGY_ROWS  # the rows of the paper's table, in its order
 LABELS = {"calibrated": "calibrated only", "continuous": "continuous only (V)", "ste": "STE",
-          "stochastic": "stochastic rounding", "linearized_pv": "linearized PV", "pv": "PV-Tuning"}
+          "stochastic": "stochastic rounding", "linearized_pv": "linearized PV", "pv": "PV-Tuning",
+          "pv_warmup": "PV-Tuning, P warm-up"}
 STYLE = {"pv": dict(color="C3", lw=2.2, marker="o"), "ste": dict(color="C0", marker="s"),
          "continuous": dict(color="C2", marker="^"), "stochastic": dict(color="C4", marker="v", ls=":"),
-         "linearized_pv": dict(color="C1", marker="D", ls=":"), "calibrated": dict(color="0.5", marker="x", ls="--")}
+         "linearized_pv": dict(color="C1", marker="D", ls=":"), "calibrated": dict(color="0.5", marker="x", ls="--"),
+         "pv_warmup": dict(color="C5", lw=2.2, marker="o", ls="--")}
 
 
 def model_name(summary: dict) -> str:

@@ -31,7 +31,14 @@ WIDTHS = {  # width -> (target bits, preset, {representation: candidate formats}
         "vector": ["vq9g8", "vq10g8", "vq11g8", "vq8g6"],
         "additive": ["2x6g8", "2x5g8", "2x7g8"]}),
 }
-STRATEGY_ROWS = ("calibrated", "continuous", "ste", "stochastic", "linearized_pv", "pv")
+STRATEGY_ROWS = ("calibrated", "continuous", "ste", "stochastic", "linearized_pv", "pv", "pv_warmup")
+PV_ROWS = ("pv", "pv_warmup")  # PV-Tuning without and with a P warm-up: two rows, never pooled
+
+
+def row_of(strategy: str, run: dict) -> str:
+    """The table row of one fine-tuning run: PV-Tuning whose P steps waited for a warm-up (`--p-warmup N`,
+    the default on codebooks at about 1.5 bits) is a row of its own, beside PV-Tuning without one."""
+    return "pv_warmup" if strategy == "pv" and (run.get("config") or {}).get("p_warmup", 0) else strategy
 
 
 def layer_shapes(model) -> list:
@@ -67,7 +74,7 @@ def choose_formats(shapes: list) -> dict:
 
 def merge(summaries: list) -> dict:
     """One summary from pipeline summaries that fine-tuned the same calibrated checkpoint: same model,
-    format, calibration settings and calibrated perplexity; each strategy in one of them only."""
+    format, calibration settings and calibrated perplexity; each table row (`row_of`) in one of them only."""
     first = summaries[0]
     same = ("model", "format", "calibration", "ppl_calibrated", "ppl_original", "eval_windows", "ft_nsamples")
     out = {k: v for k, v in first.items() if k not in ("runs", "strategy_settings", "seconds_total", "continuations")}
@@ -78,11 +85,12 @@ def merge(summaries: list) -> dict:
             if a != b and not (isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-9 * abs(b)):
                 raise ValueError(f"summaries of different calibrations cannot merge: {k} {s.get(k)!r} != {first.get(k)!r}")
         for name, run in s["runs"].items():
-            if name in out["runs"]:
-                raise ValueError(f"strategy {name!r} is in two of the summaries")
-            out["runs"][name] = run
+            row = row_of(name, run)
+            if row in out["runs"]:
+                raise ValueError(f"strategy {row!r} is in two of the summaries")
+            out["runs"][row] = run
             if name in s.get("strategy_settings", {}):
-                out["strategy_settings"][name] = s["strategy_settings"][name]
+                out["strategy_settings"][row] = s["strategy_settings"][name]
     return out
 
 
@@ -94,7 +102,8 @@ def table(summaries: list) -> dict:
     """{width: {representation: {format, bits, original, rows: {strategy: {mean, min, max, runs}},
     codes_changed: {strategy: mean}, pv_vs_best_other: {strategy, percent: [...]}}}} from pipeline
     summaries; a format's summaries (one per calibration) are pooled. pv_vs_best_other compares PV-Tuning
-    with the other strategy of lowest mean, calibration by calibration (percent of its perplexity)."""
+    with the other strategy of lowest mean, calibration by calibration (percent of its perplexity);
+    pv_warmup_vs_best_other the same for PV-Tuning with a P warm-up (row `pv_warmup`, see `row_of`)."""
     by_format: dict = {}
     for s in summaries:
         by_format.setdefault(s["format"], []).append(s)
@@ -104,7 +113,7 @@ def table(summaries: list) -> dict:
             fmt = next((f for f in candidates if f in by_format), None)
             if fmt is None:
                 continue
-            group = by_format[fmt]
+            group = [{**s, "runs": {row_of(k, r): r for k, r in s["runs"].items()}} for s in by_format[fmt]]
             values = {"calibrated": [s["ppl_calibrated"] for s in group]}
             codes: dict = {}
             for s in group:
@@ -116,12 +125,16 @@ def table(summaries: list) -> dict:
                     "original": group[0]["ppl_original"], "rows": rows,
                     "codes_changed": {k: round(sum(v) / len(v)) for k, v in codes.items()}}
             cell["vs_pv"] = _versus(group, "pv")
+            if "pv_warmup" in rows:
+                cell["vs_pv_warmup"] = _versus(group, "pv_warmup")
             cell["vs_continuous"] = _versus(group, "continuous")
-            if cell["vs_pv"]:  # the best of the strategies run on PV-Tuning's calibrations
-                best = min(cell["vs_pv"], key=lambda k: sum(cell["vs_pv"][k]) / len(cell["vs_pv"][k]))
-                paired = [100 * (s["runs"]["pv"]["ppl"] / s["runs"][best]["ppl"] - 1) for s in group
-                          if "pv" in s["runs"] and best in s["runs"]]
-                cell["pv_vs_best_other"] = {"strategy": best, "percent": [round(x, 2) for x in paired]}
+            for pv in PV_ROWS:  # against the best of the other strategies run on its calibrations
+                others = {k: v for k, v in cell.get(f"vs_{pv}", {}).items() if k not in PV_ROWS}
+                if others:
+                    best = min(others, key=lambda k: sum(others[k]) / len(others[k]))
+                    paired = [100 * (s["runs"][pv]["ppl"] / s["runs"][best]["ppl"] - 1) for s in group
+                              if pv in s["runs"] and best in s["runs"]]
+                    cell[f"{pv}_vs_best_other"] = {"strategy": best, "percent": [round(x, 2) for x in paired]}
             out.setdefault(width, {})[rep] = cell
     return out
 
@@ -139,7 +152,8 @@ def _versus(group: list, base: str) -> dict:
 
 def markdown(t: dict) -> str:
     """The table laid out like the paper's: rows strategies, columns representation x width; a cell with
-    several calibrations gives the mean and (range, number of runs); the best mean in bold."""
+    several calibrations gives the mean and (range, number of runs); the best mean in bold; a row that no
+    column has is left out."""
     cols = [(w, r) for w in t for r in t[w]]
     head = "| strategy | " + " | ".join(f"{r} `{t[w][r]['format']}` ({t[w][r]['bits']:.2f})" for w, r in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
@@ -153,26 +167,29 @@ def markdown(t: dict) -> str:
             for w, r in cols]
     for row in STRATEGY_ROWS:
         cells = [t[w][r]["rows"].get(row) for w, r in cols]
+        if not any(cells):
+            continue
         lines.append(f"| {row} | " + " | ".join("" if c is None else fmt(c, b) for c, b in zip(cells, best)) + " |")
     def mean_pct(x: list) -> str:
         return f"{sum(x) / len(x):+.1f}%"
 
-    def diff(cell: dict) -> str:
-        p = cell.get("pv_vs_best_other")
+    def diff(cell: dict, pv: str) -> str:
+        p = cell.get(f"{pv}_vs_best_other")
         if not p or not p["percent"]:
             return ""
         x = p["percent"]
         text = f"{mean_pct(x)} vs {p['strategy']}" + (f" ({min(x):+.1f} to {max(x):+.1f}, {len(x)})" if len(x) > 1 else "")
         vc = cell.get("vs_continuous", {})
-        unpaired = [k for k in cell["rows"] if k in vc and k not in cell.get("vs_pv", {}) and k != "pv"]
-        if unpaired and "pv" in vc:  # run on other calibrations only: through continuous, which every calibration has
-            text += "; not on PV's calibrations, each vs continuous on its own: PV " + mean_pct(vc["pv"]) + ", " + \
+        unpaired = [k for k in cell["rows"] if k in vc and k not in cell[f"vs_{pv}"] and k not in PV_ROWS]
+        if unpaired and pv in vc:  # run on other calibrations only: through continuous, which every calibration has
+            text += "; not on PV's calibrations, each vs continuous on its own: PV " + mean_pct(vc[pv]) + ", " + \
                 ", ".join(f"{k} {mean_pct(vc[k])}" for k in unpaired)
         return text
 
-    diffs = [diff(t[w][r]) for w, r in cols]
-    if any(diffs):
-        lines.append("| PV-Tuning vs the best other, same calibration | " + " | ".join(diffs) + " |")
+    for pv, label in (("pv", "PV-Tuning"), ("pv_warmup", "PV-Tuning with the P warm-up")):
+        diffs = [diff(t[w][r], pv) for w, r in cols]
+        if any(diffs):
+            lines.append(f"| {label} vs the best other, same calibration | " + " | ".join(diffs) + " |")
     changed = [t[w][r]["codes_changed"] for w, r in cols]
     if any("pv" in c and "ste" in c for c in changed):
         lines.append("| codes changed by PV / STE (mean) | " + " | ".join(

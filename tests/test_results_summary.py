@@ -137,7 +137,7 @@ def test_parallel_pipeline_runs_each_strategy_from_one_calibration_and_merges_th
     path = parallel_pipeline(model, corpus, tmp_path / "out", "1x6g8", "continuous,pv", small, "", 2,
                              ("--steps", "2", "--ft-batch-size", "4", "--eval-windows", "4"))
     merged = json.loads(path.read_text())
-    assert set(merged["runs"]) == {"continuous", "pv"} and merged["calibration"]["seed"] == 2
+    assert {r["strategy"] for r in merged["runs"].values()} == {"continuous", "pv"} and merged["calibration"]["seed"] == 2
     calibrated = tmp_path / "out" / f"{model.name}_1x6g8_calibrated" / "model.safetensors"
     for s in ("continuous", "pv"):  # each pipeline resumed from the one calibration (a link to it), none calibrated again
         assert (tmp_path / "out" / f"{model.name}_1x6g8_{s}" / "calibrated" / "model.safetensors").samefile(calibrated)
@@ -302,3 +302,32 @@ def test_reproduce_representations_runs_several_cells_at_once_and_keeps_their_or
     assert [c["format"] for w in table.values() for c in w.values()] == ["int2g128", "vq8g4", "2x8g8", "int1g64", "vq9g8", "2x6g8"]
     with pytest.raises(SystemExit):
         reproduce.main(["representations", "--model", "m", "--corpus", "c", "--out", str(tmp_path), "--cells", "0"])
+
+
+def _with_p_warmup(summary: dict, steps: int = 5) -> dict:
+    summary["runs"]["pv"]["config"] = {"strategy": "pv", "p_warmup": steps}
+    return summary
+
+
+def test_pv_with_a_p_warmup_is_a_row_of_its_own_merged_beside_pv_and_paired_on_its_calibrations(tmp_path):
+    from experiments.plots import plot_representations
+    from experiments.representations import markdown, merge, table
+
+    seed0 = merge([_summary("vq9g8", 40.0, pv=12.0, ste=11.0, continuous=11.5), _with_p_warmup(_summary("vq9g8", 40.0, pv=10.5))])
+    assert set(seed0["runs"]) == {"pv", "pv_warmup", "ste", "continuous"} and "pv_warmup" in seed0["strategy_settings"]
+    seed1 = _with_p_warmup(_summary("vq9g8", 41.0, pv=10.0, continuous=10.8))
+    seed2 = _with_p_warmup(_summary("vq9g8", 42.0, pv=9.0), steps=0)  # --p-warmup 0: plain PV-Tuning
+    t = table([seed0, seed1, seed2])
+    cell = t["about 1.5 bits"]["vector"]
+    assert cell["rows"]["pv"]["runs"] == [12.0, 9.0] and cell["rows"]["pv_warmup"]["runs"] == [10.5, 10.0]
+    assert cell["pv_vs_best_other"] == {"strategy": "ste", "percent": [round(100 * (12 / 11 - 1), 2)]}
+    # on the warm-up's own calibrations, never plain PV-Tuning (which ran on seed 0 at +14.3% against it)
+    assert cell["pv_warmup_vs_best_other"] == {"strategy": "ste", "percent": [round(100 * (10.5 / 11 - 1), 2)]}
+    assert cell["vs_pv_warmup"]["continuous"] == [round(100 * (11.5 / 10.5 - 1), 2), round(100 * (10.8 / 10 - 1), 2)]
+    assert cell["vs_pv"]["pv_warmup"] == [round(100 * (10.5 / 12 - 1), 2)]
+    text = markdown(t)
+    assert "| pv_warmup |" in text and "| PV-Tuning with the P warm-up vs the best other, same calibration | -4.5% vs ste" in text
+    plot_representations({"m": t}, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="'pv_warmup' is in two"):
+        merge([_with_p_warmup(_summary("vq9g8", 40.0, pv=10.5)), _with_p_warmup(_summary("vq9g8", 40.0, pv=10.4))])
