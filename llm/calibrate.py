@@ -74,8 +74,9 @@ class CalibrationConfig:
 
 
 def check_format_fits(model, cfg: CalibrationConfig) -> None:
-    """Raise ValueError if cfg's format cannot quantize one of the linears it names in `model` (a model
-    directory or GGUF file), from the config alone: a run fails here, not after minutes of work."""
+    """Raise ValueError if cfg's format cannot quantize one of the linears it names in `model` (a built
+    model, or a model directory or GGUF file, from its config alone): a run fails here, not after minutes
+    of work."""
     fmt = QuantFormat.parse(cfg.fmt)
     for name, (_, n_in) in linear_shapes(model, cfg.linears).items():
         fmt.check_divides(n_in, name)
@@ -505,9 +506,7 @@ def calibrate(model: nn.Module, sequences: Tensor, cfg: CalibrationConfig, devic
             m.to(device)
     layers = decoder_layers(model)
     layers[0].to(device)
-    for name in cfg.linears:  # fail before any work if a format does not divide a layer
-        for i, blk in enumerate(layers):
-            fmt.check_divides(block_linears(blk, [name])[name].in_features, f"model.layers.{i}.{name}")
+    check_format_fits(model, cfg)  # before any work
     inputs, kwargs = capture_block_inputs(model, sequences, cfg.batch_size, device)
     layers[0].to(home)
     for m in (emb, rotary):

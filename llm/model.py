@@ -196,12 +196,18 @@ def gguf_as_folder(model) -> Optional[Path]:
 _NO_COPY: set = set()
 
 
-def _parameter_count(cfg: dict) -> int:
-    """The number of parameters of a model of this config (built on the meta device: no memory, no weights)."""
+def _meta_model(cfg: dict) -> nn.Module:
+    """A model of this config built on the meta device: its shapes, no memory taken, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.for_model(**cfg)
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).parameters())
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _parameter_count(cfg: dict) -> int:
+    """The number of parameters of a model of this config."""
+    return sum(p.numel() for p in _meta_model(cfg).parameters())
 
 
 def _tokenizer_from(model):
@@ -253,15 +259,12 @@ def _from_float32_copy(model, read, errors: tuple = (Exception,)):
 
 
 def linear_shapes(model, names=BLOCK_LINEARS) -> dict:
-    """{"model.layers.i.name": (out, in)} of the linears calibration quantizes, from the model's config
-    alone (the model is built on the meta device: no weights read, no memory taken)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**read_config(model))  # outside the meta context: a GGUF is loaded to read it
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(config)
+    """{"model.layers.i.name": (out, in)} of the linears calibration quantizes, of a built model or of a
+    model directory or GGUF file from its config alone (built on the meta device: no weights read)."""
+    if not isinstance(model, nn.Module):
+        model = _meta_model(read_config(model))  # the config is read first: a GGUF file is loaded to read it
     return {f"model.layers.{i}.{n}": (l.out_features, l.in_features)
-            for i, b in enumerate(decoder_layers(m)) for n, l in block_linears(b, names).items()}
+            for i, b in enumerate(decoder_layers(model)) for n, l in block_linears(b, names).items()}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
