@@ -79,7 +79,7 @@ def main() -> None:
     out = {}
     for strategy in a.strategies.split(","):
         student, _, _ = load_checkpoint(a.checkpoint, a.model, device)
-        cfg = replace(strategy_config(base, strategy, settings), steps=a.steps)
+        cfg = replace(strategy_config(base, strategy, settings), steps=a.steps, p_warmup=0)  # every step re-encodes
         out[strategy] = time_strategy(student, teacher, seqs, cfg, device, a.skip)
         print(f"{a.label} {fmt} {strategy}: {out[strategy]['median_step_seconds']} s/step", flush=True)
         del student

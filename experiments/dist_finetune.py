@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     device = D.init_from_env()
     seq_len = a.seq_len or (4096 if a.random else 512)
     cfg_kw = dict(strategy="pv", steps=a.steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-                  checkpoint_every=10**9, **TUNED_STRATEGY_SETTINGS["pv"])
+                  checkpoint_every=10**9, **dict(TUNED_STRATEGY_SETTINGS["pv"], p_warmup=0))  # codes move from step 1
     if a.random:
         from experiments.bench_scale import LLAMA2_7B, SMALL
 

@@ -8,8 +8,8 @@
 main-table: validation perplexity against bits per quantized weight, one line per strategy, one panel
 per model (several files of one model and format are merged; a strategy's first value wins).
 curves: the KL loss and the code groups changed at every fine-tuning step, one line per strategy.
-representations: from the tables of experiments.representations, every other strategy against PV-Tuning
-per representation and width, one panel per model.
+representations: from the tables of experiments.representations, every strategy against continuous-only
+(on the same calibrations) per representation and width, one panel per model.
 """
 from __future__ import annotations
 
@@ -109,56 +109,62 @@ def _mean(x: Sequence[float]) -> float:
     return sum(x) / len(x)
 
 
+def vs_continuous(cell: dict) -> dict:
+    """{strategy: ([percent over continuous-only's perplexity, one per calibration both ran on], False)} for a
+    column of experiments.representations.table; a strategy that never ran beside continuous-only gets
+    ([its mean over continuous-only's mean], True)."""
+    rows, paired = cell["rows"], cell["vs_continuous"]
+    base = rows["continuous"]["mean"]
+    return {s: (paired[s], False) if paired.get(s) else ([100 * (rows[s]["mean"] / base - 1)], True)
+            for s in rows if s not in ("calibrated", "continuous")}
+
+
 def plot_representations(tables: dict, path, clip: float = 8.0) -> None:
-    """Each other strategy's perplexity against PV-Tuning's on the same calibration (percent: above zero
-    PV-Tuning is better; bars at the means over calibrations, lines from the lowest to the highest, PV-Tuning's
-    own spread over calibrations in red at zero), one group per column (representation x width) and a panel
-    per model; a strategy never run on PV-Tuning's calibrations is hatched, compared through continuous-only on
-    each calibration (or through the means where continuous-only shares none with both). tables: {model:
-    experiments.representations.table(...)}. Bars past +-`clip` percent are cut there and labelled."""
-    others = [s for s in ORDER if s not in ("calibrated", "pv")]
+    """Each fine-tuning strategy's perplexity against continuous-only's on the same calibration (percent:
+    below zero the strategy's discrete updates helped; bars at the means over calibrations, lines from the
+    lowest to the highest, continuous-only's own spread over calibrations in green, left of each group), one group per
+    column (representation x width) and a panel per model. PV-Tuning with and without the P warm-up are two
+    bars. A strategy never run beside continuous-only is hatched, compared through the means. tables:
+    {model: experiments.representations.table(...)}. Bars past +-`clip` percent are cut there and labelled."""
+    strategies = [s for s in ORDER if s not in ("calibrated", "continuous")]
     fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
-    width = 0.8 / len(others)
+    width = 0.8 / len(strategies)
 
     def cut(v: float) -> float:
         return max(min(v, clip), -clip)
 
     for ax, (model, t) in zip(axes[:, 0], tables.items()):
-        lowest = -2.0
-        cols = [(w, r) for w in t for r in t[w] if "pv" in t[w][r]["rows"]]
+        lowest, highest = -2.0, 2.0
+        cols = [(w, r) for w in t for r in t[w] if "continuous" in t[w][r]["rows"]]
         for i, (w, r) in enumerate(cols):
             rows = t[w][r]["rows"]
-            pv = rows["pv"]["mean"]
-            ax.plot([i, i], [100 * (rows["pv"]["min"] / pv - 1), 100 * (rows["pv"]["max"] / pv - 1)], color="C3", lw=3)
-            vc = t[w][r]["vs_continuous"]
-            for k, s in enumerate(others):
-                pct, hatch = t[w][r]["vs_pv"].get(s), None
-                if not pct and s in rows:  # on other calibrations only: through continuous on each, else the means
-                    hatch = "//"
-                    if s in vc and "pv" in vc:
-                        pct = [100 * ((1 + _mean(vc[s]) / 100) / (1 + _mean(vc["pv"]) / 100) - 1)]
-                    else:
-                        pct = [100 * (rows[s]["mean"] / pv - 1)]
-                if not pct:
+            base = rows["continuous"]["mean"]
+            ax.plot([i - 0.43] * 2, [100 * (rows["continuous"]["min"] / base - 1),
+                                     100 * (rows["continuous"]["max"] / base - 1)], color="C2", lw=3)
+            bars = vs_continuous(t[w][r])
+            for k, s in enumerate(strategies):
+                if s not in bars:
                     continue
+                pct, through_means = bars[s]
+                hatch = "//" if through_means else None
                 x = i - 0.4 + width * (k + 0.5)
                 mean, lo, hi = _mean(pct), min(pct), max(pct)
                 ax.bar(x, cut(mean), width, color=STYLE[s]["color"], hatch=hatch, edgecolor="w" if hatch else None)
                 if hi > lo:
                     ax.plot([x, x], [cut(lo), cut(hi)], color="k", lw=1)
                 if abs(mean) > clip:
-                    ax.text(x, cut(mean), f"{mean:.0f}%", ha="center", va="bottom", fontsize=7, rotation=90)
-                lowest = min(lowest, cut(lo) * 1.15)
-        ax.axhline(0, color="C3", lw=1.5)
+                    ax.text(x, cut(mean), f"{mean:.0f}%", ha="center", va="bottom" if mean > 0 else "top",
+                            fontsize=7, rotation=90)
+                lowest, highest = min(lowest, cut(lo)), max(highest, cut(hi))
+        ax.axhline(0, color="C2", lw=1.5)
         ax.set_xticks(range(len(cols)), [f"{r} {t[w][r]['format']}\n{w} ({t[w][r]['bits']:.2f})" for w, r in cols],
                       fontsize=8)
-        ax.set(title=model, ylabel="perplexity vs PV-Tuning (%)", ylim=(lowest, clip * 1.3))
+        ax.set(title=model, ylabel="perplexity vs continuous-only (%)", ylim=(lowest * 1.3, highest * 1.3))
         ax.grid(axis="y", alpha=0.3)
-    handles = [Line2D([], [], color="C3", lw=1.5, label="PV-Tuning")]
-    handles += [Patch(color=STYLE[s]["color"], label=LABELS[s]) for s in others]
-    handles.append(Patch(facecolor="0.6", hatch="//", edgecolor="w",
-                         label="not run on PV's calibrations: via continuous on each, else the means"))
-    fig.legend(handles=handles, fontsize=8, ncol=3, loc="upper center")
+    handles = [Line2D([], [], color="C2", lw=1.5, label="continuous only (V)")]
+    handles += [Patch(color=STYLE[s]["color"], label=LABELS[s]) for s in strategies]
+    handles.append(Patch(facecolor="0.6", hatch="//", edgecolor="w", label="never beside continuous-only: the means"))
+    fig.legend(handles=handles, fontsize=8, ncol=4, loc="upper center")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.2 / len(tables)))
     save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -37,7 +37,7 @@ PV_ROWS = ("pv", "pv_warmup")  # PV-Tuning without and with a P warm-up: two row
 
 def row_of(strategy: str, run: dict) -> str:
     """The table row of one fine-tuning run: PV-Tuning whose P steps waited for a warm-up (`--p-warmup N`,
-    the default on codebooks at about 1.5 bits) is a row of its own, beside PV-Tuning without one."""
+    the default on codebook formats) is a row of its own, beside PV-Tuning without one."""
     return "pv_warmup" if strategy == "pv" and (run.get("config") or {}).get("p_warmup", 0) else strategy
 
 

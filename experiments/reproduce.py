@@ -2,11 +2,12 @@
 
     python -m experiments.reproduce toy        --out OUT [--full]
     python -m experiments.reproduce main-table --model ../shared/models/ref-llama --model ../shared/models/ref-mistral \
-                                               --corpus ../shared/corpus --out OUT
-    python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT
+                                               --corpus ../shared/corpus --out OUT [--p-warmup 0]
+    python -m experiments.reproduce smollm2    --model SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/corpus --out OUT \
+                                               [--p-warmup 0]
     python -m experiments.reproduce representations --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT \
                                                     [--seeds N] [--first-seed K] [--jobs N] [--cells N] [--recipe smollm2]
-                                                    [--only FORMATS] [--micro-batch-size N]
+                                                    [--only FORMATS] [--micro-batch-size N] [--p-warmup N]
     python -m experiments.reproduce kernels    --out OUT [--model ../shared/models/ref-llama]
     python -m experiments.reproduce scale      --out OUT
     python -m experiments.reproduce multi-gpu  --model ../shared/models/ref-llama --corpus ../shared/corpus --out OUT --gpus 2
@@ -103,8 +104,14 @@ def plots(summaries: list, out: Path, name: str) -> None:
     print(f"plots: {out}/{name}.png, {out}/curves_*.png")
 
 
+def warmup_flags(a) -> tuple:
+    """`--p-warmup N` for the pipelines where the command set it, else nothing (each format's tuned setting)."""
+    return ("--p-warmup", str(a.p_warmup)) if a.p_warmup is not None else ()
+
+
 def main_table(a) -> None:
-    summaries = [pipeline(m, a.corpus, a.out, fmt, a.strategies) for m in a.model for fmt in a.formats.split(",")]
+    summaries = [pipeline(m, a.corpus, a.out, fmt, a.strategies, warmup_flags(a))
+                 for m in a.model for fmt in a.formats.split(",")]
     plots(summaries, a.out, "main_table")
 
 
@@ -117,7 +124,7 @@ SMOLLM2_ROUNDS = {"2x8g8": "4", "1x8g8": "12"}
 
 
 def smollm2(a) -> None:
-    common = SMOLLM2_RECIPE + ("--prompts", str(Path(__file__).with_name("prompts.txt")))
+    common = SMOLLM2_RECIPE + ("--prompts", str(Path(__file__).with_name("prompts.txt"))) + warmup_flags(a)
     summaries = [pipeline(a.model[0], a.corpus, a.out, "2x8g8", "pv,ste,continuous",
                           common + ("--rounds", SMOLLM2_ROUNDS["2x8g8"], "--strategy-settings", '{"pv":{"p_lr":0.03}}')),
                  pipeline(a.model[0], a.corpus, a.out, "1x8g8", "pv,ste,continuous",
@@ -147,6 +154,7 @@ def representations(a) -> None:
             cells = [c for c in cells if c[0] in only]
         ft = SMOLLM2_FINETUNE if a.recipe == "smollm2" else ()  # pipeline flags only, never `pvtuning calibrate`'s
         ft += ("--micro-batch-size", str(a.micro_batch_size)) if a.micro_batch_size else ()
+        ft += warmup_flags(a)
 
         def cell(c: tuple) -> Path:
             fmt, extra, tag = c
@@ -237,6 +245,10 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-batch-size", type=cli.POSITIVE_INT,
                     help="representations: fine-tuning micro-batches of this many sequences (the same global batch "
                          "with less memory per process, so that more processes share one GPU)")
+    ap.add_argument("--p-warmup", type=cli.NONNEG_INT,
+                    help="main-table, smollm2, representations: steps every fine-tuning's P step only gathers its "
+                         "moments (default: the tuned setting of each format and strategy; 0 gives the published "
+                         "main-table and smollm2 runs' setting)")
     a = ap.parse_args(argv)
     needs = {"main-table": ("model", "corpus"), "smollm2": ("model", "corpus"), "multi-gpu": ("model", "corpus"),
              "representations": ("model", "corpus")}

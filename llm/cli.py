@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not apply the tuned per-strategy settings (library defaults for unset flags)")
         p.add_argument("--p-warmup", type=NONNEG_INT, default=None,
                        help="steps whose P step only accumulates its Adam moments before any code may change "
-                            "(the first step's update is p_lr x sign(gradient) everywhere; tuned: pv 5 on codebooks "
-                            "at <= 1.5 bits, else 0)")
+                            "(the first step's update is p_lr x sign(gradient) everywhere; tuned: pv 5 on codebook "
+                            "formats, else 0)")
         p.add_argument("--p-select", default=None, choices=("update", "gain"),
                        help="pv: re-encode the groups with the largest update, or the largest decrease of the linear "
                             "model (tuned: gain on scalar formats, else update)")

@@ -131,8 +131,14 @@ def evaluate(model, val: torch.Tensor, device, amp: bool, weights: Optional[str]
 # Per-strategy P-step settings found by sweeps on ref-llama (2x8g8 and 1x8g8, docs/results.md):
 # PV-Tuning moves few codes per step (tau = 0.1%), with momentum and the Adam metric against noisy
 # small-batch gradients; STE and stochastic rounding need small steps or they wreck the model.
+# With Adam's bias correction the first P step's update is p_lr x sign(dL/dW) in every coordinate, so the
+# first P step re-encodes thousands of groups at once and the loss jumps (SmolLM2-135M vq10g8 at p_lr 0.1:
+# KL 1.52 -> 8.10; ref-llama 2x8g8 at 3e-2: 0.066 -> 0.103). Five steps that only gather the moments
+# first (p_warmup) remove the jump on codebooks at both widths (docs/representations.md): vq10g8 28.96
+# against 31.70 without (continuous-only 28.74), ref-llama 2x8g8 17.01 against 17.05 (continuous-only
+# 17.12), each on one calibration; on CPU proxies too.
 TUNED_STRATEGY_SETTINGS = {
-    "pv": {"p_lr": 1e-2, "tau": 1e-3, "p_beta1": 0.9, "p_metric": "adam"},
+    "pv": {"p_lr": 1e-2, "tau": 1e-3, "p_beta1": 0.9, "p_metric": "adam", "p_warmup": 5},
     "linearized_pv": {"p_lr": 1e-2, "p_beta1": 0.9, "p_metric": "adam"},
     "ste": {"p_lr": 3e-4},
     "stochastic": {"p_lr": 1e-4},
@@ -151,15 +157,10 @@ LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1, "p_beta1": 0.95}, "ste": {"p_lr": 1e-3}
 # small updates add up until a code moves, and ranks groups by the model's gain. ref-llama, H200, the
 # 2x8g8 / 1x8g8 recipes (docs/representations.md): int2g128 PV 17.43 / 17.48 (two seeds) against STE
 # 17.65 / 17.66 and the codebook setting's 17.87; int1g64 with momentum 0.9, PV 39.11 / 38.71 / 38.52
-# against STE 39.98 / 40.12 / 40.03 on the same calibrations (momentum 0.9 at 2 bits: 17.77).
-SCALAR_OVERRIDES = {"pv": {"p_memory": 1.0, "p_lr": 1e-3, "p_beta1": 0.0, "p_select": "gain"}}
+# against STE 39.98 / 40.12 / 40.03 on the same calibrations (momentum 0.9 at 2 bits: 17.77). These ran
+# without the P warm-up, unmeasured on this grid (whose PV step is 100x smaller than on codebooks).
+SCALAR_OVERRIDES = {"pv": {"p_memory": 1.0, "p_lr": 1e-3, "p_beta1": 0.0, "p_select": "gain", "p_warmup": 0}}
 SCALAR_LOW_BIT_OVERRIDES = {"pv": {"p_beta1": 0.9}}
-# With Adam's bias correction the first P step's update is p_lr x sign(dL/dW) in every coordinate, so the
-# low-bit step (p_lr 0.1) re-encodes about 10,000 groups at once and the loss jumps (SmolLM2-135M vq10g8:
-# KL 1.52 -> 8.10). Five steps that only gather the moments first remove the jump: vq10g8 28.96 against
-# 31.70 without (continuous-only 28.74, one calibration, docs/representations.md); on CPU proxies too
-# (ref-llama vq9g8, SmolLM2's first 4 blocks). Unmeasured on the scalar grid, whose PV step is 100x smaller.
-CODEBOOK_LOW_BIT_OVERRIDES = {"pv": {"p_warmup": 5}}
 
 
 def tuned_strategy_settings(fmt: str, pv_p_lr: Optional[float] = None) -> dict:
@@ -172,7 +173,6 @@ def tuned_strategy_settings(fmt: str, pv_p_lr: Optional[float] = None) -> dict:
     if q.kind == "scalar":
         overrides += [SCALAR_OVERRIDES] + ([SCALAR_LOW_BIT_OVERRIDES] if code_bits <= 1.5 else [])
     else:
-        overrides += [CODEBOOK_LOW_BIT_OVERRIDES] if code_bits <= 1.5 else []
         overrides += [{"pv": {"p_lr": pv_p_lr}}] if pv_p_lr is not None else []
     settings = {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
     for o in overrides:

@@ -142,7 +142,7 @@ def test_explicit_flags_override_the_preset_and_the_tuned_p_step():
     assert (cfg.p_select, cfg.p_memory, cfg.p_lr) == ("update", 0.0, 1e-3)  # p_lr still the scalar grid's tuned one
 
 
-def test_pv_warms_its_p_step_up_on_codebooks_at_low_bits_unless_a_flag_says_otherwise():
+def test_pv_warms_its_p_step_up_on_codebooks_unless_a_flag_says_otherwise():
     from llm.cli import _ft_cfg, _strategy_settings, build_parser
     from llm.pipeline import strategy_config
 
@@ -151,8 +151,8 @@ def test_pv_warms_its_p_step_up_on_codebooks_at_low_bits_unless_a_flag_says_othe
                                        "--format", fmt, *flags])
         return strategy_config(_ft_cfg(a, strategy), strategy, _strategy_settings(a)).p_warmup
 
-    assert warmup("1x8g8") == warmup("vq10g8") == warmup("2x6g8") == 5
-    assert warmup("2x8g8") == warmup("int1g64") == warmup("1x8g8", "ste") == 0
+    assert warmup("1x8g8") == warmup("vq10g8") == warmup("2x6g8") == warmup("2x8g8") == warmup("vq8g4") == 5
+    assert warmup("int1g64") == warmup("int2g128") == warmup("1x8g8", "ste") == warmup("2x8g8", "linearized_pv") == 0
     assert warmup("1x8g8", "pv", "--p-warmup", "0") == 0 and warmup("2x8g8", "pv", "--p-warmup", "3") == 3
 
 

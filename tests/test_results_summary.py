@@ -97,6 +97,12 @@ def test_reproduce_representations_runs_only_the_named_cells_with_the_given_micr
     assert "int3g8 is not a format of this model's table" in str(e.value.code)
 
 
+def test_reproduce_representations_passes_an_explicit_p_warmup_to_every_fine_tuning_only(tmp_path, monkeypatch):
+    assert not any("--p-warmup" in e for e in _representations_flags(monkeypatch, tmp_path).values())
+    flags = _representations_flags(monkeypatch, tmp_path, "--p-warmup", "0", "--only", "2x8g8")
+    assert flags["2x8g8"][flags["2x8g8"].index("--p-warmup") + 1] == "0"
+
+
 def test_reproduce_representations_runs_pv_first_and_gives_pvtuning_calibrate_only_flags_it_takes(tmp_path, monkeypatch):
     from experiments import reproduce
     from llm.cli import build_parser
@@ -237,8 +243,20 @@ def test_a_strategy_never_run_on_pvs_calibrations_is_compared_through_continuous
     assert cell["vs_pv"] == {"continuous": [-9.09]} and cell["vs_continuous"] == {"pv": [10.0], "ste": [-10.0]}
     assert "+10.0% vs continuous; not on PV's calibrations, each vs continuous on its own: PV +10.0%, ste -10.0%" \
         in markdown(t)
-    plot_representations({"m": t}, tmp_path / "r.png")  # STE drawn through continuous, hatched
+    plot_representations({"m": t}, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_the_plot_measures_each_strategy_against_continuous_on_its_own_calibrations_else_through_the_means():
+    from experiments.plots import vs_continuous
+    from experiments.representations import table
+
+    runs = [_summary("int1g64", 40.0, pv=11.0, continuous=10.0), _summary("int1g64", 42.0, ste=9.0, continuous=12.0),
+            _summary("int1g64", 41.0, stochastic=13.2)]
+    bars = vs_continuous(table(runs)["about 1.5 bits"]["scalar"])
+    assert bars["pv"] == ([10.0], False) and bars["ste"] == ([-25.0], False)
+    assert bars["stochastic"][1] and abs(bars["stochastic"][0][0] - 20.0) < 1e-9  # 13.2 against the mean 11.0
+    assert set(bars) == {"pv", "ste", "stochastic"}
 
 
 def test_a_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
