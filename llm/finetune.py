@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -446,6 +447,9 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     opt, v_owner, v_index = sharded_v_optimizer(params, cfg)
     code_step = CodeStep(student, cfg, v_step)
     capture = code_step.active
+    if capture and cfg.p_warmup >= cfg.steps:
+        warnings.warn(f"{cfg.strategy}: {cfg.steps} steps and a P warm-up of {cfg.p_warmup}: no code will change "
+                      f"(--p-warmup {max(cfg.steps - 1, 0)} or less lets the P step run)", stacklevel=2)
     losses, changed, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run = dict((meta or {}).get("run", {}), finetune=run_settings(cfg))  # what makes a checkpoint this run's

@@ -266,6 +266,14 @@ def test_p_warmup_changes_no_code_until_the_moments_have_averaged(strategy):
     assert sum(rep["codes_changed"][3:]) > 0
 
 
+def test_a_run_no_longer_than_its_p_warmup_says_that_no_code_will_change():
+    teacher, student = calibrated("llama")
+    cfg = FinetuneConfig(strategy="pv", steps=2, batch_size=4, p_lr=3e-2, tau=0.05, p_warmup=2)
+    with pytest.warns(UserWarning, match="no code will change"):
+        rep = finetune(student, teacher, SEQS, cfg, progress=False)
+    assert rep["codes_changed"] == [0, 0]
+
+
 @pytest.mark.parametrize("strategy", ["pv", "ste", "stochastic"])
 @pytest.mark.parametrize("micro", [None, 2])
 def test_p_steps_taken_during_backward_give_the_codes_of_p_steps_at_the_end(strategy, micro):
