@@ -237,7 +237,8 @@ class CodeStep:
                       if self.distributed else {n: D.rank() for n in self.layers})
         self.p_steps = {n: p_step_for(cfg, seed=cfg.seed * 100_003 + i) for i, n in enumerate(self.layers)}
         self.v_step = v_step
-        self.active = v_step is not None or any(s is not None for s in self.p_steps.values())
+        self.changes_codes = any(s is not None for s in self.p_steps.values())  # a P step: not continuous-only
+        self.active = v_step is not None or self.changes_codes
         self.states: dict = {}  # layer name -> (P step state, V step state)
         self.buckets: Optional[D.GradientBuckets] = None  # gradients on their way to their owners
         self.last_micro_batch = False
@@ -447,7 +448,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     opt, v_owner, v_index = sharded_v_optimizer(params, cfg)
     code_step = CodeStep(student, cfg, v_step)
     capture = code_step.active
-    if capture and cfg.p_warmup >= cfg.steps:
+    if code_step.changes_codes and cfg.p_warmup >= cfg.steps:
         warnings.warn(f"{cfg.strategy}: {cfg.steps} steps and a P warm-up of {cfg.p_warmup}: no code will change "
                       f"(--p-warmup {max(cfg.steps - 1, 0)} or less lets the P step run)", stacklevel=2)
     losses, changed, start = [], [], 0

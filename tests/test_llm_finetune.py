@@ -2,6 +2,8 @@
 import copy
 import json
 import math
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -272,6 +274,13 @@ def test_a_run_no_longer_than_its_p_warmup_says_that_no_code_will_change():
     with pytest.warns(UserWarning, match="no code will change"):
         rep = finetune(student, teacher, SEQS, cfg, progress=False)
     assert rep["codes_changed"] == [0, 0]
+    # continuous-only changes no code whatever its warm-up, also with a V step of its own: nothing to say
+    from pvtheory.v_steps import gradient_v_step
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune(student, teacher, SEQS, replace(cfg, strategy="continuous"), progress=False, v_step=gradient_v_step(1e-3))
+    assert not any("no code will change" in str(w.message) for w in caught)
 
 
 @pytest.mark.parametrize("strategy", ["pv", "ste", "stochastic"])
