@@ -150,6 +150,11 @@ def _versus(group: list, base: str) -> dict:
     return out
 
 
+def count(n: float) -> str:
+    """A number of codes as a table prints it: 3.12M, 21.7k, 351."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
 def markdown(t: dict) -> str:
     """The table laid out like the paper's: rows strategies, columns representation x width; a cell with
     several calibrations gives the mean and (range, number of runs); the best mean in bold; a row that no
@@ -193,7 +198,7 @@ def markdown(t: dict) -> str:
     changed = [t[w][r]["codes_changed"] for w, r in cols]
     if any("pv" in c and "ste" in c for c in changed):
         lines.append("| codes changed by PV / STE (mean) | " + " | ".join(
-            f"{c['pv'] / 1e6:.2f}M / {c['ste'] / 1e6:.2f}M" if "pv" in c and "ste" in c else "" for c in changed) + " |")
+            f"{count(c['pv'])} / {count(c['ste'])}" if "pv" in c and "ste" in c else "" for c in changed) + " |")
     return "\n".join(lines)
 
 

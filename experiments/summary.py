@@ -126,7 +126,8 @@ for width, rep in (("about 2 bits", "scalar"), ("about 2 bits", "vector"), ("abo
 for model, f, cols in (("ref-llama", "representations/table_ref-llama.json",
                          (("about 2 bits", "additive"), ("about 1.5 bits", "vector"), ("about 1.5 bits", "additive"))),
                         ("SmolLM2-135M", "representations/table_smollm2.json",
-                         (("about 1.5 bits", "vector"), ("about 1.5 bits", "additive")))):  # the default on codebooks
+                         (("about 2 bits", "vector"), ("about 2 bits", "additive"), ("about 1.5 bits", "vector"),
+                          ("about 1.5 bits", "additive")))):  # the default on codebooks
     HEADLINES += [(f"{model} {width}, {rep}: PV-Tuning with a 5-step P warm-up vs the best other, same calibration "
                    "(percent)", f, key(f, width, rep, "pv_warmup_vs_best_other", "percent")) for width, rep in cols]
 HEADLINES.append(("kernels: 2x8g8 CUDA kernel at 2 blocks per SM (the default), 1 token, speedup over bf16 [min, max]",

@@ -163,7 +163,7 @@ def test_each_representation_gets_the_format_of_nearest_bits_whose_groups_divide
 def test_the_representations_table_has_a_row_per_strategy_and_a_column_per_format():
     from pathlib import Path
 
-    from experiments.representations import markdown, table
+    from experiments.representations import count, markdown, table
 
     folder = Path(__file__).resolve().parents[1] / "experiments" / "results"
     summaries = [json.loads((folder / f).read_text()) for f in
@@ -174,7 +174,8 @@ def test_the_representations_table_has_a_row_per_strategy_and_a_column_per_forma
     lines = markdown(t).splitlines()
     assert len(lines) == 2 + 6 + 2 and "int2g128" in lines[0] and "vq8g4" in lines[0] and "same calibration" in lines[-2]
     pv, ste = (summaries[1]["runs"][k]["codes_changed_total"] for k in ("pv", "ste"))
-    assert lines[-1].startswith("| codes changed by PV / STE") and f"{pv / 1e6:.2f}M / {ste / 1e6:.2f}M" in lines[-1]
+    assert lines[-1].startswith("| codes changed by PV / STE") and f"{count(pv)} / {count(ste)}" in lines[-1]
+    assert [count(n) for n in (3_117_181, 21_652, 351)] == ["3.12M", "21.7k", "351"]
 
 
 REF_LLAMA_SHAPES = [(384, 384)] * 4 + [(1024, 384)] * 2 + [(384, 1024)]  # a block's linears (out, in)
