@@ -13,7 +13,8 @@ to --dtype. Each variant decodes --new-tokens tokens after 16-token prompts, --b
 (tokens/s counts every prompt's tokens), with llm.generate.GreedyDecoder: with a CUDA graph (the
 default on the GPU) and without; with --compile also through torch.compile; quantized models also
 through the reference path (kernels off: decode W, then F.linear), which checks that the kernels give
-the same tokens.
+the same tokens. With --fuse, quantized models are then also decoded with the layers that read one input
+(q, k, v; gate, up) multiplied in one launch (llm.fuse), in the first mode and, with --compile, compiled.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from experiments.bench_scale import LLAMA2_7B, SMOLLM2_135M, quantize_randomly, random_model
 from llm import cuda_kernel, kernels
 from llm.formats import QuantFormat, model_bits
+from llm.fuse import fuse_shared_inputs
 from llm.generate import GreedyDecoder, prepare_for_inference
 from llm.model import load_model
 from pvtheory.io import write_json
@@ -107,12 +109,22 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
         row["tokens_equal_to_reference_path"] = agreement(fast_tokens[:, :prompt.shape[1] + args.reference_tokens],
                                                           ref_tokens, prompt.shape[1])
         row["tokens_compared"] = args.reference_tokens
+    if args.fuse and fmt != "none":  # last: fusing makes the layers' tensors views of the groups'
+        groups = fuse_shared_inputs(model)
+        r, toks = decode_speed(model, prompt, args.new_tokens, graph_modes[0])
+        row["fused"] = {**r, "groups": groups, "tokens_equal_to_unfused": agreement(toks, fast_tokens, prompt.shape[1])}
+        if args.compile:
+            torch._dynamo.reset()
+            r, toks = decode_speed(model, prompt, args.new_tokens, graph_modes[0], compile=True)
+            row["fused_compiled"] = {**r, "tokens_equal_to_unfused": agreement(toks, fast_tokens, prompt.shape[1])}
     best = row.get("graph", row.get("eager"))
     print(f"{name:10s} {fmt:7s} batch {prompt.shape[0]:2d} {best['tokens_per_s']:8.1f} tok/s  ({best['ms_per_token']:.2f} ms/token)"
           + (f"  eager {row['eager']['tokens_per_s']:.1f}" if "graph" in row else "")
           + (f"  compiled {row['compiled']['tokens_per_s']:.1f}" if "compiled" in row else "")
           + (f"  reference path {row['reference_path']['tokens_per_s']:.1f}, same tokens "
-             f"{row['tokens_equal_to_reference_path']}/{row['tokens_compared']}" if fmt != "none" else ""), flush=True)
+             f"{row['tokens_equal_to_reference_path']}/{row['tokens_compared']}" if fmt != "none" else "")
+          + (f"  fused {row['fused']['tokens_per_s']:.1f}" if "fused" in row else "")
+          + (f"  fused compiled {row['fused_compiled']['tokens_per_s']:.1f}" if "fused_compiled" in row else ""), flush=True)
     return row
 
 
@@ -124,6 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smollm2", action="store_true", help="also a SmolLM2-135M-shaped model with random weights")
     ap.add_argument("--batch", default="1", help="prompts decoded together, comma-separated (e.g. 1,8)")
     ap.add_argument("--compile", action="store_true", help="also each variant through torch.compile")
+    ap.add_argument("--fuse", action="store_true", help="also each quantized variant with one launch for the layers "
+                                                        "that read one input (llm.fuse)")
     ap.add_argument("--formats", default="1x16g8,2x8g8,1x8g8")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

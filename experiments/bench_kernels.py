@@ -188,6 +188,45 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
     return row
 
 
+GROUPS_7B = {"q,k,v": (4096, [4096, 4096, 4096]), "gate,up": (4096, [11008, 11008])}  # layers that read one input
+
+
+def bench_grouped_case(fmt_s: str, name: str, n_in: int, rows: list, T: int, l2: int, gen) -> dict:
+    """Layers that read the same input (llm.fuse): one CUDA kernel launch for all of them against one launch
+    each, and bf16 as one F.linear over the concatenated weight against one per layer; same timing method."""
+    from llm import cuda_kernel
+    from llm.fuse import SharedInputGroup
+
+    fmt, dev, bf16 = QuantFormat.parse(fmt_s), "cuda", torch.bfloat16
+    x = torch.randn(T, n_in, generator=gen, device=dev).to(bf16)
+    first = [random_layer(fmt, n_in, r, bf16, dev, gen) for r in rows]
+    copies = copies_for(sum(nbytes(L.codes, L.codebooks, L.scales) for L in first), l2)
+    sets = [first] + [[random_layer(fmt, n_in, r, bf16, dev, gen) for r in rows] for _ in range(copies - 1)]
+    groups = [SharedInputGroup(layers) for layers in sets]  # the layers' tensors become views of the group's
+
+    def separate(layers: list) -> list:
+        return [cuda_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales) for L in layers]
+
+    def grouped(g) -> torch.Tensor:
+        return cuda_kernel.aqlm_matmul(x, g.codes, g.codebooks, g.scales, part_rows=g.rows)
+
+    ref = torch.cat([F.linear(x.float(), L.as_param().decode()) for L in first], dim=-1)
+    t_sep = graph_time_per_call([(lambda s=s: separate(s)) for s in sets])
+    t_grp = graph_time_per_call([(lambda g=g: grouped(g)) for g in groups])
+    W = torch.cat([L.weight() for L in first])
+    dense = [W] + [torch.randn_like(W) for _ in range(copies_for(nbytes(W), l2, cap=16) - 1)]
+    t_dense_one = graph_time_per_call([(lambda w=w: F.linear(x, w)) for w in dense])
+    t_dense_sep = graph_time_per_call([(lambda w=w: [F.linear(x, p) for p in w.split(rows)]) for w in dense])
+    return {"format": fmt_s, "layers": name, "in": n_in, "out": rows, "tokens": T,
+            "separate_launches_us": round(t_sep * 1e6, 2), "one_launch_us": round(t_grp * 1e6, 2),
+            "one_launch_speedup": round(t_sep / t_grp, 3),
+            "one_launch_relative_difference_vs_separate": float(
+                (grouped(groups[0]).float() - torch.cat(separate(first), dim=-1).float()).norm() / ref.norm()),
+            "one_launch_relative_error_vs_float32": float((grouped(groups[0]).float() - ref).norm() / ref.norm()),
+            "dense_bf16_separate_us": round(t_dense_sep * 1e6, 2), "dense_bf16_concatenated_us": round(t_dense_one * 1e6, 2),
+            "one_launch_speedup_vs_dense_concatenated": round(t_dense_one / t_grp, 3), "layer_copies": copies}
+
+
 # --- CPU --------------------------------------------------------------------------------------------
 def median_seconds(fn, reps: int) -> float:
     fn()
@@ -229,6 +268,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--shapes", choices=["all", "7b", "ref", "smollm2"], default="all")
     ap.add_argument("--reps", type=int, default=20, help="CPU: timed calls per measurement")
+    ap.add_argument("--grouped", action="store_true",
+                    help="GPU: only the layers that read one input at the 7B shapes (q,k,v; gate,up), one launch "
+                         "against one per layer (llm.fuse)")
     ap.add_argument("--blocks-per-sm", type=float, default=None,
                     help="GPU: the blocks per SM the CUDA kernel's split of the input groups aims for "
                          "(default: what each kernel is built for, llm.cuda_kernel.blocks_per_sm_for)")
@@ -255,7 +297,19 @@ def main(argv=None) -> None:
                 "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(),
                 "split_blocks_per_sm": blocks_per_sm, "built_blocks_per_sm": cuda_kernel.BLOCKS_PER_SM_OVERRIDE or "per kernel",
                 "programmatic_dependent_launch": cuda_kernel.programmatic_dependent_launch(torch.device("cuda"))}
-        for n_in, n_out in shapes:
+        for name, (n_in, outs) in (GROUPS_7B.items() if args.grouped else ()):
+            for f in formats:
+                if QuantFormat.parse(f).bits != 8:
+                    continue
+                for T in tokens:
+                    rows.append(bench_grouped_case(f, name, n_in, outs, T, props.L2_cache_size, gen))
+                    save(meta, partial=True)
+                    r = rows[-1]
+                    print(f"{f:7s} {name:8s} T={T:2d}  one launch {r['one_launch_us']:7.2f} us  separate "
+                          f"{r['separate_launches_us']:7.2f} us  x{r['one_launch_speedup']:.2f}  bf16 concatenated "
+                          f"{r['dense_bf16_concatenated_us']:7.2f} us  x{r['one_launch_speedup_vs_dense_concatenated']:.2f}"
+                          f"  vs separate {r['one_launch_relative_difference_vs_separate']:.1e}", flush=True)
+        for n_in, n_out in (shapes if not args.grouped else ()):
             for f in formats:
                 for T in tokens:
                     rows.append(bench_gpu_case(f, n_in, n_out, T, peak, props.L2_cache_size, gen, blocks_per_sm))

@@ -149,6 +149,14 @@ HEADLINES += [(f"kernels: CUDA kernel {fmt}, {t} token(s), programmatic dependen
                pdl_speedups(fmt, t)) for fmt in ("2x8g8", "1x8g8") for t in (1, 16)]
 
 
+HEADLINES += [(f"kernels: one launch for {layers} at the 7B shapes, {fmt}, 1 token, speedup over one launch per layer",
+               "kernels/gpu_matvec_one_launch_shared_input.json",
+               lambda fmt=fmt, layers=layers: next(c["one_launch_speedup"] for c in _load(
+                   "kernels/gpu_matvec_one_launch_shared_input.json")["cases"]
+                   if c["format"] == fmt and c["layers"] == layers and c["tokens"] == 1))
+              for fmt in ("2x8g8", "1x8g8") for layers in ("q,k,v", "gate,up")]
+
+
 def build() -> list:
     """[{figure, value, file}] read from the result files now."""
     return [{"figure": name, "value": read(), "file": file} for name, file, read in HEADLINES]

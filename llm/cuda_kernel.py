@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +47,12 @@ _SOURCE = r"""
 #endif
 constexpr int WARPS = 8;            // warps per block, 16 output rows each
 constexpr int BLOCK_ROWS = WARPS * 16;
+// Layers that read the same input (q, k, v; gate, up) may be multiplied in one launch: their codes and
+// scales concatenated by rows, their codebooks stacked. end[p] is the last row + 1 of layer p; every
+// layer but the last has a multiple of BLOCK_ROWS rows, so a row block reads one layer's codebooks.
+// 256-entry codebooks only (the 65536-entry ones are read through L2, one layer per launch).
+constexpr int MAX_PARTS = 4;
+struct Parts { int count; int end[MAX_PARTS]; };
 
 __device__ __forceinline__ uint32_t add_bf16x2(uint32_t a, uint32_t b) {
   __nv_bfloat162 r = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
@@ -127,7 +133,7 @@ template <int M, int KBITS, int NT>
 __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_kernel(
     const uint4* __restrict__ x, const uint8_t* __restrict__ codes, const uint4* __restrict__ codebooks,
     const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
-    float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int chunk_slabs) {
+    float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int chunk_slabs, Parts parts) {
   constexpr int CB_SLOTS = KBITS == 8 ? M * 256 * 8 : 0;  // replicated codebooks, 16-byte slots
   constexpr int ROW_BYTES_PER_GROUP = M * KBITS / 8;
   extern __shared__ uint4 smem[];
@@ -140,6 +146,12 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
   const int nslabs = min(chunk_slabs, (J + 31) / 32 - slab0);
 
   const int row_a = blockIdx.x * BLOCK_ROWS + warp * 16 + g, row_b = row_a + 8;
+  if constexpr (KBITS == 8) {  // the codebooks of this row block's layer (one launch for several layers)
+    int part = 0;
+#pragma unroll
+    for (int p = 0; p + 1 < MAX_PARTS; ++p) part += p + 1 < parts.count && (int)(blockIdx.x * BLOCK_ROWS) >= parts.end[p];
+    codebooks += (size_t)part * M * 256;
+  }
   const size_t row_bytes = (size_t)J * ROW_BYTES_PER_GROUP;
   const uint8_t* codes_a = codes + (size_t)row_a * row_bytes;
   const uint8_t* codes_b = codes + (size_t)row_b * row_bytes;
@@ -257,7 +269,7 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
 template <int M, int KBITS, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
             const torch::Tensor& scales, const __nv_bfloat16* bias, torch::Tensor& y, torch::Tensor& partial,
-            torch::Tensor& counters, int splits, int chunk_slabs, bool pdl) {
+            torch::Tensor& counters, int splits, int chunk_slabs, const Parts& parts, bool pdl) {
   const int T = x.size(0), N = codes.size(0), J = codes.size(1);
   const int cb_slots = KBITS == 8 ? M * 256 * 8 : 0;
   const size_t smem = (size_t)(cb_slots + chunk_slabs * 32 * T) * 16;
@@ -269,7 +281,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
       reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
       reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
       bias, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
-      N, J, T, chunk_slabs);
+      N, J, T, chunk_slabs, parts);
 #if CUDART_VERSION >= 12000
   if (pdl) {
     cudaLaunchConfig_t config = {};
@@ -291,14 +303,18 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 
 torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
                        c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters,
-                       int64_t splits, int64_t chunk_slabs, bool pdl) {
-  const int T = x.size(0), N = codes.size(0), M = codes.size(2), K = codebooks.size(1);
+                       int64_t splits, int64_t chunk_slabs, std::vector<int64_t> part_rows, bool pdl) {
+  const int T = x.size(0), N = codes.size(0), M = codes.size(2), K = codebooks.size(codebooks.dim() - 2);
+  TORCH_CHECK(!part_rows.empty() && part_rows.size() <= MAX_PARTS, "1 to ", MAX_PARTS, " layers per launch");
+  Parts parts{(int)part_rows.size(), {0, 0, 0, 0}};
+  for (size_t p = 0, end = 0; p < part_rows.size(); ++p) parts.end[p] = (int)(end += part_rows[p]);
+  TORCH_CHECK(parts.end[parts.count - 1] == N, "the layers' rows must add up to the codes' rows");
   auto y = torch::empty({T, N}, x.options());
   const __nv_bfloat16* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
   const bool two = T > 8;
 #define AQLM_LAUNCH(M_, KB_) \
-  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, pdl) \
-       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, pdl))
+  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, parts, pdl) \
+       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, parts, pdl))
   if (K == 256) {
     if (M == 1) AQLM_LAUNCH(1, 8); else AQLM_LAUNCH(2, 8);
   } else {
@@ -311,10 +327,11 @@ torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codeb
 """
 _CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales, "
         "c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters, int64_t splits, "
-        "int64_t chunk_slabs, bool pdl);")
+        "int64_t chunk_slabs, std::vector<int64_t> part_rows, bool pdl);")
 
 MAX_TOKENS = 16
 BLOCK_ROWS = 128
+MAX_PARTS = 4  # layers multiplied in one launch at most
 SLAB_GROUPS = 32
 # Blocks resident per SM: each kernel's register budget is set for it at build time and the split aims for one
 # wave of it. At 3 (80 registers) the 2x8g8 main loop spills 72 bytes a thread; at 2 (116-125 registers) it
@@ -376,8 +393,11 @@ def build_error() -> Optional[str]:
 
 def supports(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> bool:
     """1 to 16 bf16 tokens; 1 or 2 codebooks of 256 (uint8 codes) or 65536 (int16 codes) vectors of 8;
-    inputs a multiple of 64; contiguous, 16-byte aligned tensors."""
-    M, K, G = codebooks.shape
+    inputs a multiple of 64; contiguous, 16-byte aligned tensors. Codebooks (M, K, 8) for one layer, or
+    (layers, M, K, 8) with 256 entries for several (`aqlm_matmul`'s part_rows)."""
+    if codebooks.dim() == 4 and (codebooks.shape[0] > MAX_PARTS or codebooks.shape[2] != 256):
+        return False
+    M, K, G = codebooks.shape[-3:]
     n_in = x.shape[-1]
     tokens = x.numel() // max(n_in, 1)
     code_dtype = {256: torch.uint8, 65536: torch.int16}.get(K)
@@ -425,16 +445,24 @@ def _workspace_for(device: torch.device, partial_floats: int, row_blocks: int) -
 
 
 def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
-                blocks_per_sm: Optional[float] = None) -> Tensor:
+                blocks_per_sm: Optional[float] = None, part_rows: Optional[Sequence[int]] = None) -> Tensor:
     """x (..., in) with 1 to 16 tokens times the AQLM weight given by codes (out, in/8, M), codebooks
     (M, K, 8) and scales (out,), plus bias; bf16. The caller checks `supports` and `load`.
-    blocks_per_sm: the split's target (default: what the kernel is built for, blocks_per_sm_for)."""
+    blocks_per_sm: the split's target (default: what the kernel is built for, blocks_per_sm_for).
+    part_rows: several layers that read x in one launch (q, k, v): codes, scales and bias concatenated by
+    rows, codebooks (layers, M, 256, 8) stacked, part_rows their rows (each but the last a multiple of
+    BLOCK_ROWS); the output is the layers' outputs side by side."""
     N, J, M = codes.shape
+    part_rows = list(part_rows) if part_rows is not None else [N]
+    if codebooks.dim() == 4 and len(part_rows) != codebooks.shape[0]:
+        raise ValueError(f"{codebooks.shape[0]} layers' codebooks for {len(part_rows)} row counts")
+    if sum(part_rows) != N or any(r % BLOCK_ROWS for r in part_rows[:-1]):
+        raise ValueError(f"rows {part_rows} must add up to {N}, each but the last a multiple of {BLOCK_ROWS}")
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
-    splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[1], blocks_per_sm))
+    splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[-2], blocks_per_sm))
     partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 else 0, math.ceil(N / BLOCK_ROWS))
     y = load().aqlm_mma(x2, codes, codebooks, scales.reshape(-1),
                         None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk,
-                        programmatic_dependent_launch(x.device))
+                        part_rows, programmatic_dependent_launch(x.device))
     return y.reshape(*x.shape[:-1], N)

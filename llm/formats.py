@@ -134,6 +134,7 @@ class AQLMLinear(QuantizedLinearBase):
         self.codebooks = nn.Parameter(torch.zeros(M, K, g, device=device, dtype=dtype))
         self.scales = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.shared_input = None  # llm.fuse.SharedInputGroup: one decoding launch with the layers that read x
 
     # the discrete-continuous parameter ---------------------------------------------------------
     @property

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -87,22 +87,60 @@ def _run(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor,
     return aqlm_matmul_lut(x, codes, codebooks, scales, bias)
 
 
-@torch.library.custom_op("pvtuning::aqlm_matmul", mutates_args=())
-def compiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The kernel path as one operator that torch.compile leaves opaque (the kernel is chosen when it
-    runs); where no kernel applies, the reference product."""
-    kind = kernel_for_tensors(x, codes, codebooks, scales)
-    if kind is not None:
-        return _run(kind, x, codes, codebooks, scales, bias)
-    M, K, _ = codebooks.shape
-    idx = (codes.long() & (K - 1)).reshape(-1, M)  # 16-bit codes are stored wrapped in int16
-    W = decode(idx, codebooks, (codes.shape[0], x.shape[-1]), scales.reshape(-1))
+def reference_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+                     part_rows: Optional[List[int]] = None) -> Tensor:
+    """Decode W, then F.linear; with part_rows, codebooks (layers, M, K, g) and each layer's rows
+    decoded with its own."""
+    rows = part_rows if part_rows is not None else [codes.shape[0]]
+    books = codebooks if codebooks.dim() == 4 else codebooks.unsqueeze(0)
+    M, K, _ = books.shape[1:]
+    Ws = []
+    for c, b, s in zip(codes.split(rows), books, scales.reshape(-1).split(rows)):
+        idx = (c.long() & (K - 1)).reshape(-1, M)  # 16-bit codes are stored wrapped in int16
+        Ws.append(decode(idx, b, (c.shape[0], x.shape[-1]), s))
+    W = torch.cat(Ws)
     return torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+@torch.library.custom_op("pvtuning::aqlm_matmul", mutates_args=())
+def compiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+                    part_rows: Optional[List[int]] = None) -> Tensor:
+    """The kernel path as one operator that torch.compile leaves opaque (the kernel is chosen when it
+    runs); where no kernel applies, the reference product. part_rows: several layers in one launch."""
+    if part_rows is not None:
+        if grouped_kernel_applies(x, codes, codebooks, scales, part_rows):
+            from llm import cuda_kernel
+            return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
+        return reference_matmul(x, codes, codebooks, scales, bias, part_rows)
+    kind = kernel_for_tensors(x, codes, codebooks, scales)
+    if kind is not None:
+        return _run(kind, x, codes, codebooks, scales, bias)
+    return reference_matmul(x, codes, codebooks, scales, bias)
+
+
 @compiled_matmul.register_fake
-def _(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+      part_rows: Optional[List[int]] = None) -> Tensor:
     return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def grouped_kernel_applies(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, part_rows: List[int]) -> bool:
+    """Whether several layers' product (llm.fuse) runs as one CUDA kernel launch on x: the kernels are on
+    and the CUDA kernel takes these tensors."""
+    if not (_enabled and x.is_cuda):
+        return False
+    from llm import cuda_kernel
+
+    return cuda_kernel.supports(x, codes, codebooks, scales) and cuda_kernel.load() is not None
+
+
+def grouped_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+                   part_rows: List[int]) -> Tensor:
+    """Several layers' outputs side by side in one launch (llm.fuse); one opaque operator under torch.compile."""
+    if torch.compiler.is_compiling():
+        return compiled_matmul(x, codes, codebooks, scales, bias, part_rows)
+    from llm import cuda_kernel
+    return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
 
 
 def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
@@ -110,6 +148,10 @@ def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
     torch.compile, one opaque operator (`compiled_matmul`) that the rest of the graph fuses around."""
     if not _wants_kernel(layer, x):
         return None
+    if getattr(layer, "shared_input", None) is not None:  # one launch for the layers that read x (llm.fuse)
+        y = layer.shared_input.output(layer, x)
+        if y is not None:
+            return y
     if torch.compiler.is_compiling():
         return compiled_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
     kind = kernel_for_tensors(x, layer.codes, layer.codebooks, layer.scales)

@@ -11,14 +11,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_TOKENIZER = SHARED / "models" / "ref-llama"
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 256, peaky: bool = True, layers: int = 2):
-    """A random model of `layers` blocks; `peaky` scales the head so the teacher's distributions are not uniform."""
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 256, peaky: bool = True, layers: int = 2, **config):
+    """A random model of `layers` blocks; `peaky` scales the head so the teacher's distributions are not uniform;
+    `config`: more of llm.model.tiny_config's arguments (hidden, heads, kv_heads, intermediate)."""
     from transformers import AutoModelForCausalLM
 
     from llm.model import tiny_config
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab=vocab, layers=layers)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab=vocab, layers=layers, **config)).eval()
     if peaky:
         with torch.no_grad():
             model.lm_head.weight.mul_(25.0)

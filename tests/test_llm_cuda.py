@@ -141,3 +141,57 @@ def test_cuda_kernel_launched_as_a_programmatic_dependent_gives_the_same_outputs
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(a, b) for a, b in zip(captured, expected))
+
+
+@pytest.mark.parametrize("fmt", ["2x8g8", "1x8g8"])
+@pytest.mark.parametrize("rows,bias", [((256, 128, 200), True), ((4096, 1024, 1024), False), ((1536, 1536), False)])
+@pytest.mark.parametrize("tokens", [1, 3, 9, 16])
+def test_one_launch_for_layers_that_read_one_input_gives_each_layers_product(fmt, rows, bias, tokens):
+    """llm.fuse's launch: each row block reads its own layer's codebooks (every layer has its own here)."""
+    from llm import cuda_kernel
+    from llm.fuse import SharedInputGroup
+    from test_llm_kernels import random_layer, reference, rel_err
+
+    assert cuda_kernel.load() is not None, cuda_kernel.build_error()
+    layers = [random_layer(fmt, 1024, r, bias, i, "cuda") for i, r in enumerate(rows)]
+    x = torch.randn(tokens, 1024, device="cuda")
+    expected = [reference(layer, x) for layer in layers]
+    layers, x = [layer.to(torch.bfloat16) for layer in layers], x.bfloat16()
+    group = SharedInputGroup(layers)
+    for blocks_per_sm in (0.01, None, 64):
+        y = cuda_kernel.aqlm_matmul(x, group.codes, group.codebooks, group.scales, group.bias, blocks_per_sm,
+                                    part_rows=group.rows)
+        assert y.shape == (tokens, sum(rows)) and y.dtype == torch.bfloat16
+        for part, want in zip(y.split(group.rows, dim=-1), expected):
+            assert rel_err(part, want) < 1e-2, blocks_per_sm
+        assert torch.equal(y, cuda_kernel.aqlm_matmul(x, group.codes, group.codebooks, group.scales, group.bias,
+                                                      blocks_per_sm, part_rows=group.rows))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_layers_decode_in_a_cuda_graph_with_one_launch_per_group(compile, monkeypatch):
+    from llm import cuda_kernel
+    from llm.fuse import GATE_UP, QKV, fuse_shared_inputs
+    from llm.generate import GreedyDecoder
+    from test_llm_fuse import FUSABLE, distinct_codebooks
+    from test_llm_kernels import quantized_tiny
+
+    model = distinct_codebooks(quantized_tiny("llama", "2x8g8", **FUSABLE)).cuda().to(torch.bfloat16)
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3)).cuda()
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        expected_logits = plain(prompt[:, :1]).logits
+    assert fuse_shared_inputs(model, (QKV, GATE_UP)) == 4
+    launches = []
+    launch = cuda_kernel.aqlm_matmul
+    monkeypatch.setattr(cuda_kernel, "aqlm_matmul", lambda *a, **k: launches.append(k.get("part_rows")) or launch(*a, **k))
+    with torch.no_grad():
+        logits = model(prompt[:, :1]).logits
+    assert [r for r in launches if r is not None] == [[128, 128, 128], [256, 256]] * 2
+    assert torch.allclose(logits.float(), expected_logits.float(), atol=0.05, rtol=0.05)
+    decoder = GreedyDecoder(model, max_len=48, batch_size=2, compile=compile)
+    assert decoder.cuda_graph
+    tokens = decoder.generate(prompt, 32)
+    assert torch.equal(decoder.generate(prompt, 32), tokens)  # replays of the captured graph
+    eager = GreedyDecoder(model, max_len=48, batch_size=2, cuda_graph=False, compile=compile).generate(prompt, 32)
+    assert torch.equal(tokens, eager)  # the same kernels in the same order: the same tokens

@@ -114,10 +114,10 @@ def test_layer_uses_a_kernel_only_for_decoding_sized_inference():
     assert rel_err(fast, slow) < 1e-5
 
 
-def quantized_tiny(arch: str, fmt: str) -> torch.nn.Module:
+def quantized_tiny(arch: str, fmt: str, **config) -> torch.nn.Module:
     from experiments.bench_scale import quantize_randomly
 
-    model = tiny_model(arch)
+    model = tiny_model(arch, **config)
     quantize_randomly(model, QuantFormat.parse(fmt))
     with torch.no_grad():  # codebooks large enough that the quantized model's argmax is not constant
         for m in model.modules():

@@ -1,0 +1,110 @@
+"""One kernel launch for the quantized layers that read the same input, in decoding.
+
+A decoder block multiplies one hidden state by q, k and v, and another by gate and up. Each product is a
+launch whose fixed costs (filling the codebooks in shared memory, the latency chain of a split-K kernel)
+are as large as its work at one token, and a larger launch spreads them over more weights
+(docs/kernels.md). `fuse_shared_inputs(model)` stores each such set of AQLM layers side by side (codes
+and scales concatenated by rows, codebooks stacked; each layer's tensors become views into them, so no
+memory is added) and lets the first layer's forward multiply all of them in one CUDA kernel launch
+(`llm.cuda_kernel.aqlm_matmul`'s part_rows); the others return their slice of that output. Only
+decoding-sized inference on the CUDA kernel takes this path; everything else (training, prefill, the
+CPU) runs each layer as before on the same tensors. For inference only: the layers' tensors share
+storage afterwards, so save a model before fusing it, not after.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+QKV = ("q_proj", "k_proj", "v_proj")  # Llama / Mistral attention
+GATE_UP = ("gate_proj", "up_proj")  # Llama / Mistral MLP
+# One launch for q, k and v measured 1.14-1.25x faster than three (2x8g8) and 2x (1x8g8) on an H200; for gate
+# and up 0.94-0.96x at 1-4 tokens with 2x8g8 (the split plan fills a wave worse), so they are not fused by default
+# (experiments/results/kernels/gpu_matvec_one_launch_shared_input.json).
+SHARED_INPUTS = (QKV,)
+
+
+class SharedInputGroup:
+    """AQLM layers that multiply the same x, stored side by side: codes (sum of out, in/8, M), codebooks
+    (layers, M, K, 8), scales (sum of out,), bias or None; `rows` the layers' output sizes."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = list(layers)
+        self.rows = [layer.out_features for layer in layers]
+        with torch.no_grad():
+            self.codes = torch.cat([layer.codes for layer in layers])
+            self.codebooks = torch.stack([layer.codebooks.detach() for layer in layers])
+            self.scales = torch.cat([layer.scales.detach().reshape(-1) for layer in layers])
+            biases = [layer.bias for layer in layers]
+            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        start = 0
+        for i, layer in enumerate(layers):  # the layers' own tensors become views of the group's
+            end = start + layer.out_features
+            layer.codes = self.codes[start:end]
+            layer.codebooks = nn.Parameter(self.codebooks[i], requires_grad=False)
+            layer.scales = nn.Parameter(self.scales[start:end], requires_grad=False)
+            if self.bias is not None:
+                layer.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+            layer.shared_input = self
+            start = end
+        self._x: Optional[Tensor] = None
+        self._outputs: Optional[tuple] = None
+
+    def output(self, layer, x: Tensor) -> Optional[Tensor]:
+        """layer's output on x through one launch for the whole group (made when the first layer, or a
+        layer given another input, asks), or None where the group's kernel does not apply to x."""
+        from llm import kernels
+
+        i = self.layers.index(layer)
+        if i == 0 or self._x is not x:
+            if not kernels.grouped_kernel_applies(x, self.codes, self.codebooks, self.scales, self.rows):
+                return None
+            y = kernels.grouped_matmul(x, self.codes, self.codebooks, self.scales, self.bias, self.rows)
+            self._x, self._outputs = x, y.split(self.rows, dim=-1)
+        out = self._outputs[i]
+        if i == len(self.layers) - 1:  # the last reader: let go of the input and outputs
+            self._x = self._outputs = None
+        return out
+
+
+def fusable(layers: list) -> Optional[str]:
+    """Why these layers cannot share a launch, or None: AQLM layers of one format with 256-entry codebooks
+    of groups of 8, the same input size, each but the last with a multiple of 128 rows (a row block of
+    the kernel reads one layer's codebooks), all with or all without a bias, on one device and dtype."""
+    from llm.cuda_kernel import BLOCK_ROWS, MAX_PARTS
+    from llm.formats import AQLMLinear
+
+    if not all(isinstance(layer, AQLMLinear) for layer in layers):
+        return "not all AQLM layers"
+    first = layers[0]
+    if len(layers) > MAX_PARTS:
+        return f"more than {MAX_PARTS} layers"
+    if any(layer.fmt != first.fmt or layer.in_features != first.in_features for layer in layers):
+        return "different formats or input sizes"
+    if first.fmt.bits != 8 or first.fmt.group_size != 8:
+        return "not 256-entry codebooks of groups of 8"
+    if any(layer.out_features % BLOCK_ROWS for layer in layers[:-1]):
+        return f"output sizes {[layer.out_features for layer in layers]} not multiples of {BLOCK_ROWS}"
+    if len({layer.bias is None for layer in layers}) > 1:
+        return "some with a bias, some without"
+    if len({(layer.codebooks.device, layer.codebooks.dtype) for layer in layers}) > 1:
+        return "on different devices or dtypes"
+    return None
+
+
+def fuse_shared_inputs(model: nn.Module, names=SHARED_INPUTS) -> int:
+    """Give each set of a module's AQLM children that read the same input (`names`: q/k/v by default, also
+    (QKV, GATE_UP)) one launch in decoding; returns how many sets were fused. Inference only (see the
+    module's docstring)."""
+    fused = 0
+    for module in model.modules():
+        for group in names:
+            layers = [getattr(module, n, None) for n in group]
+            if any(layer is None for layer in layers) or getattr(layers[0], "shared_input", None) is not None:
+                continue
+            if fusable(layers) is None:
+                SharedInputGroup(layers)
+                fused += 1
+    return fused
