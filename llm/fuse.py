@@ -9,7 +9,8 @@ memory is added) and lets the first layer's forward multiply all of them in one 
 (`llm.cuda_kernel.aqlm_matmul`'s part_rows); the others return their slice of that output. Only
 decoding-sized inference on the CUDA kernel takes this path; everything else (training, prefill, the
 CPU) runs each layer as before on the same tensors. For inference only: the layers' tensors share
-storage afterwards, so save a model before fusing it, not after.
+storage afterwards, so move, cast and save a model before fusing it (a model moved or cast afterwards runs
+each layer alone again).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class SharedInputGroup:
 
         i = self.layers.index(layer)
         if i == 0 or self._x is not x:
+            if x.device != self.codes.device or x.dtype != self.codebooks.dtype:
+                return None  # the model was moved or cast after fusing: its layers no longer view these tensors
             if not kernels.grouped_kernel_applies(x, self.codes, self.codebooks, self.scales, self.rows):
                 return None
             y = kernels.grouped_matmul(x, self.codes, self.codebooks, self.scales, self.bias, self.rows)

@@ -115,3 +115,14 @@ def test_the_grouped_reference_product_is_each_layers_product_side_by_side():
                                    torch.cat([m.scales for m in layers]), torch.cat([m.bias for m in layers]),
                                    [128, 128, 40])
     assert rel_err(got, torch.cat([reference(m, x) for m in layers], dim=-1)) < 1e-6
+
+
+def test_a_model_cast_after_fusing_runs_each_layer_alone(launches):
+    model = quantized_tiny("llama", "2x8g8", **FUSABLE)
+    fuse_shared_inputs(model)
+    model.double()  # the layers' tensors are new ones now; the group's are float32
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(prompt).logits
+    assert logits.dtype == torch.float64 and launches == []
+
