@@ -227,6 +227,20 @@ def bench_grouped_case(fmt_s: str, name: str, n_in: int, rows: list, T: int, l2:
             "one_launch_speedup_vs_dense_concatenated": round(t_dense_one / t_grp, 3), "layer_copies": copies}
 
 
+def matvec_line(r: dict) -> str:
+    return (f"{r['format']:7s} {r['in']:5d}->{r['out']:5d} T={r['tokens']:2d}  {r['kernel']} {r['kernel_us']:7.2f} us"
+            f"  bf16 {r['dense_bf16_us']:7.2f} us  x{r['speedup_vs_bf16']:5.2f}  {r['kernel_bandwidth_fraction']:.0%} of copy bw"
+            f"  aqlm {r.get('aqlm_us', float('nan')):7.2f} us (x{r.get('speedup_vs_aqlm', float('nan')):.2f})"
+            f"  triton {r['triton_us']:7.2f} us  ref {r['dequantize_then_matmul_us']:7.1f} us")
+
+
+def grouped_line(r: dict) -> str:
+    return (f"{r['format']:7s} {r['layers']:8s} T={r['tokens']:2d}  one launch {r['one_launch_us']:7.2f} us  separate "
+            f"{r['separate_launches_us']:7.2f} us  x{r['one_launch_speedup']:.2f}  bf16 concatenated "
+            f"{r['dense_bf16_concatenated_us']:7.2f} us  x{r['one_launch_speedup_vs_dense_concatenated']:.2f}"
+            f"  vs separate {r['one_launch_relative_difference_vs_separate']:.1e}")
+
+
 # --- CPU --------------------------------------------------------------------------------------------
 def median_seconds(fn, reps: int) -> float:
     fn()
@@ -297,28 +311,19 @@ def main(argv=None) -> None:
                 "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(),
                 "split_blocks_per_sm": blocks_per_sm, "built_blocks_per_sm": cuda_kernel.BLOCKS_PER_SM_OVERRIDE or "per kernel",
                 "programmatic_dependent_launch": cuda_kernel.programmatic_dependent_launch(torch.device("cuda"))}
-        for name, (n_in, outs) in (GROUPS_7B.items() if args.grouped else ()):
-            for f in formats:
-                if QuantFormat.parse(f).bits != 8:
-                    continue
-                for T in tokens:
-                    rows.append(bench_grouped_case(f, name, n_in, outs, T, props.L2_cache_size, gen))
-                    save(meta, partial=True)
-                    r = rows[-1]
-                    print(f"{f:7s} {name:8s} T={T:2d}  one launch {r['one_launch_us']:7.2f} us  separate "
-                          f"{r['separate_launches_us']:7.2f} us  x{r['one_launch_speedup']:.2f}  bf16 concatenated "
-                          f"{r['dense_bf16_concatenated_us']:7.2f} us  x{r['one_launch_speedup_vs_dense_concatenated']:.2f}"
-                          f"  vs separate {r['one_launch_relative_difference_vs_separate']:.1e}", flush=True)
-        for n_in, n_out in (shapes if not args.grouped else ()):
-            for f in formats:
-                for T in tokens:
-                    rows.append(bench_gpu_case(f, n_in, n_out, T, peak, props.L2_cache_size, gen, blocks_per_sm))
-                    save(meta, partial=True)
-                    r = rows[-1]
-                    print(f"{f:7s} {n_in:5d}->{n_out:5d} T={T:2d}  {r['kernel']} {r['kernel_us']:7.2f} us  bf16 {r['dense_bf16_us']:7.2f} us"
-                          f"  x{r['speedup_vs_bf16']:5.2f}  {r['kernel_bandwidth_fraction']:.0%} of copy bw"
-                          f"  aqlm {r.get('aqlm_us', float('nan')):7.2f} us (x{r.get('speedup_vs_aqlm', float('nan')):.2f})"
-                          f"  triton {r['triton_us']:7.2f} us  ref {r['dequantize_then_matmul_us']:7.1f} us", flush=True)
+        if args.grouped:
+            cases = [(lambda f=f, name=name, n_in=n_in, outs=outs, T=T: bench_grouped_case(
+                f, name, n_in, outs, T, props.L2_cache_size, gen), grouped_line)
+                for name, (n_in, outs) in GROUPS_7B.items() for f in formats if QuantFormat.parse(f).bits == 8
+                for T in tokens]
+        else:
+            cases = [(lambda f=f, n_in=n_in, n_out=n_out, T=T: bench_gpu_case(
+                f, n_in, n_out, T, peak, props.L2_cache_size, gen, blocks_per_sm), matvec_line)
+                for n_in, n_out in shapes for f in formats for T in tokens]
+        for run_case, line in cases:
+            rows.append(run_case())
+            save(meta, partial=True)
+            print(line(rows[-1]), flush=True)
     else:
         meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
         for n_in, n_out in shapes:
