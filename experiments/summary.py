@@ -41,6 +41,11 @@ def key(file: str, *path) -> Callable[[], float]:
     return read
 
 
+def case_value(file: str, value: str, **match) -> Callable[[], float]:
+    """`value` of the first entry of the file's "cases" whose fields equal `match`."""
+    return lambda: next(c[value] for c in _load(file)["cases"] if all(c[k] == v for k, v in match.items()))
+
+
 def toy_median(problem: str, method: str) -> Callable[[], float]:
     return lambda: statistics.median(_load("toy/toy_study.json")["convergence"][problem][method]["final"])
 
@@ -151,9 +156,8 @@ HEADLINES += [(f"kernels: CUDA kernel {fmt}, {t} token(s), programmatic dependen
 
 HEADLINES += [(f"kernels: one launch for {layers} at the 7B shapes, {fmt}, 1 token, speedup over one launch per layer",
                "kernels/gpu_matvec_one_launch_shared_input.json",
-               lambda fmt=fmt, layers=layers: next(c["one_launch_speedup"] for c in _load(
-                   "kernels/gpu_matvec_one_launch_shared_input.json")["cases"]
-                   if c["format"] == fmt and c["layers"] == layers and c["tokens"] == 1))
+               case_value("kernels/gpu_matvec_one_launch_shared_input.json", "one_launch_speedup", format=fmt,
+                          layers=layers, tokens=1))
               for fmt in ("2x8g8", "1x8g8") for layers in ("q,k,v", "gate,up")]
 
 
