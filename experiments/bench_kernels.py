@@ -188,13 +188,15 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
     return row
 
 
-GROUPS_7B = {"q,k,v": (4096, [4096, 4096, 4096]), "gate,up": (4096, [11008, 11008])}  # layers that read one input
+GROUPS = {"7b": {"q,k,v": (4096, [4096, 4096, 4096]), "gate,up": (4096, [11008, 11008])},  # layers that read one input
+          "smollm2": {"q,k,v": (576, [576, 192, 192]), "gate,up": (576, [1536, 1536])}}
 
 
 def bench_grouped_case(fmt_s: str, name: str, n_in: int, rows: list, T: int, l2: int, gen) -> dict:
-    """Layers that read the same input (llm.fuse): one CUDA kernel launch for all of them against one launch
-    each, and bf16 as one F.linear over the concatenated weight against one per layer; same timing method."""
-    from llm import cuda_kernel
+    """Layers that read the same input (llm.fuse): one launch for all of them against one launch each, each
+    through the kernel the layers pick (llm.kernels), and bf16 as one F.linear over the concatenated weight
+    against one per layer; same timing method."""
+    from llm import kernels
     from llm.fuse import SharedInputGroup
 
     fmt, dev, bf16 = QuantFormat.parse(fmt_s), "cuda", torch.bfloat16
@@ -204,11 +206,14 @@ def bench_grouped_case(fmt_s: str, name: str, n_in: int, rows: list, T: int, l2:
     sets = [first] + [[random_layer(fmt, n_in, r, bf16, dev, gen) for r in rows] for _ in range(copies - 1)]
     groups = [SharedInputGroup(layers) for layers in sets]  # the layers' tensors become views of the group's
 
+    kind = [kernels.kernel_for_tensors(x, L.codes, L.codebooks, L.scales) for L in first]
+    group_kind = kernels.grouped_kernel_for(x, groups[0].codes, groups[0].codebooks, groups[0].scales, rows)
+
     def separate(layers: list) -> list:
-        return [cuda_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales) for L in layers]
+        return [kernels._run(k, x, L.codes, L.codebooks, L.scales, None) for k, L in zip(kind, layers)]
 
     def grouped(g) -> torch.Tensor:
-        return cuda_kernel.aqlm_matmul(x, g.codes, g.codebooks, g.scales, part_rows=g.rows)
+        return kernels.grouped_matmul(group_kind, x, g.codes, g.codebooks, g.scales, None, g.rows)
 
     ref = torch.cat([F.linear(x.float(), L.as_param().decode()) for L in first], dim=-1)
     t_sep = graph_time_per_call([(lambda s=s: separate(s)) for s in sets])
@@ -217,8 +222,8 @@ def bench_grouped_case(fmt_s: str, name: str, n_in: int, rows: list, T: int, l2:
     dense = [W] + [torch.randn_like(W) for _ in range(copies_for(nbytes(W), l2, cap=16) - 1)]
     t_dense_one = graph_time_per_call([(lambda w=w: F.linear(x, w)) for w in dense])
     t_dense_sep = graph_time_per_call([(lambda w=w: [F.linear(x, p) for p in w.split(rows)]) for w in dense])
-    return {"format": fmt_s, "layers": name, "in": n_in, "out": rows, "tokens": T,
-            "separate_launches_us": round(t_sep * 1e6, 2), "one_launch_us": round(t_grp * 1e6, 2),
+    return {"format": fmt_s, "layers": name, "in": n_in, "out": rows, "tokens": T, "kernels": kind,
+            "one_launch_kernel": group_kind, "separate_launches_us": round(t_sep * 1e6, 2), "one_launch_us": round(t_grp * 1e6, 2),
             "one_launch_speedup": round(t_sep / t_grp, 3),
             "one_launch_relative_difference_vs_separate": float(
                 (grouped(groups[0]).float() - torch.cat(separate(first), dim=-1).float()).norm() / ref.norm()),
@@ -235,7 +240,8 @@ def matvec_line(r: dict) -> str:
 
 
 def grouped_line(r: dict) -> str:
-    return (f"{r['format']:7s} {r['layers']:8s} T={r['tokens']:2d}  one launch {r['one_launch_us']:7.2f} us  separate "
+    return (f"{r['format']:7s} {r['layers']:8s} {r['in']:5d} T={r['tokens']:2d}  one {r['one_launch_kernel']} launch "
+            f"{r['one_launch_us']:7.2f} us  separate "
             f"{r['separate_launches_us']:7.2f} us  x{r['one_launch_speedup']:.2f}  bf16 concatenated "
             f"{r['dense_bf16_concatenated_us']:7.2f} us  x{r['one_launch_speedup_vs_dense_concatenated']:.2f}"
             f"  vs separate {r['one_launch_relative_difference_vs_separate']:.1e}")
@@ -283,8 +289,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", choices=["all", "7b", "ref", "smollm2"], default="all")
     ap.add_argument("--reps", type=int, default=20, help="CPU: timed calls per measurement")
     ap.add_argument("--grouped", action="store_true",
-                    help="GPU: only the layers that read one input at the 7B shapes (q,k,v; gate,up), one launch "
-                         "against one per layer (llm.fuse)")
+                    help="GPU: only the layers that read one input (q,k,v; gate,up) at --shapes 7b or smollm2 (all: "
+                         "both), one launch against one per layer (llm.fuse)")
     ap.add_argument("--blocks-per-sm", type=float, default=None,
                     help="GPU: the blocks per SM the CUDA kernel's split of the input groups aims for "
                          "(default: what each kernel is built for, llm.cuda_kernel.blocks_per_sm_for)")
@@ -314,8 +320,8 @@ def main(argv=None) -> None:
         if args.grouped:
             cases = [(lambda f=f, name=name, n_in=n_in, outs=outs, T=T: bench_grouped_case(
                 f, name, n_in, outs, T, props.L2_cache_size, gen), grouped_line)
-                for name, (n_in, outs) in GROUPS_7B.items() for f in formats if QuantFormat.parse(f).bits == 8
-                for T in tokens]
+                for shape in (("7b", "smollm2") if args.shapes == "all" else (args.shapes,))
+                for name, (n_in, outs) in GROUPS.get(shape, {}).items() for f in formats for T in tokens]
         else:
             cases = [(lambda f=f, n_in=n_in, n_out=n_out, T=T: bench_gpu_case(
                 f, n_in, n_out, T, peak, props.L2_cache_size, gen, blocks_per_sm), matvec_line)

@@ -5,10 +5,11 @@ launch whose fixed costs (filling the codebooks in shared memory, the latency ch
 are as large as its work at one token, and a larger launch spreads them over more weights
 (docs/kernels.md). `fuse_shared_inputs(model)` stores each such set of AQLM layers side by side (codes
 and scales concatenated by rows, codebooks stacked; each layer's tensors become views into them, so no
-memory is added) and lets the first layer's forward multiply all of them in one CUDA kernel launch
-(`llm.cuda_kernel.aqlm_matmul`'s part_rows); the others return their slice of that output. Only
-decoding-sized inference on the CUDA kernel takes this path; everything else (training, prefill, the
-CPU) runs each layer as before on the same tensors. For inference only: the layers' tensors share
+memory is added) and lets the first layer's forward multiply all of them in one launch (the `part_rows`
+of `llm.cuda_kernel.aqlm_matmul`, or of the Triton kernel's where the CUDA kernel does not apply:
+`llm.kernels.grouped_kernel_for`); the others return their slice of that output. Only decoding-sized
+inference on the GPU takes this path; everything else (training, prefill, the CPU) runs each layer as
+before on the same tensors. For inference only: the layers' tensors share
 storage afterwards, so move, cast and save a model before fusing it (a model moved or cast afterwards runs
 each layer alone again).
 """
@@ -21,9 +22,9 @@ from torch import Tensor, nn
 
 QKV = ("q_proj", "k_proj", "v_proj")  # Llama / Mistral attention
 GATE_UP = ("gate_proj", "up_proj")  # Llama / Mistral MLP
-# One launch for q, k and v measured 1.14-1.25x faster than three (2x8g8) and 2x (1x8g8) on an H200; for gate
-# and up 0.94-0.96x at 1-4 tokens with 2x8g8 (the split plan fills a wave worse), so they are not fused by default
-# (experiments/results/kernels/gpu_matvec_one_launch_shared_input.json).
+# One launch of the CUDA kernel for q, k and v measured 1.14-1.25x faster than three (2x8g8) and 2x (1x8g8) at the
+# 7B shapes on an H200; for gate and up 0.94-0.96x at 1-4 tokens with 2x8g8 (the split plan fills a wave worse),
+# so they are not fused by default (experiments/results/kernels/gpu_matvec_one_launch_shared_input.json).
 SHARED_INPUTS = (QKV,)
 
 
@@ -62,9 +63,10 @@ class SharedInputGroup:
         if i == 0 or self._x is not x:
             if x.device != self.codes.device or x.dtype != self.codebooks.dtype:
                 return None  # the model was moved or cast after fusing: its layers no longer view these tensors
-            if not kernels.grouped_kernel_applies(x, self.codes, self.codebooks, self.scales, self.rows):
+            kind = kernels.grouped_kernel_for(x, self.codes, self.codebooks, self.scales, self.rows)
+            if kind is None:
                 return None
-            y = kernels.grouped_matmul(x, self.codes, self.codebooks, self.scales, self.bias, self.rows)
+            y = kernels.grouped_matmul(kind, x, self.codes, self.codebooks, self.scales, self.bias, self.rows)
             self._x, self._outputs = x, y.split(self.rows, dim=-1)
         out = self._outputs[i]
         if i == len(self.layers) - 1:  # the last reader: let go of the input and outputs
@@ -73,11 +75,12 @@ class SharedInputGroup:
 
 
 def fusable(layers: list) -> Optional[str]:
-    """Why these layers cannot share a launch, or None: AQLM layers of one format with 256-entry codebooks
-    of groups of 8, the same input size, each but the last with a multiple of 128 rows (a row block of
-    the kernel reads one layer's codebooks), all with or all without a bias, on one device and dtype."""
-    from llm.cuda_kernel import BLOCK_ROWS, MAX_PARTS
+    """Why these layers cannot share a launch, or None: AQLM layers of one format and input size, at most
+    MAX_PARTS of them, all with or all without a bias, on one device and dtype. (The CUDA kernel also needs
+    256-entry codebooks and every layer but the last with a multiple of 128 rows; where it cannot, the
+    shared launch is the Triton kernel's: llm.kernels.grouped_kernel_for.)"""
     from llm.formats import AQLMLinear
+    from llm.cuda_kernel import MAX_PARTS
 
     if not all(isinstance(layer, AQLMLinear) for layer in layers):
         return "not all AQLM layers"
@@ -86,10 +89,6 @@ def fusable(layers: list) -> Optional[str]:
         return f"more than {MAX_PARTS} layers"
     if any(layer.fmt != first.fmt or layer.in_features != first.in_features for layer in layers):
         return "different formats or input sizes"
-    if first.fmt.bits != 8 or first.fmt.group_size != 8:
-        return "not 256-entry codebooks of groups of 8"
-    if any(layer.out_features % BLOCK_ROWS for layer in layers[:-1]):
-        return f"output sizes {[layer.out_features for layer in layers]} not multiples of {BLOCK_ROWS}"
     if len({layer.bias is None for layer in layers}) > 1:
         return "some with a bias, some without"
     if len({(layer.codebooks.device, layer.codebooks.dtype) for layer in layers}) > 1:

@@ -108,9 +108,9 @@ def compiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor,
     """The kernel path as one operator that torch.compile leaves opaque (the kernel is chosen when it
     runs); where no kernel applies, the reference product. part_rows: several layers in one launch."""
     if part_rows is not None:
-        if grouped_kernel_applies(x, codes, codebooks, scales, part_rows):
-            from llm import cuda_kernel
-            return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
+        kind = grouped_kernel_for(x, codes, codebooks, scales, part_rows)
+        if kind is not None:
+            return _run_grouped(kind, x, codes, codebooks, scales, bias, part_rows)
         return reference_matmul(x, codes, codebooks, scales, bias, part_rows)
     kind = kernel_for_tensors(x, codes, codebooks, scales)
     if kind is not None:
@@ -124,23 +124,39 @@ def _(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optiona
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
-def grouped_kernel_applies(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, part_rows: List[int]) -> bool:
-    """Whether several layers' product (llm.fuse) runs as one CUDA kernel launch on x: the kernels are on
-    and the CUDA kernel takes these tensors."""
+def grouped_kernel_for(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, part_rows: List[int]) -> Optional[str]:
+    """'cuda', 'triton' or None: the kernel for several layers' product in one launch on x (llm.fuse).
+    The choice of kernel_for_tensors, where the CUDA kernel also needs every layer but the last to have a
+    multiple of its 128-row blocks and 256-entry codebooks."""
     if not (_enabled and x.is_cuda):
-        return False
+        return None
     from llm import cuda_kernel
 
-    return cuda_kernel.supports(x, codes, codebooks, scales) and cuda_kernel.load() is not None
+    tokens = x.numel() // max(x.shape[-1], 1)
+    bits = codebooks.shape[-2].bit_length() - 1
+    one_token_triton = tokens == 1 and (bits > 8 or x.shape[-1] * codes.shape[0] < CUDA_MIN_WEIGHTS_ONE_TOKEN)
+    if (not (one_token_triton and _HAS_TRITON) and not any(r % cuda_kernel.BLOCK_ROWS for r in part_rows[:-1])
+            and cuda_kernel.supports(x, codes, codebooks, scales) and cuda_kernel.load() is not None):
+        return "cuda"
+    return "triton" if _HAS_TRITON else None
 
 
-def grouped_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+def _run_grouped(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+                 part_rows: List[int]) -> Tensor:
+    if kind == "cuda":
+        from llm import cuda_kernel
+        return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
+    from llm.triton_kernel import aqlm_matmul
+    return aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
+
+
+def grouped_matmul(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
                    part_rows: List[int]) -> Tensor:
-    """Several layers' outputs side by side in one launch (llm.fuse); one opaque operator under torch.compile."""
+    """Several layers' outputs side by side in one launch of `kind` (llm.fuse); one opaque operator under
+    torch.compile."""
     if torch.compiler.is_compiling():
         return compiled_matmul(x, codes, codebooks, scales, bias, part_rows)
-    from llm import cuda_kernel
-    return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
+    return _run_grouped(kind, x, codes, codebooks, scales, bias, part_rows)
 
 
 def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:

@@ -195,3 +195,24 @@ def test_fused_layers_decode_in_a_cuda_graph_with_one_launch_per_group(compile, 
     assert torch.equal(decoder.generate(prompt, 32), tokens)  # replays of the captured graph
     eager = GreedyDecoder(model, max_len=48, batch_size=2, cuda_graph=False, compile=compile).generate(prompt, 32)
     assert torch.equal(tokens, eager)  # the same kernels in the same order: the same tokens
+
+
+@pytest.mark.parametrize("rows,n_in,tokens,kind", [((576, 192, 192), 576, 1, "triton"), ((576, 192, 192), 576, 4, "triton"),
+                                                   ((4096, 4096, 4096), 4096, 1, "cuda"), ((256, 256), 256, 1, "triton"),
+                                                   ((256, 256), 256, 4, "cuda"), ((256, 256), 256, 16, "cuda")])
+def test_the_shared_launch_is_the_cuda_kernels_where_it_can_be_and_tritons_elsewhere(rows, n_in, tokens, kind):
+    """As for one layer: Triton for one token of small layers; also where a layer but the last has rows
+    that are not a multiple of the CUDA kernel's 128-row blocks (SmolLM2's 576, 192, 192)."""
+    from llm import kernels
+    from llm.fuse import SharedInputGroup
+    from test_llm_kernels import random_layer, reference, rel_err
+
+    layers = [random_layer("2x8g8", n_in, r, True, i, "cuda") for i, r in enumerate(rows)]
+    x = torch.randn(tokens, n_in, device="cuda")
+    expected = [reference(layer, x) for layer in layers]
+    layers, x = [layer.to(torch.bfloat16) for layer in layers], x.bfloat16()
+    group = SharedInputGroup(layers)
+    assert kernels.grouped_kernel_for(x, group.codes, group.codebooks, group.scales, group.rows) == kind
+    y = kernels.grouped_matmul(kind, x, group.codes, group.codebooks, group.scales, group.bias, group.rows)
+    for part, want in zip(y.split(group.rows, dim=-1), expected):
+        assert rel_err(part, want) < 1e-2

@@ -6,12 +6,14 @@ import copy
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from llm import cuda_kernel, kernels
 from llm.formats import AQLMLinear
 from llm.fuse import GATE_UP, QKV, fusable, fuse_shared_inputs
 from llm.generate import GreedyDecoder, greedy_reference
-from test_llm_kernels import quantized_tiny, random_layer, reference, rel_err
+from test_llm_kernels import err_vs_magnitude, needs_triton, quantized_tiny, random_layer, reference, rel_err
 
 FUSABLE = dict(hidden=128, intermediate=256)  # q, k, v of 128 rows and gate, up of 256: multiples of 128
 
@@ -41,7 +43,7 @@ def launches(monkeypatch) -> list:
         calls.append(list(part_rows))
         return kernels.reference_matmul(x, codes, codebooks, scales, bias, part_rows)
 
-    monkeypatch.setattr(kernels, "grouped_kernel_applies", lambda *a: True)
+    monkeypatch.setattr(kernels, "grouped_kernel_for", lambda *a: "cuda")
     monkeypatch.setattr(cuda_kernel, "aqlm_matmul", launch)
     return calls
 
@@ -96,10 +98,10 @@ def test_a_layer_asked_alone_or_with_another_input_still_gives_its_product(launc
 def test_layers_that_cannot_share_a_launch_say_why_and_are_left_alone():
     gqa = quantized_tiny("mistral", "2x8g8", hidden=128, intermediate=256, kv_heads=2)  # k, v: 64 rows
     attn = gqa.model.layers[0].self_attn
-    assert "multiples of 128" in fusable([attn.q_proj, attn.k_proj, attn.v_proj])
-    assert fuse_shared_inputs(gqa, (QKV, GATE_UP)) == 2  # gate/up only
-    assert attn.q_proj.shared_input is None
-    assert "256-entry" in fusable([random_layer("1x16g8", 64, 128, False, i) for i in range(2)])
+    assert fusable([attn.q_proj, attn.k_proj, attn.v_proj]) is None  # the launch is Triton's where CUDA's cannot
+    assert fuse_shared_inputs(gqa) == 2
+    assert attn.o_proj.shared_input is None and attn.q_proj.shared_input is attn.v_proj.shared_input
+    assert "more than 4" in fusable([random_layer("2x8g8", 64, 128, False, i) for i in range(5)])
     assert "bias" in fusable([random_layer("2x8g8", 64, 128, b, 0) for b in (True, False)])
     assert "input sizes" in fusable([random_layer("2x8g8", n, 128, False, 0) for n in (64, 128)])
     with pytest.raises(ValueError, match="multiple of 128"):  # the kernel's own check, before any launch
@@ -125,4 +127,24 @@ def test_a_model_cast_after_fusing_runs_each_layer_alone(launches):
     with torch.no_grad():
         logits = model(prompt).logits
     assert logits.dtype == torch.float64 and launches == []
+
+
+@needs_triton
+@given(st.sampled_from(["1x16g8", "2x8g8", "3x4g2"]), st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       st.sampled_from([1, 3, 16]), st.booleans(), st.integers(0, 10_000))
+@example("2x8g8", [5, 6], 1, False, 0)  # the tile's rows past the last layer read its codebooks, not past them
+def test_one_triton_launch_gives_each_layers_product(fmt, rows, tokens, bias, seed):
+    """Any row counts (the Triton kernel picks each row's codebooks, not each block's); Triton's interpreter."""
+    from llm.triton_kernel import aqlm_matmul
+
+    layers = [random_layer(fmt, 32, r, bias, seed + i) for i, r in enumerate(rows)]
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed))
+    y = aqlm_matmul(x, torch.cat([m.codes for m in layers]), torch.stack([m.codebooks for m in layers]),
+                    torch.cat([m.scales for m in layers]), torch.cat([m.bias for m in layers]) if bias else None,
+                    block_n=16, block_j=4, part_rows=rows)
+    assert y.shape == (tokens, sum(rows))
+    for layer, part in zip(layers, y.split(rows, dim=-1)):
+        assert err_vs_magnitude(layer, x, part) < 1e-6
+    with pytest.raises(ValueError, match="part_rows"):
+        aqlm_matmul(x, layers[0].codes, layers[0].codebooks, layers[0].scales, part_rows=[rows[0], 1])
 
