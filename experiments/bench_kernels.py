@@ -207,13 +207,13 @@ def bench_grouped_case(fmt_s: str, name: str, n_in: int, rows: list, T: int, l2:
     groups = [SharedInputGroup(layers) for layers in sets]  # the layers' tensors become views of the group's
 
     kind = [kernels.kernel_for_tensors(x, L.codes, L.codebooks, L.scales) for L in first]
-    group_kind = kernels.grouped_kernel_for(x, groups[0].codes, groups[0].codebooks, groups[0].scales, rows)
+    group_kind = kernels.kernel_for_tensors(x, groups[0].codes, groups[0].codebooks, groups[0].scales, rows)
 
     def separate(layers: list) -> list:
         return [kernels._run(k, x, L.codes, L.codebooks, L.scales, None) for k, L in zip(kind, layers)]
 
     def grouped(g) -> torch.Tensor:
-        return kernels.grouped_matmul(group_kind, x, g.codes, g.codebooks, g.scales, None, g.rows)
+        return kernels._run(group_kind, x, g.codes, g.codebooks, g.scales, None, g.rows)
 
     ref = torch.cat([F.linear(x.float(), L.as_param().decode()) for L in first], dim=-1)
     t_sep = graph_time_per_call([(lambda s=s: separate(s)) for s in sets])

@@ -7,7 +7,7 @@ are as large as its work at one token, and a larger launch spreads them over mor
 and scales concatenated by rows, codebooks stacked; each layer's tensors become views into them, so no
 memory is added) and lets the first layer's forward multiply all of them in one launch (the `part_rows`
 of `llm.cuda_kernel.aqlm_matmul`, or of the Triton kernel's where the CUDA kernel does not apply:
-`llm.kernels.grouped_kernel_for`); the others return their slice of that output. Only decoding-sized
+`llm.kernels.kernel_for_tensors`); the others return their slice of that output. Only decoding-sized
 inference on the GPU takes this path; everything else (training, prefill, the CPU) runs each layer as
 before on the same tensors. For inference only: the layers' tensors share
 storage afterwards, so move, cast and save a model before fusing it (a model moved or cast afterwards runs
@@ -63,10 +63,9 @@ class SharedInputGroup:
         if i == 0 or self._x is not x:
             if x.device != self.codes.device or x.dtype != self.codebooks.dtype:
                 return None  # the model was moved or cast after fusing: its layers no longer view these tensors
-            kind = kernels.grouped_kernel_for(x, self.codes, self.codebooks, self.scales, self.rows)
-            if kind is None:
+            y = kernels.matmul(x, self.codes, self.codebooks, self.scales, self.bias, self.rows)
+            if y is None:
                 return None
-            y = kernels.grouped_matmul(kind, x, self.codes, self.codebooks, self.scales, self.bias, self.rows)
             self._x, self._outputs = x, y.split(self.rows, dim=-1)
         out = self._outputs[i]
         if i == len(self.layers) - 1:  # the last reader: let go of the input and outputs
@@ -78,7 +77,7 @@ def fusable(layers: list) -> Optional[str]:
     """Why these layers cannot share a launch, or None: AQLM layers of one format and input size, at most
     MAX_PARTS of them, all with or all without a bias, on one device and dtype. (The CUDA kernel also needs
     256-entry codebooks and every layer but the last with a multiple of 128 rows; where it cannot, the
-    shared launch is the Triton kernel's: llm.kernels.grouped_kernel_for.)"""
+    shared launch is the Triton kernel's: llm.kernels.kernel_for_tensors.)"""
     from llm.formats import AQLMLinear
     from llm.cuda_kernel import MAX_PARTS
 

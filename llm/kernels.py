@@ -58,31 +58,37 @@ def _wants_kernel(layer, x: Tensor) -> bool:
     return x.numel() // max(x.shape[-1], 1) <= MAX_TOKENS
 
 
-def kernel_for_tensors(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Optional[str]:
-    """The kernel for x times the weight that codes (out, in/g, M), codebooks (M, K, g) and scales give."""
+def kernel_for_tensors(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor,
+                       part_rows: Optional[List[int]] = None) -> Optional[str]:
+    """The kernel for x times the weight that codes (out, in/g, M), codebooks (M, K, g) and scales give.
+    part_rows: several layers in one launch (llm.fuse; codebooks (layers, M, K, g)): the CUDA kernel also
+    needs every layer but the last to fill whole 128-row blocks, and no CPU kernel takes them."""
     tokens = x.numel() // max(x.shape[-1], 1)
-    bits = codebooks.shape[1].bit_length() - 1
+    bits = codebooks.shape[-2].bit_length() - 1
     weights = x.shape[-1] * codes.shape[0]
     if x.is_cuda:
         from llm import cuda_kernel
 
         one_token_triton = tokens == 1 and (bits > 8 or weights < CUDA_MIN_WEIGHTS_ONE_TOKEN)
-        if (not (one_token_triton and _HAS_TRITON) and cuda_kernel.supports(x, codes, codebooks, scales)
+        whole_blocks = part_rows is None or not any(r % cuda_kernel.BLOCK_ROWS for r in part_rows[:-1])
+        if (not (one_token_triton and _HAS_TRITON) and whole_blocks and cuda_kernel.supports(x, codes, codebooks, scales)
                 and cuda_kernel.load() is not None):
             return "cuda"
         return "triton" if _HAS_TRITON else None
-    if x.device.type == "cpu" and _HAS_NUMBA and bits <= 8 and (tokens == 1 or weights >= LUT_MIN_WEIGHTS):
+    if (part_rows is None and x.device.type == "cpu" and _HAS_NUMBA and bits <= 8
+            and (tokens == 1 or weights >= LUT_MIN_WEIGHTS)):
         return "lut"
     return None
 
 
-def _run(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _run(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+         part_rows: Optional[List[int]] = None) -> Tensor:
     if kind == "cuda":
         from llm import cuda_kernel
-        return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias)
+        return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
     if kind == "triton":
         from llm.triton_kernel import aqlm_matmul
-        return aqlm_matmul(x, codes, codebooks, scales, bias)
+        return aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
     from llm.lut_kernel import aqlm_matmul_lut
     return aqlm_matmul_lut(x, codes, codebooks, scales, bias)
 
@@ -107,15 +113,10 @@ def compiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor,
                     part_rows: Optional[List[int]] = None) -> Tensor:
     """The kernel path as one operator that torch.compile leaves opaque (the kernel is chosen when it
     runs); where no kernel applies, the reference product. part_rows: several layers in one launch."""
-    if part_rows is not None:
-        kind = grouped_kernel_for(x, codes, codebooks, scales, part_rows)
-        if kind is not None:
-            return _run_grouped(kind, x, codes, codebooks, scales, bias, part_rows)
-        return reference_matmul(x, codes, codebooks, scales, bias, part_rows)
-    kind = kernel_for_tensors(x, codes, codebooks, scales)
+    kind = kernel_for_tensors(x, codes, codebooks, scales, part_rows)
     if kind is not None:
-        return _run(kind, x, codes, codebooks, scales, bias)
-    return reference_matmul(x, codes, codebooks, scales, bias)
+        return _run(kind, x, codes, codebooks, scales, bias, part_rows)
+    return reference_matmul(x, codes, codebooks, scales, bias, part_rows)
 
 
 @compiled_matmul.register_fake
@@ -124,39 +125,15 @@ def _(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optiona
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
-def grouped_kernel_for(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, part_rows: List[int]) -> Optional[str]:
-    """'cuda', 'triton' or None: the kernel for several layers' product in one launch on x (llm.fuse).
-    The choice of kernel_for_tensors, where the CUDA kernel also needs every layer but the last to have a
-    multiple of its 128-row blocks and 256-entry codebooks."""
-    if not (_enabled and x.is_cuda):
-        return None
-    from llm import cuda_kernel
-
-    tokens = x.numel() // max(x.shape[-1], 1)
-    bits = codebooks.shape[-2].bit_length() - 1
-    one_token_triton = tokens == 1 and (bits > 8 or x.shape[-1] * codes.shape[0] < CUDA_MIN_WEIGHTS_ONE_TOKEN)
-    if (not (one_token_triton and _HAS_TRITON) and not any(r % cuda_kernel.BLOCK_ROWS for r in part_rows[:-1])
-            and cuda_kernel.supports(x, codes, codebooks, scales) and cuda_kernel.load() is not None):
-        return "cuda"
-    return "triton" if _HAS_TRITON else None
-
-
-def _run_grouped(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
-                 part_rows: List[int]) -> Tensor:
-    if kind == "cuda":
-        from llm import cuda_kernel
-        return cuda_kernel.aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
-    from llm.triton_kernel import aqlm_matmul
-    return aqlm_matmul(x, codes, codebooks, scales, bias, part_rows=part_rows)
-
-
-def grouped_matmul(kind: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
-                   part_rows: List[int]) -> Tensor:
-    """Several layers' outputs side by side in one launch of `kind` (llm.fuse); one opaque operator under
-    torch.compile."""
+def matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor],
+           part_rows: Optional[List[int]] = None) -> Optional[Tensor]:
+    """x times the weight through the kernel that applies (part_rows: several layers' outputs side by side
+    from one launch), or None where none does. Under torch.compile, one opaque operator that picks the
+    kernel when it runs (`compiled_matmul`)."""
     if torch.compiler.is_compiling():
         return compiled_matmul(x, codes, codebooks, scales, bias, part_rows)
-    return _run_grouped(kind, x, codes, codebooks, scales, bias, part_rows)
+    kind = kernel_for_tensors(x, codes, codebooks, scales, part_rows)
+    return None if kind is None else _run(kind, x, codes, codebooks, scales, bias, part_rows)
 
 
 def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
@@ -168,7 +145,4 @@ def aqlm_forward(layer, x: Tensor) -> Optional[Tensor]:
         y = layer.shared_input.output(layer, x)
         if y is not None:
             return y
-    if torch.compiler.is_compiling():
-        return compiled_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
-    kind = kernel_for_tensors(x, layer.codes, layer.codebooks, layer.scales)
-    return None if kind is None else _run(kind, x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    return matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)

@@ -212,7 +212,7 @@ def test_the_shared_launch_is_the_cuda_kernels_where_it_can_be_and_tritons_elsew
     expected = [reference(layer, x) for layer in layers]
     layers, x = [layer.to(torch.bfloat16) for layer in layers], x.bfloat16()
     group = SharedInputGroup(layers)
-    assert kernels.grouped_kernel_for(x, group.codes, group.codebooks, group.scales, group.rows) == kind
-    y = kernels.grouped_matmul(kind, x, group.codes, group.codebooks, group.scales, group.bias, group.rows)
+    assert kernels.kernel_for_tensors(x, group.codes, group.codebooks, group.scales, group.rows) == kind
+    y = kernels.matmul(x, group.codes, group.codebooks, group.scales, group.bias, group.rows)
     for part, want in zip(y.split(group.rows, dim=-1), expected):
         assert rel_err(part, want) < 1e-2

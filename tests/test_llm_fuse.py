@@ -43,7 +43,9 @@ def launches(monkeypatch) -> list:
         calls.append(list(part_rows))
         return kernels.reference_matmul(x, codes, codebooks, scales, bias, part_rows)
 
-    monkeypatch.setattr(kernels, "grouped_kernel_for", lambda *a: "cuda")
+    one_layer = kernels.kernel_for_tensors
+    monkeypatch.setattr(kernels, "kernel_for_tensors",
+                        lambda x, c, b, s, part_rows=None: "cuda" if part_rows is not None else one_layer(x, c, b, s))
     monkeypatch.setattr(cuda_kernel, "aqlm_matmul", launch)
     return calls
 
