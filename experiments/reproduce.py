@@ -177,10 +177,12 @@ def kernels(a) -> None:
         "--out", str(a.out / "gpu_matvec.json"))
     run("-m", "experiments.bench_kernels", "--device", "cuda", "--shapes", "smollm2", "--tokens", "1,8",
         "--out", str(a.out / "gpu_matvec_smollm2.json"))
+    run("-m", "experiments.bench_kernels", "--device", "cuda", "--grouped", "--formats", "2x8g8,1x8g8", "--tokens", "1,4,16",
+        "--out", str(a.out / "gpu_matvec_one_launch_shared_input.json"))
     models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the shapes
     run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", *models, "--batch", "1,8", "--new-tokens", "64",
         "--reference-tokens", "16", "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
-    run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", "--formats", "2x8g8,1x8g8", "--compile",
+    run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", "--formats", "2x8g8,1x8g8", "--compile", "--fuse",
         "--new-tokens", "64", "--reference-tokens", "8", "--device", "cuda", "--out", str(a.out / "gpu_decode_compiled.json"))
 
 

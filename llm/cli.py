@@ -325,6 +325,10 @@ def cmd_generate(a) -> None:
     dev = _device(a.device)
     model, tok_dir = _load_model_or_checkpoint(a.model, a.base, dev)
     prepare_for_inference(model, torch.bfloat16 if a.bf16 else None)
+    fused = 0
+    if a.fuse:
+        from llm.fuse import fuse_shared_inputs
+        fused = fuse_shared_inputs(model)
     tok = load_tokenizer(tok_dir)
     prompt = torch.tensor([tok.encode(a.prompt, add_special_tokens=False)], dtype=torch.long)
     if prompt.numel() == 0:
@@ -337,7 +341,7 @@ def cmd_generate(a) -> None:
     out = decoder.generate(prompt, a.new_tokens)
     print(tok.decode(out[0].tolist(), skip_special_tokens=True))
     print(json.dumps({"model": str(a.model), "new_tokens": a.new_tokens, "cuda_graph": decoder.cuda_graph,
-                      "tokens_per_s": round(1 / decoder.last_seconds_per_token, 1)}), file=sys.stderr)
+                      "fused_launches": fused, "tokens_per_s": round(1 / decoder.last_seconds_per_token, 1)}), file=sys.stderr)
 
 
 def cmd_export(a) -> None:
@@ -502,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model of a checkpoint (default: the one it names)")
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (codebooks too)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode without capturing a CUDA graph")
+    p.add_argument("--fuse", action="store_true",
+                   help="multiply each block's q, k and v in one GPU kernel launch (llm.fuse; docs/kernels.md)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.set_defaults(fn=cmd_generate)
 
