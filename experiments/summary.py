@@ -159,6 +159,9 @@ HEADLINES += [(f"kernels: one launch for {layers} at the 7B shapes, {fmt}, 1 tok
                case_value("kernels/gpu_matvec_one_launch_shared_input.json", "one_launch_speedup", format=fmt,
                           layers=layers, tokens=1))
               for fmt in ("2x8g8", "1x8g8") for layers in ("q,k,v", "gate,up")]
+HEADLINES += [(f"kernels: CUDA kernel {fmt}, one token, fitted {what} (microseconds)", "kernels/time_model_one_token.json",
+               key("kernels/time_model_one_token.json", "formats", fmt, what))
+              for fmt in ("2x8g8", "1x8g8") for what in ("fixed_us", "us_per_slab")]
 
 
 def build() -> list:

@@ -420,13 +420,18 @@ def _device_properties(device: torch.device):
 
 
 def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float) -> tuple:
+    """(splits, chunk_slabs) for a launch on `device` (split_plan with its SMs)."""
+    return split_plan(n_out, n_groups, tokens, blocks_per_sm * _device_properties(device).multi_processor_count)
+
+
+def split_plan(n_out: int, n_groups: int, tokens: int, slots: float) -> tuple:
     """(splits, chunk_slabs): the input groups are cut into `splits` chunks of `chunk_slabs` super-slabs
-    of 32 groups, so that row blocks x splits fills at most blocks_per_sm blocks per SM (one wave: a
-    second, partly filled wave would cost as much as the first) and a chunk's activations fit in
+    of 32 groups, so that row blocks x splits fills at most `slots` blocks (blocks per SM x SMs: one wave;
+    a second, partly filled wave would cost as much as the first) and a chunk's activations fit in
     X_SHARED_BYTES."""
     row_blocks = math.ceil(n_out / BLOCK_ROWS)
     slabs = math.ceil(n_groups / SLAB_GROUPS)
-    splits = min(slabs, max(1, int(blocks_per_sm * _device_properties(device).multi_processor_count) // row_blocks))
+    splits = min(slabs, max(1, int(slots) // row_blocks))
     chunk = min(math.ceil(slabs / splits), max(1, X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)))
     return math.ceil(slabs / chunk), chunk
 

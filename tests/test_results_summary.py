@@ -350,3 +350,17 @@ def test_pv_with_a_p_warmup_is_a_row_of_its_own_merged_beside_pv_and_paired_on_i
     assert (tmp_path / "r.png").stat().st_size > 0
     with pytest.raises(ValueError, match="'pv_warmup' is in two"):
         merge([_with_p_warmup(_summary("vq9g8", 40.0, pv=10.5)), _with_p_warmup(_summary("vq9g8", 40.0, pv=10.4))])
+
+
+def test_the_kernel_time_model_is_refitted_from_the_committed_measurements(tmp_path):
+    from pathlib import Path
+
+    from experiments.kernel_time_model import main as fit_kernel_times
+
+    fit_kernel_times(["--out", str(tmp_path / "fit.json")])
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "results" / "kernels" / "time_model_one_token.json"
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit == json.loads(committed.read_text())
+    for r in fit["formats"].values():  # the model explains every call it was fitted on
+        assert all(abs(c["fitted_us"] - c["measured_us"]) < 0.5 for c in r["calls"])
+
