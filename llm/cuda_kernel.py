@@ -459,8 +459,8 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     BLOCK_ROWS); the output is the layers' outputs side by side."""
     N, J, M = codes.shape
     part_rows = list(part_rows) if part_rows is not None else [N]
-    if codebooks.dim() == 4 and len(part_rows) != codebooks.shape[0]:
-        raise ValueError(f"{codebooks.shape[0]} layers' codebooks for {len(part_rows)} row counts")
+    if (codebooks.shape[0] if codebooks.dim() == 4 else 1) != len(part_rows):
+        raise ValueError(f"codebooks {tuple(codebooks.shape)} are not one set per layer of rows {part_rows}")
     if sum(part_rows) != N or any(r % BLOCK_ROWS for r in part_rows[:-1]):
         raise ValueError(f"rows {part_rows} must add up to {N}, each but the last a multiple of {BLOCK_ROWS}")
     x2 = x.reshape(-1, x.shape[-1])

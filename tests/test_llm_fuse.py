@@ -110,6 +110,9 @@ def test_layers_that_cannot_share_a_launch_say_why_and_are_left_alone():
         layer = random_layer("2x8g8", 64, 200, False, 0)
         cuda_kernel.aqlm_matmul(torch.randn(1, 64), torch.cat([layer.codes] * 2),
                                 torch.stack([layer.codebooks] * 2), torch.cat([layer.scales] * 2), part_rows=[200, 200])
+    with pytest.raises(ValueError, match="one set per layer"):  # two layers' rows, one layer's codebooks
+        cuda_kernel.aqlm_matmul(torch.randn(1, 64), torch.cat([layer.codes] * 2), layer.codebooks,
+                                torch.cat([layer.scales] * 2), part_rows=[256, 144])
 
 
 def test_the_grouped_reference_product_is_each_layers_product_side_by_side():
