@@ -1,7 +1,7 @@
 """One decoding launch for the layers that read the same input (llm.fuse): the same outputs as each layer
-alone, no memory added, and every other path untouched. On the CPU the launch is the reference product
-(decode each layer's weight with its own codebooks); the CUDA kernel's grouped launch is checked in
-tests/test_llm_cuda.py."""
+alone, no memory added, and every other path untouched. In the model tests on the CPU the launch is the
+reference product (each layer's weight decoded with its own codebooks); the Triton kernel's shared launch runs
+here in Triton's interpreter, the CUDA kernel's in tests/test_llm_cuda.py."""
 import copy
 
 import pytest
