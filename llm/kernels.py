@@ -4,7 +4,8 @@ Inference on at most MAX_TOKENS tokens (decoding) skips the dense weight. On CUD
 kernel for 1 to 16 bf16 tokens of groups of 8 with 8- or 16-bit codes (1x8g8, 2x8g8, 1x16g8, ...;
 `llm.cuda_kernel`, where it builds), the Triton kernel otherwise (`llm.triton_kernel`). On the CPU:
 lookup tables for codebooks of <= 256 entries (`llm.lut_kernel`; for small layers only at one token,
-where they beat decoding: experiments/results/kernels/cpu_matvec.json).
+where they beat decoding: experiments/results/kernels/cpu_matvec.json). Layers that read the same input
+(llm.fuse) may share one launch of a GPU kernel (`part_rows`).
 Everything else (training, where autograd needs the decoded weight; prefill and evaluation, where
 many tokens make the dense product cheap per token) decodes W and calls F.linear.
 `set_enabled(False)` or PVTUNING_KERNELS=0 forces the reference path everywhere.
