@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from llm.cuda_kernel import blocks_per_sm_for, split_plan
+from llm.formats import QuantFormat
 from pvtheory.io import write_json
 
 RESULTS = Path(__file__).parent / "results" / "kernels"
@@ -36,8 +37,8 @@ def calls() -> list:
 
 
 def fit(fmt: str, rows: list) -> dict:
-    M, bits = {"2x8g8": (2, 8), "1x8g8": (1, 8)}[fmt]
-    slots = blocks_per_sm_for(M, 1 << bits) * H200_SMS
+    f = QuantFormat.parse(fmt)
+    slots = blocks_per_sm_for(f.num_codebooks, 1 << f.bits) * H200_SMS
     pts = [(name, split_plan(n_out, groups, 1, slots), us) for f, name, n_out, groups, us in rows if f == fmt]
     A = np.array([[1.0, chunk] for _, (_, chunk), _ in pts])
     y = np.array([us for _, _, us in pts])

@@ -449,6 +449,17 @@ def _workspace_for(device: torch.device, partial_floats: int, row_blocks: int) -
     return partial, counters
 
 
+def layer_rows(n_out: int, codebooks: Tensor, part_rows: Optional[Sequence[int]]) -> list:
+    """The output rows of each layer in a launch: [n_out] for one layer (codebooks (M, K, g)), else part_rows,
+    which must add up to n_out, with one codebook set per layer (codebooks (layers, M, K, g)), MAX_PARTS at most."""
+    rows = [n_out] if part_rows is None else list(part_rows)
+    if ((codebooks.dim() == 4) != (part_rows is not None) or (codebooks.dim() == 4 and codebooks.shape[0] != len(rows))
+            or sum(rows) != n_out or len(rows) > MAX_PARTS):
+        raise ValueError(f"part_rows {part_rows} do not fit codes of {n_out} rows and codebooks {tuple(codebooks.shape)} "
+                         f"(up to {MAX_PARTS} layers, one set per layer)")
+    return rows
+
+
 def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
                 blocks_per_sm: Optional[float] = None, part_rows: Optional[Sequence[int]] = None) -> Tensor:
     """x (..., in) with 1 to 16 tokens times the AQLM weight given by codes (out, in/8, M), codebooks
@@ -458,11 +469,9 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     rows, codebooks (layers, M, 256, 8) stacked, part_rows their rows (each but the last a multiple of
     BLOCK_ROWS); the output is the layers' outputs side by side."""
     N, J, M = codes.shape
-    part_rows = list(part_rows) if part_rows is not None else [N]
-    if (codebooks.shape[0] if codebooks.dim() == 4 else 1) != len(part_rows):
-        raise ValueError(f"codebooks {tuple(codebooks.shape)} are not one set per layer of rows {part_rows}")
-    if sum(part_rows) != N or any(r % BLOCK_ROWS for r in part_rows[:-1]):
-        raise ValueError(f"rows {part_rows} must add up to {N}, each but the last a multiple of {BLOCK_ROWS}")
+    part_rows = layer_rows(N, codebooks, part_rows)
+    if any(r % BLOCK_ROWS for r in part_rows[:-1]):
+        raise ValueError(f"rows {part_rows}: each but the last must be a multiple of {BLOCK_ROWS}")
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
     splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[-2], blocks_per_sm))

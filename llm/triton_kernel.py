@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from llm.cuda_kernel import MAX_PARTS  # layers in one launch at most (the kernel takes MAX_PARTS - 1 bounds)
+from llm.cuda_kernel import MAX_PARTS, layer_rows  # the kernel takes MAX_PARTS - 1 bounds
 
 MAX_TOKENS = 16
 
@@ -83,11 +83,7 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     concatenated by rows, codebooks (layers, M, K, g), part_rows their rows; their outputs side by side."""
     N, J, M = codes.shape
     K, G = codebooks.shape[-2:]
-    ends = list(itertools.accumulate(part_rows)) if part_rows is not None else [N]
-    if ends[-1] != N or len(ends) > MAX_PARTS or (codebooks.dim() == 4) != (part_rows is not None) or \
-            (part_rows is not None and len(ends) != codebooks.shape[0]):
-        raise ValueError(f"aqlm_matmul: part_rows {part_rows} do not fit codes {tuple(codes.shape)} and codebooks "
-                         f"{tuple(codebooks.shape)} (up to {MAX_PARTS} layers, one codebook set each)")
+    ends = list(itertools.accumulate(layer_rows(N, codebooks, part_rows)))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     T = x2.shape[0]
