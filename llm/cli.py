@@ -326,7 +326,7 @@ def cmd_generate(a) -> None:
     model, tok_dir = _load_model_or_checkpoint(a.model, a.base, dev)
     prepare_for_inference(model, torch.bfloat16 if a.bf16 else None)
     fused = 0
-    if a.fuse:
+    if not a.no_fuse:  # the model is only decoded here: its layers may share storage
         from llm.fuse import fuse_shared_inputs
         fused = fuse_shared_inputs(model)
     tok = load_tokenizer(tok_dir)
@@ -337,7 +337,8 @@ def cmd_generate(a) -> None:
     if limit and prompt.shape[1] + a.new_tokens > limit:
         raise ValueError(f"the prompt ({prompt.shape[1]} tokens) + --new-tokens {a.new_tokens} exceed the model's "
                          f"{limit} positions: ask for fewer tokens")
-    decoder = GreedyDecoder(model, prompt.shape[1] + a.new_tokens, cuda_graph=False if a.no_cuda_graph else None)
+    decoder = GreedyDecoder(model, prompt.shape[1] + a.new_tokens, cuda_graph=False if a.no_cuda_graph else None,
+                            compile=a.compile)
     out = decoder.generate(prompt, a.new_tokens)
     print(tok.decode(out[0].tolist(), skip_special_tokens=True))
     print(json.dumps({"model": str(a.model), "new_tokens": a.new_tokens, "cuda_graph": decoder.cuda_graph,
@@ -506,8 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model of a checkpoint (default: the one it names)")
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (codebooks too)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode without capturing a CUDA graph")
-    p.add_argument("--fuse", action="store_true",
-                   help="multiply each block's q, k and v in one GPU kernel launch (llm.fuse; docs/kernels.md)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="one GPU kernel launch per layer (default: each block's q, k and v in one; llm.fuse)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: about 20 s to compile, then 1.4-2.1x the tokens/s on an H200 (docs/kernels.md)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.set_defaults(fn=cmd_generate)
 
