@@ -50,6 +50,7 @@ _SOURCE = r"""
 #endif
 constexpr int WARPS = 8;            // warps per block, 16 output rows each
 constexpr int BLOCK_ROWS = WARPS * 16;
+constexpr int MAX_TOKENS_ = 16;
 // Layers that read the same input (q, k, v; gate, up) may be multiplied in one launch: their codes and
 // scales concatenated by rows, their codebooks stacked. end[p] is the last row + 1 of layer p; every
 // layer but the last has a multiple of BLOCK_ROWS rows, so a row block reads one layer's codebooks.
@@ -151,8 +152,6 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
   const long long total = (long long)((N + BLOCK_ROWS - 1) / BLOCK_ROWS) * S, blocks = gridDim.x;
   auto first_unit = [&](long long b) { return (int)(b * total / blocks); };
   auto owner = [&](long long u) { return (int)(((u + 1) * blocks - 1) / total); };  // the block whose range holds u
-  // partials of block b for row block r: slot 0 if r is where b's range starts, 1 if where it ends
-  auto slot_of = [&](int b, int r) { return first_unit(b) >= r * S ? 0 : 1; };
   const int u0 = first_unit(blockIdx.x), u1 = first_unit(blockIdx.x + 1);
   auto layer_of = [&](int r) {  // the layer whose codebooks row block r reads (one launch for several layers)
     int p = 0;
@@ -249,7 +248,7 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
     }
     // the end of this block's share of row block r: all of it (write y) or a part (write float32 partials)
     const bool whole = seg_first == 0 && s == S - 1;
-    const int slot = r == u0 / S ? 0 : 1;  // as slot_of(blockIdx.x, r)
+    const int slot = r == u0 / S ? 0 : 1;  // partials of the row block where the range starts: 0; where it ends: 1
     if (!whole) (slot ? partial_last : partial_first) = r;
     // acc[.][nt][2h + q]: row r * BLOCK_ROWS + warp * 16 + g + 8h, token 8nt + 2t + q
 #pragma unroll
@@ -294,16 +293,31 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
       is_last[k] = rk >= 0 && atomicAdd(counters + rk, 1) == owner((long long)rk * S + S - 1) - owner((long long)rk * S);
     }
   __syncthreads();
+  constexpr int PER_THREAD = MAX_TOKENS_ * BLOCK_ROWS / (WARPS * 32);  // partial sums a thread adds up
   for (int k = 0; k < 2; ++k) {
     if (!is_last[k]) continue;
     __threadfence();
     const int rk = k ? partial_last : partial_first, b0 = owner((long long)rk * S), b1 = owner((long long)rk * S + S - 1);
-    for (int i = tid; i < T * BLOCK_ROWS; i += blockDim.x) {
-      const int token = i / BLOCK_ROWS, local = i % BLOCK_ROWS, row = rk * BLOCK_ROWS + local;
-      if (row >= N) continue;
-      float v = 0.f;
-      for (int b = b0; b <= b1; ++b) v += __ldcg(partial + (((size_t)b * 2 + slot_of(b, rk)) * T + token) * BLOCK_ROWS + local);
-      float out = v * __bfloat162float(scales[row]);
+    const int slot0 = first_unit(b0) < rk * S;  // b0's range starts before row block rk; every later block's in it
+    float v[PER_THREAD];
+#pragma unroll
+    for (int e = 0; e < PER_THREAD; ++e) v[e] = 0.f;
+    // element i = token * BLOCK_ROWS + local of each block's partials; the loads of several blocks are in flight
+    // at once (no dependence between them), the sums taken in block order
+#pragma unroll 4
+    for (int b = b0; b <= b1; ++b) {
+      const float* p = partial + ((size_t)b * 2 + (b == b0 ? slot0 : 0)) * T * BLOCK_ROWS;
+#pragma unroll
+      for (int e = 0; e < PER_THREAD; ++e) {
+        const int i = tid + e * WARPS * 32;
+        if (i < T * BLOCK_ROWS) v[e] += __ldcg(p + i);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < PER_THREAD; ++e) {
+      const int i = tid + e * WARPS * 32, token = i / BLOCK_ROWS, row = rk * BLOCK_ROWS + i % BLOCK_ROWS;
+      if (i >= T * BLOCK_ROWS || row >= N) continue;
+      float out = v[e] * __bfloat162float(scales[row]);
       if (bias != nullptr) out += __bfloat162float(bias[row]);
       y[(size_t)token * N + row] = __float2bfloat16(out);
     }
