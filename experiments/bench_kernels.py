@@ -156,10 +156,9 @@ def bench_gpu_case(fmt_s: str, n_in: int, n_out: int, T: int, peak_gbs: float, l
         t_cuda, e_cuda = timed(lambda L: cuda_kernel.aqlm_matmul(x, L.codes, L.codebooks, L.scales,
                                                                  blocks_per_sm=blocks_per_sm))
         target = cuda_kernel.split_target(fmt.num_codebooks, 2 ** fmt.bits, blocks_per_sm)
-        blocks, x_slabs = cuda_kernel.plan(n_out, n_in // 8, T, x.device, target)
+        splits, chunk = cuda_kernel.plan(n_out, n_in // 8, T, x.device, target)
         row.update(cuda_us=t_cuda, cuda_relative_error_vs_float32=e_cuda,
-                   cuda_plan={"blocks": blocks, "slabs_per_block": cuda_kernel.slabs_per_block(n_out, n_in // 8, blocks),
-                              "blocks_per_sm": target})
+                   cuda_split={"splits": splits, "chunk_slabs": chunk, "blocks_per_sm": target})
     if kernels.kernel_for(one, x) == "cuda":  # the kernel an AQLMLinear's forward picks
         row.update(kernel="cuda", kernel_us=row["cuda_us"], relative_error_vs_float32=row["cuda_relative_error_vs_float32"])
     first = aqlm_kernel(one)
@@ -293,7 +292,7 @@ def main(argv=None) -> None:
                     help="GPU: only the layers that read one input (q,k,v; gate,up) at --shapes 7b or smollm2 (all: "
                          "both), one launch against one per layer (llm.fuse)")
     ap.add_argument("--blocks-per-sm", type=float, default=None,
-                    help="GPU: the blocks per SM the CUDA kernel's plan aims for (one range of work each) "
+                    help="GPU: the blocks per SM the CUDA kernel's split of the input groups aims for "
                          "(default: what each kernel is built for, llm.cuda_kernel.blocks_per_sm_for)")
     args = ap.parse_args(argv)
     shapes = {"all": LLAMA2_7B_SHAPES + REF_SHAPES + SMOLLM2_SHAPES, "7b": LLAMA2_7B_SHAPES, "ref": REF_SHAPES,
@@ -316,7 +315,7 @@ def main(argv=None) -> None:
         blocks_per_sm = args.blocks_per_sm
         meta = {"device": props.name, "copy_bandwidth_gbs": round(peak, 1), "l2_bytes": props.L2_cache_size,
                 "cuda_kernel_build_error": cuda_kernel.build_error(), "aqlm": aqlm_version(),
-                "plan_blocks_per_sm": blocks_per_sm, "built_blocks_per_sm": cuda_kernel.BLOCKS_PER_SM_OVERRIDE or "per kernel",
+                "split_blocks_per_sm": blocks_per_sm, "built_blocks_per_sm": cuda_kernel.BLOCKS_PER_SM_OVERRIDE or "per kernel",
                 "programmatic_dependent_launch": cuda_kernel.programmatic_dependent_launch(torch.device("cuda"))}
         if args.grouped:
             cases = [(lambda f=f, name=name, n_in=n_in, outs=outs, T=T: bench_grouped_case(

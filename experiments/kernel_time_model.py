@@ -3,22 +3,23 @@ t = F + w x (super-slabs of 32 input groups that each block walks), per format.
 
     python -m experiments.kernel_time_model --out experiments/results/kernels/time_model_one_token.json
 
-Every call of the kernel is one wave of blocks that each walk an equal range of (row block, super-slab)
-units (llm.cuda_kernel.stream_plan), so a call costs a part that does not depend on its work, F (launch,
-codebook fill, the activations' load, the partial sums' epilogue), plus the chain of slabs one block walks.
-Fitted by least squares on the measured calls (programmatic dependent launch, the default): the 7B-shaped
-layers (kernels/gpu_matvec.json) and the shared launches of q, k, v and of gate, up
-(kernels/gpu_matvec_one_launch_shared_input.json), with the plan each had on the 132 SMs of the H200 they ran on.
+Every call of the split-K kernel is one wave (llm.cuda_kernel.split_plan), so a call costs a part that does
+not depend on its work, F (launch, codebook fill, the activations' load, the partial sums' epilogue), plus
+the chain of slabs one block walks. Fitted by least squares on the measured calls (programmatic dependent
+launch, the default): the 7B-shaped layers (kernels/gpu_programmatic_dependent_launch.json) and the shared
+launches of q, k, v and of gate, up (kernels/gpu_matvec_one_launch_shared_input.json), with the split each
+had on the 132 SMs of the H200 they ran on.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
 
-from llm.cuda_kernel import blocks_per_sm_for, slabs_per_block, stream_plan
+from llm.cuda_kernel import blocks_per_sm_for, split_plan
 from llm.formats import QuantFormat
 from pvtheory.io import write_json
 
@@ -28,26 +29,24 @@ H200_SMS = 132
 
 def calls() -> list:
     """(format, name, out rows, input groups, microseconds) of every measured one-token call."""
-    single = json.loads((RESULTS / "gpu_matvec.json").read_text())["cases"]
+    single = json.loads((RESULTS / "gpu_programmatic_dependent_launch.json").read_text())["matvec"]
     shared = json.loads((RESULTS / "gpu_matvec_one_launch_shared_input.json").read_text())["cases"]
-    return ([(c["format"], f"{c['in']}->{c['out']}", c["out"], c["in"] // 8, c["cuda_us"])
-             for c in single if c["tokens"] == 1 and "cuda_us" in c] +
-            [(c["format"], c["layers"], sum(c["out"]), c["in"] // 8, c["one_launch_us"])
-             for c in shared if c["tokens"] == 1 and c["one_launch_kernel"] == "cuda"])
+    return ([(c["format"], f"{c['in']}->{c['out']}", c["out"], c["in"] // 8, statistics.mean(c["cuda_us_with"]))
+             for c in single if c["tokens"] == 1] +
+            [(c["format"], c["layers"], sum(c["out"]), c["in"] // 8, c["one_launch_us"]) for c in shared if c["tokens"] == 1])
 
 
 def fit(fmt: str, rows: list) -> dict:
     f = QuantFormat.parse(fmt)
     slots = blocks_per_sm_for(f.num_codebooks, 1 << f.bits) * H200_SMS
-    pts = [(name, stream_plan(n_out, groups, 1, slots)[0], n_out, groups, us) for f, name, n_out, groups, us in rows if f == fmt]
-    pts = [(name, blocks, slabs_per_block(n_out, groups, blocks), us) for name, blocks, n_out, groups, us in pts]
-    A = np.array([[1.0, slabs] for _, _, slabs, _ in pts])
-    y = np.array([us for *_, us in pts])
+    pts = [(name, split_plan(n_out, groups, 1, slots), us) for f, name, n_out, groups, us in rows if f == fmt]
+    A = np.array([[1.0, chunk] for _, (_, chunk), _ in pts])
+    y = np.array([us for _, _, us in pts])
     (F, w), *_ = np.linalg.lstsq(A, y, rcond=None)
     return {"fixed_us": round(float(F), 2), "us_per_slab": round(float(w), 2), "slots": slots,
-            "calls": [{"layers": name, "blocks": blocks, "slabs_per_block": slabs, "measured_us": round(us, 2),
-                       "fitted_us": round(float(F + w * slabs), 2), "fixed_share": round(float(F / us), 2)}
-                      for name, blocks, slabs, us in pts]}
+            "calls": [{"layers": name, "splits": s, "slabs_per_block": chunk, "measured_us": round(us, 2),
+                       "fitted_us": round(float(F + w * chunk), 2), "fixed_share": round(float(F / us), 2)}
+                      for name, (s, chunk), us in pts]}
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     ap.add_argument("n_out", type=int)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--blocks-per-sm", type=float, default=None,
-                    help="the plan's target (default: what the kernel is built for)")
+                    help="the split's target (default: what the kernel is built for)")
     a = ap.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = QuantFormat.parse(a.format)
@@ -30,8 +30,7 @@ def main(argv=None) -> None:
     for _ in range(3):
         cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, blocks_per_sm=target)
     torch.cuda.synchronize()
-    blocks, _ = cuda_kernel.plan(a.n_out, a.n_in // 8, a.tokens, x.device, target)
-    print("blocks:", blocks, "super-slabs per block:", cuda_kernel.slabs_per_block(a.n_out, a.n_in // 8, blocks))
+    print("splits, super-slabs per chunk:", cuda_kernel.plan(a.n_out, a.n_in // 8, a.tokens, x.device, target))
 
 
 if __name__ == "__main__":

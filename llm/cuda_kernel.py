@@ -15,14 +15,11 @@ gathers of codebook vectors, not the bytes of codes it reads, so the kernel is b
   so each group's 8 weights fill the slots lane (g, t) owns in two consecutive mmas; the same
   permutation is applied to the activations, staged once per block in shared memory in that order.
   Up to 8 tokens cost one mma pair per group pair, up to 16 two: the decoded weights serve every token.
-- Row blocks of 128 rows (8 warps) rarely fill the GPU alone, and cut into equal chunks of input
-  groups (split-K) they fill one wave badly (gate and up together: 172 row blocks on 264 slots). So
-  the work is cut stream-K: the units (row block, super-slab of 32 groups), row-major, are dealt out
-  in ranges of equal length, one per block, one wave. A block walks its range across row blocks (and
-  layers, refilling its codebooks); a row block it holds whole it writes out, one cut between blocks
-  gets float32 partial sums from each, and the last of them to finish (an atomic counter) adds them
-  in block order (deterministic), applies scale and bias and writes bf16. The counters reset
-  themselves; the workspace is reused by every call on the device (one stream at a time).
+- Row blocks of 128 rows (8 warps) rarely fill the GPU alone, so the input groups are split into
+  chunks (split-K); each block writes float32 partial sums, and the last block of a row block to
+  finish (an atomic counter) adds the partials in chunk order (deterministic), applies scale and
+  bias and writes bf16. The counters reset themselves; the workspace is reused by every call on
+  the device (one stream at a time).
 - On compute capability 9.0+ the kernel is launched as a programmatic dependent: it fills its
   shared-memory codebooks and loads its first codes (weights, which no earlier kernel writes) while
   the kernel before it finishes, and waits for that kernel before it touches activations or outputs.
@@ -50,7 +47,6 @@ _SOURCE = r"""
 #endif
 constexpr int WARPS = 8;            // warps per block, 16 output rows each
 constexpr int BLOCK_ROWS = WARPS * 16;
-constexpr int MAX_TOKENS_ = 16;
 // Layers that read the same input (q, k, v; gate, up) may be multiplied in one launch: their codes and
 // scales concatenated by rows, their codebooks stacked. end[p] is the last row + 1 of layer p; every
 // layer but the last has a multiple of BLOCK_ROWS rows, so a row block reads one layer's codebooks.
@@ -137,47 +133,45 @@ template <int M, int KBITS, int NT>
 __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_kernel(
     const uint4* __restrict__ x, const uint8_t* __restrict__ codes, const uint4* __restrict__ codebooks,
     const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
-    float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int x_slabs, Parts parts) {
+    float* __restrict__ partial, int* __restrict__ counters, int N, int J, int T, int chunk_slabs, Parts parts) {
   constexpr int CB_SLOTS = KBITS == 8 ? M * 256 * 8 : 0;  // replicated codebooks, 16-byte slots
   constexpr int ROW_BYTES_PER_GROUP = M * KBITS / 8;
   extern __shared__ uint4 smem[];
   uint4* cb = smem;
   uint4* xs = smem + CB_SLOTS;
-  __shared__ int is_last[2];
+  __shared__ int is_last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int splits = gridDim.y, chunk = blockIdx.y;
+  const int slab0 = chunk * chunk_slabs;
+  const int nslabs = min(chunk_slabs, (J + 31) / 32 - slab0);
 
-  // Stream-K: the units (row block r, super-slab s), numbered r * S + s, are cut into gridDim.x ranges of
-  // equal length; a block walks its range, and a row block cut between blocks is summed from partials.
-  const int S = (J + 31) / 32;
-  const long long total = (long long)((N + BLOCK_ROWS - 1) / BLOCK_ROWS) * S, blocks = gridDim.x;
-  auto first_unit = [&](long long b) { return (int)(b * total / blocks); };
-  auto owner = [&](long long u) { return (int)(((u + 1) * blocks - 1) / total); };  // the block whose range holds u
-  const int u0 = first_unit(blockIdx.x), u1 = first_unit(blockIdx.x + 1);
-  auto layer_of = [&](int r) {  // the layer whose codebooks row block r reads (one launch for several layers)
-    int p = 0;
+  const int row_a = blockIdx.x * BLOCK_ROWS + warp * 16 + g, row_b = row_a + 8;
+  if constexpr (KBITS == 8) {  // the codebooks of this row block's layer (one launch for several layers)
+    int part = 0;
 #pragma unroll
-    for (int q = 0; q + 1 < MAX_PARTS; ++q) p += q + 1 < parts.count && r * BLOCK_ROWS >= parts.end[q];
-    return p;
-  };
-
+    for (int p = 0; p + 1 < MAX_PARTS; ++p) part += p + 1 < parts.count && (int)(blockIdx.x * BLOCK_ROWS) >= parts.end[p];
+    codebooks += (size_t)part * M * 256;
+  }
   const size_t row_bytes = (size_t)J * ROW_BYTES_PER_GROUP;
+  const uint8_t* codes_a = codes + (size_t)row_a * row_bytes;
+  const uint8_t* codes_b = codes + (size_t)row_b * row_bytes;
   RowCodes<M, KBITS> ca, cb_, na, nb;
-  auto load = [&](RowCodes<M, KBITS>& a, RowCodes<M, KBITS>& b, int r, int slab) {
-    const int row_a = r * BLOCK_ROWS + warp * 16 + g, row_b = row_a + 8;
+  auto load = [&](RowCodes<M, KBITS>& a, RowCodes<M, KBITS>& b, int slab) {
     const int j = slab * 32 + 8 * t;  // J is a multiple of 8: the 8 groups are all in range or all out
     const size_t off = (size_t)j * ROW_BYTES_PER_GROUP;
-    a.load(codes + (size_t)row_a * row_bytes + off, j < J && row_a < N);
-    b.load(codes + (size_t)row_b * row_bytes + off, j < J && row_b < N);
+    a.load(codes_a + off, j < J && row_a < N);
+    b.load(codes_b + off, j < J && row_b < N);
   };
+  load(ca, cb_, slab0);  // in flight while shared memory fills
+
   // Every load of a thread is issued before its first store: one memory latency per fill, not one per entry.
-  auto fill_codebooks = [&](int layer) {
+  if constexpr (KBITS == 8) {
     constexpr int PER_THREAD = (M * 256 + WARPS * 32 - 1) / (WARPS * 32);
-    const uint4* books = codebooks + (size_t)layer * M * 256;
     uint4 v[PER_THREAD];
 #pragma unroll
     for (int p = 0; p < PER_THREAD; ++p) {
       const int e = tid + p * WARPS * 32;
-      if (e < M * 256) v[p] = books[e];
+      if (e < M * 256) v[p] = codebooks[e];
     }
 #pragma unroll
     for (int p = 0; p < PER_THREAD; ++p) {
@@ -186,32 +180,25 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
 #pragma unroll
         for (int c = 0; c < 8; ++c) cb[(e << 3) + ((c + tid) & 7)] = v[p];  // rotated: conflict-free stores
     }
-  };
-
-  int r = u0 / S, s = u0 % S, seg_first = s;
-  int layer = KBITS == 8 ? layer_of(r) : 0;
-  load(ca, cb_, r, s);  // in flight while shared memory fills
-  if constexpr (KBITS == 8) fill_codebooks(layer);
+  }
   wait_for_previous_kernel();  // x, y, partial and counters may belong to the kernel before
-  // The activations of x_slabs super-slabs from x0 on (cyclically: a range that starts in one row block's
-  // last slabs goes on with the next one's first), in the order the B fragments read them: slot
-  // ((i * 8 + k) * T + n) * 4 + t holds group ((x0 + i) % S) * 32 + 8t + k of token n.
-  const int x0 = x_slabs >= S ? 0 : s;
+  // activations of this chunk in the order the B fragments read them: slot ((slab*8 + s)*T + n)*4 + t
+  // holds group slab*32 + 8t + s of token n (lanes of one load read consecutive slots)
   constexpr int X_BATCH = 4;
-  for (int i0 = tid; i0 < T * x_slabs * 32; i0 += X_BATCH * WARPS * 32) {
+  for (int i0 = tid; i0 < T * nslabs * 32; i0 += X_BATCH * WARPS * 32) {
     uint4 v[X_BATCH];
 #pragma unroll
     for (int b = 0; b < X_BATCH; ++b) {
       const int i = i0 + b * WARPS * 32;
-      const int k = (i >> 2) & 7, rest = i >> 5, slab = rest % x_slabs, n = rest / x_slabs;
-      const int j = ((x0 + slab) % S) * 32 + (i & 3) * 8 + k;
-      v[b] = i < T * x_slabs * 32 && j < J ? x[(size_t)n * J + j] : make_uint4(0, 0, 0, 0);
+      const int s = (i >> 2) & 7, rest = i >> 5, slab = rest % nslabs, n = rest / nslabs;
+      const int j = (slab0 + slab) * 32 + (i & 3) * 8 + s;
+      v[b] = i < T * nslabs * 32 && j < J ? x[(size_t)n * J + j] : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int b = 0; b < X_BATCH; ++b) {
       const int i = i0 + b * WARPS * 32;
-      const int k = (i >> 2) & 7, rest = i >> 5, slab = rest % x_slabs, n = rest / x_slabs;
-      if (i < T * x_slabs * 32) xs[((slab * 8 + k) * T + n) * 4 + (i & 3)] = v[b];
+      const int s = (i >> 2) & 7, rest = i >> 5, slab = rest % nslabs, n = rest / nslabs;
+      if (i < T * nslabs * 32) xs[((slab * 8 + s) * T + n) * 4 + (i & 3)] = v[b];
     }
   }
   __syncthreads();
@@ -222,125 +209,79 @@ __global__ void __launch_bounds__(WARPS * 32, min_blocks(M, KBITS)) aqlm_mma_ker
   for (int u = 0; u < 2; ++u)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[u][nt][0] = acc[u][nt][1] = acc[u][nt][2] = acc[u][nt][3] = 0.f;
-  // the row blocks this block leaves partial sums for: where its range starts (slot 0), where it ends (slot 1)
-  int partial_first = -1, partial_last = -1;
-  for (int u = u0; u < u1; ++u) {
-    const bool segment_ends = s == S - 1 || u + 1 == u1;
-    if (u + 1 < u1) load(na, nb, segment_ends ? r + 1 : r, segment_ends ? 0 : s + 1);  // in flight while these are used
-    const int sx = x0 == 0 && x_slabs >= S ? s : u - u0;  // staged from the range's first slab on
+  for (int sl = 0; sl < nslabs; ++sl) {
+    if (sl + 1 < nslabs) load(na, nb, slab0 + sl + 1);  // the next codes are in flight while these are used
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint4 wa = decode<M, KBITS>(ca, k, cb, codebooks + (size_t)layer * M * 256, lane & 7);
-      const uint4 wb = decode<M, KBITS>(cb_, k, cb, codebooks + (size_t)layer * M * 256, lane & 7);
+    for (int s = 0; s < 8; ++s) {
+      const uint4 wa = decode<M, KBITS>(ca, s, cb, codebooks, lane & 7);
+      const uint4 wb = decode<M, KBITS>(cb_, s, cb, codebooks, lane & 7);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int n = g + 8 * nt;
-        const uint4 xv = n < T ? xs[((sx * 8 + k) * T + n) * 4 + t] : make_uint4(0, 0, 0, 0);
-        mma_bf16(acc[k & 1][nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);  // weights 0-3 of the group
-        mma_bf16(acc[k & 1][nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);  // weights 4-7
+        const uint4 xv = n < T ? xs[((sl * 8 + s) * T + n) * 4 + t] : make_uint4(0, 0, 0, 0);
+        mma_bf16(acc[s & 1][nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);  // weights 0-3 of the group
+        mma_bf16(acc[s & 1][nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);  // weights 4-7
       }
     }
     ca = na;
     cb_ = nb;
-    if (!segment_ends) {
-      ++s;
-      continue;
-    }
-    // the end of this block's share of row block r: all of it (write y) or a part (write float32 partials)
-    const bool whole = seg_first == 0 && s == S - 1;
-    const int slot = r == u0 / S ? 0 : 1;  // partials of the row block where the range starts: 0; where it ends: 1
-    if (!whole) (slot ? partial_last : partial_first) = r;
-    // acc[.][nt][2h + q]: row r * BLOCK_ROWS + warp * 16 + g + 8h, token 8nt + 2t + q
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int token = 8 * nt + 2 * t + q, local = warp * 16 + g + 8 * h, row = r * BLOCK_ROWS + local;
-          const float v = acc[0][nt][2 * h + q] + acc[1][nt][2 * h + q];
-          acc[0][nt][2 * h + q] = acc[1][nt][2 * h + q] = 0.f;
-          if (token >= T || row >= N) continue;
-          if (whole) {
-            float out = v * __bfloat162float(scales[row]);
-            if (bias != nullptr) out += __bfloat162float(bias[row]);
-            y[(size_t)token * N + row] = __float2bfloat16(out);
-          } else {
-            partial[(((size_t)blockIdx.x * 2 + slot) * T + token) * BLOCK_ROWS + local] = v;
-          }
-        }
-    if (u + 1 == u1) break;
-    ++r;
-    s = seg_first = 0;
-    if constexpr (KBITS == 8) {
-      if (layer_of(r) != layer) {  // the range goes on into the next layer: its codebooks
-        layer = layer_of(r);
-        __syncthreads();
-        fill_codebooks(layer);
-        __syncthreads();
-      }
-    }
   }
   let_next_kernel_start();  // the next kernel's blocks may now fill their codebooks while these finish
-  if (partial_first < 0 && partial_last < 0) return;
 
-  // the last block to finish its part of a row block (an atomic counter) adds the partials in block order
+  // acc[.][nt][2h + q]: row (h ? row_b : row_a), token 8nt + 2t + q
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int token = 8 * nt + 2 * t + q, row = h ? row_b : row_a;
+        if (token >= T || row >= N) continue;
+        const float v = acc[0][nt][2 * h + q] + acc[1][nt][2 * h + q];
+        if (splits == 1) {
+          float out = v * __bfloat162float(scales[row]);
+          if (bias != nullptr) out += __bfloat162float(bias[row]);
+          y[(size_t)token * N + row] = __float2bfloat16(out);
+        } else {
+          partial[((size_t)chunk * T + token) * N + row] = v;
+        }
+      }
+  if (splits == 1) return;
+
   __threadfence();
   __syncthreads();
-  if (tid == 0)
-    for (int k = 0; k < 2; ++k) {
-      const int rk = k ? partial_last : partial_first;
-      is_last[k] = rk >= 0 && atomicAdd(counters + rk, 1) == owner((long long)rk * S + S - 1) - owner((long long)rk * S);
-    }
+  if (tid == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
   __syncthreads();
-  constexpr int PER_THREAD = MAX_TOKENS_ * BLOCK_ROWS / (WARPS * 32);  // partial sums a thread adds up
-  for (int k = 0; k < 2; ++k) {
-    if (!is_last[k]) continue;
-    __threadfence();
-    const int rk = k ? partial_last : partial_first, b0 = owner((long long)rk * S), b1 = owner((long long)rk * S + S - 1);
-    const int slot0 = first_unit(b0) < rk * S;  // b0's range starts before row block rk; every later block's in it
-    float v[PER_THREAD];
-#pragma unroll
-    for (int e = 0; e < PER_THREAD; ++e) v[e] = 0.f;
-    // element i = token * BLOCK_ROWS + local of each block's partials; the loads of several blocks are in flight
-    // at once (no dependence between them), the sums taken in block order
-#pragma unroll 4
-    for (int b = b0; b <= b1; ++b) {
-      const float* p = partial + ((size_t)b * 2 + (b == b0 ? slot0 : 0)) * T * BLOCK_ROWS;
-#pragma unroll
-      for (int e = 0; e < PER_THREAD; ++e) {
-        const int i = tid + e * WARPS * 32;
-        if (i < T * BLOCK_ROWS) v[e] += __ldcg(p + i);
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < PER_THREAD; ++e) {
-      const int i = tid + e * WARPS * 32, token = i / BLOCK_ROWS, row = rk * BLOCK_ROWS + i % BLOCK_ROWS;
-      if (i >= T * BLOCK_ROWS || row >= N) continue;
-      float out = v[e] * __bfloat162float(scales[row]);
-      if (bias != nullptr) out += __bfloat162float(bias[row]);
-      y[(size_t)token * N + row] = __float2bfloat16(out);
-    }
-    if (tid == 0) counters[rk] = 0;
+  if (!is_last) return;
+  __threadfence();
+  for (int i = tid; i < T * BLOCK_ROWS; i += blockDim.x) {
+    const int token = i / BLOCK_ROWS, row = blockIdx.x * BLOCK_ROWS + i % BLOCK_ROWS;
+    if (row >= N) continue;
+    float v = 0.f;
+    for (int c = 0; c < splits; ++c) v += __ldcg(partial + ((size_t)c * T + token) * N + row);
+    float out = v * __bfloat162float(scales[row]);
+    if (bias != nullptr) out += __bfloat162float(bias[row]);
+    y[(size_t)token * N + row] = __float2bfloat16(out);
   }
+  if (tid == 0) counters[blockIdx.x] = 0;
 }
 
 template <int M, int KBITS, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
             const torch::Tensor& scales, const __nv_bfloat16* bias, torch::Tensor& y, torch::Tensor& partial,
-            torch::Tensor& counters, int blocks, int x_slabs, const Parts& parts, bool pdl) {
+            torch::Tensor& counters, int splits, int chunk_slabs, const Parts& parts, bool pdl) {
   const int T = x.size(0), N = codes.size(0), J = codes.size(1);
   const int cb_slots = KBITS == 8 ? M * 256 * 8 : 0;
-  const size_t smem = (size_t)(cb_slots + x_slabs * 32 * T) * 16;
+  const size_t smem = (size_t)(cb_slots + chunk_slabs * 32 * T) * 16;
   auto kernel = aqlm_mma_kernel<M, KBITS, NT>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);  // may exceed the default 48 KB
-  const dim3 grid(blocks), block(WARPS * 32);
+  const dim3 grid((N + BLOCK_ROWS - 1) / BLOCK_ROWS, splits), block(WARPS * 32);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto args = std::make_tuple(
       reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
       reinterpret_cast<const uint4*>(codebooks.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(scales.data_ptr()),
       bias, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), partial.data_ptr<float>(), counters.data_ptr<int>(),
-      N, J, T, x_slabs, parts);
+      N, J, T, chunk_slabs, parts);
 #if CUDART_VERSION >= 12000
   if (pdl) {
     cudaLaunchConfig_t config = {};
@@ -362,7 +303,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 
 torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales,
                        c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters,
-                       int64_t blocks, int64_t x_slabs, std::vector<int64_t> part_rows, bool pdl) {
+                       int64_t splits, int64_t chunk_slabs, std::vector<int64_t> part_rows, bool pdl) {
   const int T = x.size(0), N = codes.size(0), M = codes.size(2), K = codebooks.size(codebooks.dim() - 2);
   TORCH_CHECK(!part_rows.empty() && part_rows.size() <= MAX_PARTS, "1 to ", MAX_PARTS, " layers per launch");
   Parts parts{(int)part_rows.size(), {0, 0, 0, 0}};
@@ -372,8 +313,8 @@ torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codeb
   const __nv_bfloat16* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
   const bool two = T > 8;
 #define AQLM_LAUNCH(M_, KB_) \
-  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, blocks, x_slabs, parts, pdl) \
-       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, blocks, x_slabs, parts, pdl))
+  (two ? launch<M_, KB_, 2>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, parts, pdl) \
+       : launch<M_, KB_, 1>(x, codes, codebooks, scales, b, y, partial, counters, splits, chunk_slabs, parts, pdl))
   if (K == 256) {
     if (M == 1) AQLM_LAUNCH(1, 8); else AQLM_LAUNCH(2, 8);
   } else {
@@ -385,14 +326,14 @@ torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codeb
 }
 """
 _CPP = ("torch::Tensor aqlm_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor codebooks, torch::Tensor scales, "
-        "c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters, int64_t blocks, "
-        "int64_t x_slabs, std::vector<int64_t> part_rows, bool pdl);")
+        "c10::optional<torch::Tensor> bias, torch::Tensor partial, torch::Tensor counters, int64_t splits, "
+        "int64_t chunk_slabs, std::vector<int64_t> part_rows, bool pdl);")
 
 MAX_TOKENS = 16
 BLOCK_ROWS = 128
 MAX_PARTS = 4  # layers multiplied in one launch at most
 SLAB_GROUPS = 32
-# Blocks resident per SM: each kernel's register budget is set for it at build time and the plan aims for one
+# Blocks resident per SM: each kernel's register budget is set for it at build time and the split aims for one
 # wave of it. At 3 (80 registers) the 2x8g8 main loop spills 72 bytes a thread; at 2 (116-125 registers) it
 # spills none and runs 1.12-1.29x faster on an H200; the one-codebook kernels are as fast at either (their
 # measured budget, 3, stays). PVTUNING_CUDA_BLOCKS_PER_SM sets one value for every kernel.
@@ -412,7 +353,7 @@ def blocks_per_sm_for(num_codebooks: int, codebook_size: int) -> int:
 
 
 def split_target(num_codebooks: int, codebook_size: int, blocks_per_sm: Optional[float] = None) -> float:
-    """The blocks per SM the plan aims for: `blocks_per_sm` if given, else what the kernel is built for."""
+    """The blocks per SM the split aims for: `blocks_per_sm` if given, else what the kernel is built for."""
     return blocks_per_sm if blocks_per_sm is not None else blocks_per_sm_for(num_codebooks, codebook_size)
 
 
@@ -479,28 +420,20 @@ def _device_properties(device: torch.device):
 
 
 def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float) -> tuple:
-    """(blocks, x_slabs) for a launch on `device` (stream_plan with its SMs)."""
-    return stream_plan(n_out, n_groups, tokens, blocks_per_sm * _device_properties(device).multi_processor_count)
+    """(splits, chunk_slabs) for a launch on `device` (split_plan with its SMs)."""
+    return split_plan(n_out, n_groups, tokens, blocks_per_sm * _device_properties(device).multi_processor_count)
 
 
-def stream_plan(n_out: int, n_groups: int, tokens: int, slots: float) -> tuple:
-    """(blocks, x_slabs): the units of work, (row block of 128 rows, super-slab of 32 input groups), are cut
-    into `blocks` ranges of equal length (stream-K), one block each, as many as `slots` holds (blocks per SM
-    x SMs: one wave; a second, partly filled wave would cost as much as the first). A block stages the
-    activations of the x_slabs super-slabs its range reads, at most X_SHARED_BYTES; where that would not
-    hold them, more blocks take shorter ranges."""
+def split_plan(n_out: int, n_groups: int, tokens: int, slots: float) -> tuple:
+    """(splits, chunk_slabs): the input groups are cut into `splits` chunks of `chunk_slabs` super-slabs
+    of 32 groups, so that row blocks x splits fills at most `slots` blocks (blocks per SM x SMs: one wave;
+    a second, partly filled wave would cost as much as the first) and a chunk's activations fit in
+    X_SHARED_BYTES."""
+    row_blocks = math.ceil(n_out / BLOCK_ROWS)
     slabs = math.ceil(n_groups / SLAB_GROUPS)
-    units = math.ceil(n_out / BLOCK_ROWS) * slabs
-    x_cap = max(1, X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens))
-    blocks = max(1, min(units, int(slots)))
-    if min(math.ceil(units / blocks), slabs) > x_cap:
-        blocks = math.ceil(units / x_cap)
-    return blocks, min(math.ceil(units / blocks), slabs)
-
-
-def slabs_per_block(n_out: int, n_groups: int, blocks: int) -> int:
-    """The most super-slabs one block walks in a launch of `blocks` blocks (its time, past a fixed part)."""
-    return math.ceil(math.ceil(n_out / BLOCK_ROWS) * math.ceil(n_groups / SLAB_GROUPS) / blocks)
+    splits = min(slabs, max(1, int(slots) // row_blocks))
+    chunk = min(math.ceil(slabs / splits), max(1, X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)))
+    return math.ceil(slabs / chunk), chunk
 
 
 def _workspace_for(device: torch.device, partial_floats: int, row_blocks: int) -> tuple:
@@ -531,7 +464,7 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
                 blocks_per_sm: Optional[float] = None, part_rows: Optional[Sequence[int]] = None) -> Tensor:
     """x (..., in) with 1 to 16 tokens times the AQLM weight given by codes (out, in/8, M), codebooks
     (M, K, 8) and scales (out,), plus bias; bf16. The caller checks `supports` and `load`.
-    blocks_per_sm: the plan's target (default: what the kernel is built for, blocks_per_sm_for).
+    blocks_per_sm: the split's target (default: what the kernel is built for, blocks_per_sm_for).
     part_rows: several layers that read x in one launch (q, k, v): codes, scales and bias concatenated by
     rows, codebooks (layers, M, 256, 8) stacked, part_rows their rows (each but the last a multiple of
     BLOCK_ROWS); the output is the layers' outputs side by side."""
@@ -541,10 +474,9 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
         raise ValueError(f"rows {part_rows}: each but the last must be a multiple of {BLOCK_ROWS}")
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
-    blocks, x_slabs = plan(N, J, T, x.device, split_target(M, codebooks.shape[-2], blocks_per_sm))
-    # a block leaves partial sums for at most two row blocks: the one its range starts in and the one it ends in
-    partial, counters = _workspace_for(x.device, blocks * 2 * T * BLOCK_ROWS, math.ceil(N / BLOCK_ROWS))
+    splits, chunk = plan(N, J, T, x.device, split_target(M, codebooks.shape[-2], blocks_per_sm))
+    partial, counters = _workspace_for(x.device, splits * T * N if splits > 1 else 0, math.ceil(N / BLOCK_ROWS))
     y = load().aqlm_mma(x2, codes, codebooks, scales.reshape(-1),
-                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, blocks, x_slabs,
+                        None if bias is None else bias.to(torch.bfloat16).contiguous(), partial, counters, splits, chunk,
                         part_rows, programmatic_dependent_launch(x.device))
     return y.reshape(*x.shape[:-1], N)

@@ -99,13 +99,12 @@ def test_cuda_kernel_matches_the_float32_reference_at_1_to_16_bf16_tokens(fmt, n
     assert cuda_kernel.load() is not None, cuda_kernel.build_error()
     one_token_triton = tokens == 1 and (layer.fmt.bits > 8 or n_in * n_out < kernels.CUDA_MIN_WEIGHTS_ONE_TOKEN)
     assert kernels.kernel_for(layer, x) == ("triton" if one_token_triton else "cuda")
-    # one block walks every unit; 13 blocks (ranges that end anywhere in a row block); the default; a block per unit
-    for blocks_per_sm in (0.01, 0.1, None, 64):
+    for blocks_per_sm in (0.01, None, 64):  # no split of the input groups, the default, one chunk per super-slab
         y = cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, blocks_per_sm)
         assert y.shape == (tokens, n_out) and y.dtype == torch.bfloat16
         assert rel_err(y, expected) < 1e-2, blocks_per_sm
         again = cuda_kernel.aqlm_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias, blocks_per_sm)
-        assert torch.equal(y, again)  # the counters reset themselves; the sum order is fixed
+        assert torch.equal(y, again)  # the split-K counters reset themselves; the sum order is fixed
     assert kernels.kernel_for(layer, torch.randn(17, n_in, device="cuda", dtype=torch.bfloat16)) is None
 
 
@@ -159,7 +158,7 @@ def test_one_launch_for_layers_that_read_one_input_gives_each_layers_product(fmt
     expected = [reference(layer, x) for layer in layers]
     layers, x = [layer.to(torch.bfloat16) for layer in layers], x.bfloat16()
     group = SharedInputGroup(layers)
-    for blocks_per_sm in (0.01, 0.1, None, 64):  # also ranges that go on from one layer into the next
+    for blocks_per_sm in (0.01, None, 64):
         y = cuda_kernel.aqlm_matmul(x, group.codes, group.codebooks, group.scales, group.bias, blocks_per_sm,
                                     part_rows=group.rows)
         assert y.shape == (tokens, sum(rows)) and y.dtype == torch.bfloat16

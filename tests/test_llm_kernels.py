@@ -87,20 +87,19 @@ def test_lookup_table_kernel_matches_dequantize_then_matmul(case):
 
 @given(st.integers(1, 40_000), st.integers(1, 2_000).map(lambda j: 8 * j), st.integers(1, 16),
        st.floats(0.01, 1_000))
-def test_the_cuda_kernels_plan_fills_at_most_one_wave_and_stages_what_fits(n_out, n_groups, tokens, slots):
-    """llm.cuda_kernel.stream_plan: ranges of equal length over the (row block, super-slab) units, as many as
-    the slots hold, unless a range's activations would not fit in shared memory; then the ranges that fit."""
-    from llm.cuda_kernel import BLOCK_ROWS, SLAB_GROUPS, X_SHARED_BYTES, slabs_per_block, stream_plan
+def test_the_cuda_kernels_split_covers_every_input_group_in_one_wave_where_it_can(n_out, n_groups, tokens, slots):
+    """llm.cuda_kernel.split_plan: chunks of whole super-slabs that cover the input groups, with activations that
+    fit in shared memory, and row blocks x chunks within the slots unless the row blocks alone exceed them or
+    the activations force smaller chunks."""
+    from llm.cuda_kernel import BLOCK_ROWS, SLAB_GROUPS, X_SHARED_BYTES, split_plan
 
-    blocks, x_slabs = stream_plan(n_out, n_groups, tokens, slots)
+    splits, chunk = split_plan(n_out, n_groups, tokens, slots)
     slabs = -(-n_groups // SLAB_GROUPS)
-    units = -(-n_out // BLOCK_ROWS) * slabs
-    per_block = slabs_per_block(n_out, n_groups, blocks)
-    assert 1 <= blocks <= units and per_block == -(-units // blocks)
-    assert x_slabs == min(per_block, slabs)  # a range's slabs, or a row block's whole input when it holds more
+    row_blocks = -(-n_out // BLOCK_ROWS)
+    assert 1 <= splits <= slabs and (splits - 1) * chunk < slabs <= splits * chunk
     fits = X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)
-    assert x_slabs <= max(fits, 1)
-    assert blocks <= max(int(slots), 1) or min(-(-units // max(int(slots), 1)), slabs) > fits
+    assert chunk <= max(fits, 1)
+    assert row_blocks * splits <= int(slots) or splits == 1 or chunk == fits
 
 
 def test_sixteen_bit_codes_are_stored_in_int16_and_read_back_unsigned():
