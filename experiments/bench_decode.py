@@ -14,8 +14,8 @@ to --dtype. Each variant decodes --new-tokens tokens after 16-token prompts, --b
 default on the GPU) and without; with --compile also through torch.compile; quantized models also
 through the reference path (kernels off: decode W, then F.linear), which checks that the kernels give
 the same tokens. With --fuse, quantized models are then also decoded with the layers that read one input
-(q, k, v by default; gate, up too with --fuse-gate-up) multiplied in one launch (llm.fuse), in the first
-mode and, with --compile, compiled.
+(q, k, v; gate, up, where one launch is faster on the GPU: llm.fuse.fuse_shared_inputs) multiplied in one
+launch, in the first mode and, with --compile, compiled.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 from experiments.bench_scale import LLAMA2_7B, SMOLLM2_135M, quantize_randomly, random_model
 from llm import cuda_kernel, kernels
 from llm.formats import QuantFormat, model_bits
-from llm.fuse import GATE_UP, QKV, SHARED_INPUTS, fuse_shared_inputs
+from llm.fuse import SHARED_INPUTS, fuse_shared_inputs
 from llm.generate import GreedyDecoder, prepare_for_inference
 from llm.model import load_model
 from pvtheory.io import write_json
@@ -111,7 +111,7 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
                                                           ref_tokens, prompt.shape[1])
         row["tokens_compared"] = args.reference_tokens
     if args.fuse and fmt != "none":  # last: fusing makes the layers' tensors views of the groups'
-        names = (QKV, GATE_UP) if args.fuse_gate_up else SHARED_INPUTS
+        names = SHARED_INPUTS
         groups = fuse_shared_inputs(model, names)
         r, toks = decode_speed(model, prompt, args.new_tokens, graph_modes[0])
         row["fused"] = {**r, "groups": groups, "layers": [list(n) for n in names], "tokens_equal_to_unfused": agreement(toks, fast_tokens, prompt.shape[1])}
@@ -140,7 +140,6 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="also each variant through torch.compile")
     ap.add_argument("--fuse", action="store_true", help="also each quantized variant with one launch for the layers "
                                                         "that read one input (llm.fuse)")
-    ap.add_argument("--fuse-gate-up", action="store_true", help="with --fuse: gate and up in one launch too")
     ap.add_argument("--formats", default="1x16g8,2x8g8,1x8g8")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

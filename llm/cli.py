@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (codebooks too)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode without capturing a CUDA graph")
     p.add_argument("--no-fuse", action="store_true",
-                   help="one GPU kernel launch per layer (default: each block's q, k and v in one; llm.fuse)")
+                   help="one GPU kernel launch per layer (default: a block's q, k and v in one, gate and up where faster; llm.fuse)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: about 20 s to compile, then 1.4-2.1x the tokens/s on an H200 (docs/kernels.md)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

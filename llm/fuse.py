@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 QKV = ("q_proj", "k_proj", "v_proj")  # Llama / Mistral attention
 GATE_UP = ("gate_proj", "up_proj")  # Llama / Mistral MLP
-# One launch of the CUDA kernel for q, k and v measured 1.14-1.25x faster than three (2x8g8) and 2x (1x8g8) at the
-# 7B shapes on an H200; for gate and up 0.94-0.96x at 1-4 tokens with 2x8g8 (the split plan fills a wave worse),
-# so they are not fused by default (experiments/results/kernels/gpu_matvec_one_launch_shared_input.json).
-SHARED_INPUTS = (QKV,)
+# Measured on an H200 (experiments/results/kernels/gpu_matvec_one_launch_*.json): one launch for q, k and v is
+# 1.14-1.25x (2x8g8) and 2x (1x8g8) faster than three at the 7B shapes, 2.2-3.1x at SmolLM2's; for gate and up
+# 1.2x (1x8g8, 7B), 1.6-1.9x (SmolLM2) and 0.94-0.96x at 1-4 tokens with 2x8g8 at the 7B shape, the one case where
+# the launch loses the CUDA kernel's split of the input groups (loses_its_split), which fuse_shared_inputs skips.
+SHARED_INPUTS = (QKV, GATE_UP)
 
 
 class SharedInputGroup:
@@ -95,17 +96,42 @@ def fusable(layers: list) -> Optional[str]:
     return None
 
 
+def loses_its_split(rows: list, n_groups: int, slots: float) -> bool:
+    """Whether the CUDA kernel would split the input groups of each of these layers (rows: their output
+    sizes) at one token but not of all of them in one launch: its split fills one wave of `slots` blocks,
+    and a launch whose row blocks alone nearly fill it runs one block per row block, each walking every
+    input group (gate and up of the 7B shape in 2x8g8: 172 row blocks on 264 slots, 0.94x of two launches)."""
+    from llm.cuda_kernel import split_plan
+
+    def splits(n_out: int) -> int:
+        return split_plan(n_out, n_groups, 1, slots)[0]
+
+    return splits(sum(rows)) == 1 < min(splits(r) for r in rows)
+
+
+def _one_launch_pays(layers: list) -> bool:
+    """False where the layers' shared launch would be the CUDA kernel's and lose its split (loses_its_split)."""
+    from llm import cuda_kernel
+
+    books = layers[0].codebooks
+    if books.device.type != "cuda" or books.shape[-2] != 256:  # CPU: each layer runs alone; else Triton's launch
+        return True
+    sms = torch.cuda.get_device_properties(books.device).multi_processor_count
+    slots = cuda_kernel.split_target(books.shape[0], 256) * sms
+    return not loses_its_split([layer.out_features for layer in layers], layers[0].codes.shape[1], slots)
+
+
 def fuse_shared_inputs(model: nn.Module, names=SHARED_INPUTS) -> int:
-    """Give each set of a module's AQLM children that read the same input (`names`: q/k/v by default, also
-    (QKV, GATE_UP)) one launch in decoding; returns how many sets were fused. Inference only (see the
-    module's docstring)."""
+    """Give each set of a module's AQLM children that read the same input (`names`: q/k/v and gate/up by
+    default) one launch in decoding, except where one launch would be slower than one per layer on this
+    GPU (loses_its_split); returns how many sets were fused. Inference only (see the module's docstring)."""
     fused = 0
     for module in model.modules():
         for group in names:
             layers = [getattr(module, n, None) for n in group]
             if any(layer is None for layer in layers) or getattr(layers[0], "shared_input", None) is not None:
                 continue
-            if fusable(layers) is None:
+            if fusable(layers) is None and _one_launch_pays(layers):
                 SharedInputGroup(layers)
                 fused += 1
     return fused

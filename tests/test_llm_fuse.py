@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from llm import cuda_kernel, kernels
 from llm.formats import AQLMLinear
-from llm.fuse import GATE_UP, QKV, fusable, fuse_shared_inputs
+from llm.fuse import GATE_UP, QKV, fusable, fuse_shared_inputs, loses_its_split
 from llm.generate import GreedyDecoder, greedy_reference
 from test_llm_kernels import err_vs_magnitude, needs_triton, quantized_tiny, random_layer, reference, rel_err
 
@@ -88,7 +88,7 @@ def test_compiled_decoding_of_fused_layers_gives_the_same_tokens(launches):
 
 def test_a_layer_asked_alone_or_with_another_input_still_gives_its_product(launches):
     model = quantized_tiny("llama", "2x8g8", **FUSABLE)
-    assert fuse_shared_inputs(model) == 2  # the default: q/k/v
+    assert fuse_shared_inputs(model, (QKV,)) == 2
     attn = model.model.layers[0].self_attn
     x, other = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(0)).unbind(0)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_layers_that_cannot_share_a_launch_say_why_and_are_left_alone():
     gqa = quantized_tiny("mistral", "2x8g8", hidden=128, intermediate=256, kv_heads=2)  # k, v: 64 rows
     attn = gqa.model.layers[0].self_attn
     assert fusable([attn.q_proj, attn.k_proj, attn.v_proj]) is None  # the launch is Triton's where CUDA's cannot
-    assert fuse_shared_inputs(gqa) == 2
+    assert fuse_shared_inputs(gqa) == 4  # q/k/v and gate/up of each block (the default)
     assert attn.o_proj.shared_input is None and attn.q_proj.shared_input is attn.v_proj.shared_input
     assert "more than 4" in fusable([random_layer("2x8g8", 64, 128, False, i) for i in range(5)])
     assert "bias" in fusable([random_layer("2x8g8", 64, 128, b, 0) for b in (True, False)])
@@ -153,3 +153,13 @@ def test_one_triton_launch_gives_each_layers_product(fmt, rows, tokens, bias, se
     with pytest.raises(ValueError, match="part_rows"):
         aqlm_matmul(x, layers[0].codes, layers[0].codebooks, layers[0].scales, part_rows=[rows[0], 1])
 
+
+
+def test_one_launch_is_skipped_only_where_it_would_lose_the_cuda_kernels_split():
+    """The measured cases (H200, 132 SMs; docs/kernels.md): one launch is slower only for gate and up of the
+    7B shape with two codebooks (2 blocks per SM), whose 172 row blocks leave no split in one wave."""
+    assert loses_its_split([11008, 11008], 4096 // 8, 2 * 132)  # 2x8g8: 0.94x measured
+    assert not loses_its_split([11008, 11008], 4096 // 8, 3 * 132)  # 1x8g8: 1.24x
+    assert not loses_its_split([4096] * 3, 4096 // 8, 2 * 132)  # q, k, v 2x8g8: 1.22x
+    assert not loses_its_split([1536, 1536], 576 // 8, 2 * 132)  # SmolLM2's gate, up: 1.79x (4 tokens)
+    assert not loses_its_split([40_000, 40_000], 4096 // 8, 2 * 132)  # unsplit alone too: nothing lost
