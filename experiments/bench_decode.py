@@ -28,7 +28,7 @@ import torch
 from experiments.bench_scale import LLAMA2_7B, SMOLLM2_135M, quantize_randomly, random_model
 from llm import cuda_kernel, kernels
 from llm.formats import QuantFormat, model_bits
-from llm.fuse import SHARED_INPUTS, fuse_shared_inputs
+from llm.fuse import fuse_shared_inputs
 from llm.generate import GreedyDecoder, prepare_for_inference
 from llm.model import load_model
 from pvtheory.io import write_json
@@ -111,10 +111,9 @@ def bench_variant(name: str, build, fmt: str, prompt, graph_modes: list, args, d
                                                           ref_tokens, prompt.shape[1])
         row["tokens_compared"] = args.reference_tokens
     if args.fuse and fmt != "none":  # last: fusing makes the layers' tensors views of the groups'
-        names = SHARED_INPUTS
-        groups = fuse_shared_inputs(model, names)
+        groups = fuse_shared_inputs(model)
         r, toks = decode_speed(model, prompt, args.new_tokens, graph_modes[0])
-        row["fused"] = {**r, "groups": groups, "layers": [list(n) for n in names], "tokens_equal_to_unfused": agreement(toks, fast_tokens, prompt.shape[1])}
+        row["fused"] = {**r, "groups": groups, "tokens_equal_to_unfused": agreement(toks, fast_tokens, prompt.shape[1])}
         if args.compile:
             torch._dynamo.reset()
             r, toks = decode_speed(model, prompt, args.new_tokens, graph_modes[0], compile=True)

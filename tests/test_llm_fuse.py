@@ -154,7 +154,6 @@ def test_one_triton_launch_gives_each_layers_product(fmt, rows, tokens, bias, se
         aqlm_matmul(x, layers[0].codes, layers[0].codebooks, layers[0].scales, part_rows=[rows[0], 1])
 
 
-
 def test_one_launch_is_skipped_only_where_it_would_lose_the_cuda_kernels_split():
     """The measured cases (H200, 132 SMs; docs/kernels.md): one launch is slower only for gate and up of the
     7B shape with two codebooks (2 blocks per SM), whose 172 row blocks leave no split in one wave."""
