@@ -450,7 +450,8 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     capture = code_step.active
     if code_step.changes_codes and cfg.p_warmup >= cfg.steps:
         warnings.warn(f"{cfg.strategy}: {cfg.steps} steps and a P warm-up of {cfg.p_warmup}: no code will change "
-                      f"(--p-warmup {max(cfg.steps - 1, 0)} or less lets the P step run)", stacklevel=2)
+                      f"(p_warmup, --p-warmup on the command line, of {max(cfg.steps - 1, 0)} or less lets the P step run)",
+                      stacklevel=2)
     losses, changed, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run = dict((meta or {}).get("run", {}), finetune=run_settings(cfg))  # what makes a checkpoint this run's
