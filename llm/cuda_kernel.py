@@ -419,9 +419,14 @@ def _device_properties(device: torch.device):
     return _properties[index]
 
 
+def wave_slots(device: torch.device, blocks_per_sm: float) -> float:
+    """The blocks one wave holds on `device`: blocks per SM x its SMs (split_plan's `slots`)."""
+    return blocks_per_sm * _device_properties(device).multi_processor_count
+
+
 def plan(n_out: int, n_groups: int, tokens: int, device: torch.device, blocks_per_sm: float) -> tuple:
     """(splits, chunk_slabs) for a launch on `device` (split_plan with its SMs)."""
-    return split_plan(n_out, n_groups, tokens, blocks_per_sm * _device_properties(device).multi_processor_count)
+    return split_plan(n_out, n_groups, tokens, wave_slots(device, blocks_per_sm))
 
 
 def split_plan(n_out: int, n_groups: int, tokens: int, slots: float) -> tuple:
@@ -460,6 +465,12 @@ def layer_rows(n_out: int, codebooks: Tensor, part_rows: Optional[Sequence[int]]
     return rows
 
 
+def whole_row_blocks(part_rows: Sequence[int]) -> bool:
+    """Whether every layer of a launch but the last fills whole BLOCK_ROWS-row blocks, so that a row block
+    reads one layer's codebooks (the CUDA kernel's condition for several layers)."""
+    return not any(r % BLOCK_ROWS for r in part_rows[:-1])
+
+
 def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
                 blocks_per_sm: Optional[float] = None, part_rows: Optional[Sequence[int]] = None) -> Tensor:
     """x (..., in) with 1 to 16 tokens times the AQLM weight given by codes (out, in/8, M), codebooks
@@ -470,7 +481,7 @@ def aqlm_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bia
     BLOCK_ROWS); the output is the layers' outputs side by side."""
     N, J, M = codes.shape
     part_rows = layer_rows(N, codebooks, part_rows)
-    if any(r % BLOCK_ROWS for r in part_rows[:-1]):
+    if not whole_row_blocks(part_rows):
         raise ValueError(f"rows {part_rows}: each but the last must be a multiple of {BLOCK_ROWS}")
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]

@@ -116,8 +116,7 @@ def _one_launch_pays(layers: list) -> bool:
     books = layers[0].codebooks
     if books.device.type != "cuda" or books.shape[-2] != 256:  # CPU: each layer runs alone; else Triton's launch
         return True
-    sms = torch.cuda.get_device_properties(books.device).multi_processor_count
-    slots = cuda_kernel.split_target(books.shape[0], 256) * sms
+    slots = cuda_kernel.wave_slots(books.device, cuda_kernel.split_target(books.shape[0], 256))
     return not loses_its_split([layer.out_features for layer in layers], layers[0].codes.shape[1], slots)
 
 

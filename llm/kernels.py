@@ -71,7 +71,7 @@ def kernel_for_tensors(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
         from llm import cuda_kernel
 
         one_token_triton = tokens == 1 and (bits > 8 or weights < CUDA_MIN_WEIGHTS_ONE_TOKEN)
-        whole_blocks = part_rows is None or not any(r % cuda_kernel.BLOCK_ROWS for r in part_rows[:-1])
+        whole_blocks = part_rows is None or cuda_kernel.whole_row_blocks(part_rows)
         if (not (one_token_triton and _HAS_TRITON) and whole_blocks and cuda_kernel.supports(x, codes, codebooks, scales)
                 and cuda_kernel.load() is not None):
             return "cuda"
