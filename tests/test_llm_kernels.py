@@ -87,19 +87,21 @@ def test_lookup_table_kernel_matches_dequantize_then_matmul(case):
 
 @given(st.integers(1, 40_000), st.integers(1, 2_000).map(lambda j: 8 * j), st.integers(1, 16),
        st.floats(0.01, 1_000))
-def test_the_cuda_kernels_split_covers_every_input_group_in_one_wave_where_it_can(n_out, n_groups, tokens, slots):
-    """llm.cuda_kernel.split_plan: chunks of whole super-slabs that cover the input groups, with activations that
-    fit in shared memory, and row blocks x chunks within the slots unless the row blocks alone exceed them or
-    the activations force smaller chunks."""
+def test_the_cuda_kernels_split_is_the_finest_that_one_wave_holds(n_out, n_groups, tokens, slots):
+    """llm.cuda_kernel.split_plan: chunks of whole super-slabs whose activations fit in shared memory; row blocks
+    x chunks within the slots unless the row blocks alone exceed them or the activations force smaller chunks;
+    and no finer chunk would still fit one wave (a coarser split than needed leaves SMs idle)."""
     from llm.cuda_kernel import BLOCK_ROWS, SLAB_GROUPS, X_SHARED_BYTES, split_plan
 
     splits, chunk = split_plan(n_out, n_groups, tokens, slots)
     slabs = -(-n_groups // SLAB_GROUPS)
     row_blocks = -(-n_out // BLOCK_ROWS)
-    assert 1 <= splits <= slabs and (splits - 1) * chunk < slabs <= splits * chunk
+    assert 1 <= splits <= slabs
     fits = X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)
     assert chunk <= max(fits, 1)
     assert row_blocks * splits <= int(slots) or splits == 1 or chunk == fits
+    if 1 < chunk < fits:  # one super-slab less per chunk would need more blocks than one wave holds
+        assert row_blocks * -(-slabs // (chunk - 1)) > int(slots)
 
 
 def test_sixteen_bit_codes_are_stored_in_int16_and_read_back_unsigned():
