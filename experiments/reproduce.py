@@ -177,13 +177,16 @@ def kernels(a) -> None:
         "--out", str(a.out / "gpu_matvec.json"))
     run("-m", "experiments.bench_kernels", "--device", "cuda", "--shapes", "smollm2", "--tokens", "1,8",
         "--out", str(a.out / "gpu_matvec_smollm2.json"))
-    run("-m", "experiments.bench_kernels", "--device", "cuda", "--grouped", "--formats", "2x8g8,1x8g8", "--tokens", "1,4,16",
-        "--out", str(a.out / "gpu_matvec_one_launch_shared_input.json"))
+    run("-m", "experiments.bench_kernels", "--device", "cuda", "--grouped", "--shapes", "7b", "--formats", "2x8g8,1x8g8",
+        "--tokens", "1,4,16", "--out", str(a.out / "gpu_matvec_one_launch_shared_input.json"))
+    run("-m", "experiments.bench_kernels", "--device", "cuda", "--grouped", "--shapes", "smollm2",
+        "--formats", "2x8g8,1x8g8,1x16g8", "--tokens", "1,4", "--out", str(a.out / "gpu_matvec_one_launch_smollm2.json"))
     models = [arg for m in a.model for arg in ("--model", str(m))]  # optional: real models beside the shapes
     run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", *models, "--batch", "1,8", "--new-tokens", "64",
         "--reference-tokens", "16", "--device", "cuda", "--out", str(a.out / "gpu_decode.json"))
+    # compiled, and with the layers that read one input in one launch (the unfused compiled rows too)
     run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", "--formats", "2x8g8,1x8g8", "--compile", "--fuse",
-        "--new-tokens", "64", "--reference-tokens", "8", "--device", "cuda", "--out", str(a.out / "gpu_decode_compiled.json"))
+        "--new-tokens", "64", "--reference-tokens", "8", "--device", "cuda", "--out", str(a.out / "gpu_decode_fused.json"))
 
 
 def scale(a) -> None:
