@@ -187,6 +187,9 @@ def kernels(a) -> None:
     # compiled, and with the layers that read one input in one launch (the unfused compiled rows too)
     run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", "--formats", "2x8g8,1x8g8", "--compile", "--fuse",
         "--new-tokens", "64", "--reference-tokens", "8", "--device", "cuda", "--out", str(a.out / "gpu_decode_fused.json"))
+    run("-m", "experiments.bench_decode", "--seven-b", "--smollm2", "--formats", "2x8g8,1x8g8", "--compile", "--fuse",
+        "--batch", "8", "--new-tokens", "64", "--reference-tokens", "8", "--device", "cuda",
+        "--out", str(a.out / "gpu_decode_fused_batch8.json"))
 
 
 def scale(a) -> None:

@@ -159,12 +159,12 @@ HEADLINES += [(f"kernels: one launch for {layers} at the 7B shapes, {fmt}, 1 tok
                case_value("kernels/gpu_matvec_one_launch_shared_input.json", "one_launch_speedup", format=fmt,
                           layers=layers, tokens=1))
               for fmt in ("2x8g8", "1x8g8") for layers in ("q,k,v", "gate,up")]
-HEADLINES += [(f"decoding tokens/s, {model}, batch 1, CUDA graph + torch.compile, "
-               + (f"{fmt} with q, k, v in one launch" if fmt != "none" else "bf16, in the same run"),
-               "kernels/gpu_decode_fused.json",
-               decode_tokens_per_s(model, fmt, 1, "kernels/gpu_decode_fused.json", "fused_compiled" if fmt != "none" else "compiled"))
-              for model, fmts in (("llama2-7b-shape", ("none", "2x8g8", "1x8g8")), ("smollm2-135m-shape", ("none", "2x8g8")))
-              for fmt in fmts]
+HEADLINES += [(f"decoding tokens/s, {model}, batch {batch}, CUDA graph + torch.compile, "
+               + (f"{fmt} with the layers that read one input fused (llm.fuse)" if fmt != "none" else "bf16, in the same run"),
+               f"kernels/{file}",
+               decode_tokens_per_s(model, fmt, batch, f"kernels/{file}", "fused_compiled" if fmt != "none" else "compiled"))
+              for batch, file in ((1, "gpu_decode_fused.json"), (8, "gpu_decode_fused_batch8.json"))
+              for model in ("llama2-7b-shape", "smollm2-135m-shape") for fmt in ("none", "2x8g8", "1x8g8")]
 HEADLINES += [(f"kernels: CUDA kernel {fmt}, one token, fitted {what} (microseconds)", "kernels/time_model_one_token.json",
                key("kernels/time_model_one_token.json", "formats", fmt, what))
               for fmt in ("2x8g8", "1x8g8") for what in ("fixed_us", "us_per_slab")]
