@@ -211,6 +211,10 @@ def multi_gpu(a) -> None:
             "--train", str(a.corpus / "train.txt.xz"), "--steps", "100", "--batch-size", "32")
         run("-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "experiments.dist_finetune",
             "--out", str(a.out / f"llama2-7b-shape_world{n}.json"), "--random", "7b", "--steps", "4", "--batch-size", "2")
+    for blocks in (8, 16):  # one GPU: the 70B shape's memory per block, from two cuts of it
+        run("-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "experiments.dist_finetune",
+            "--out", str(a.out / f"llama2-70b-shape_{blocks}blocks_world1.json"), "--random", "70b",
+            "--layers", str(blocks), "--steps", "3", "--batch-size", "1")
     if a.gpus >= 4:  # a model no single GPU can hold: the Llama-2-70B shape, one 4096-token sequence per GPU
         run("-m", "torch.distributed.run", "--nproc-per-node", str(a.gpus), "-m", "experiments.dist_finetune",
             "--out", str(a.out / f"llama2-70b-shape_world{a.gpus}.json"), "--random", "70b", "--steps", "3",

@@ -101,7 +101,24 @@ HEADLINES += [
     ("7B-shape PV-Tuning step peak GiB (32 blocks, extrapolated)", "scale/finetune_step_7b.json", key("scale/finetune_step_7b.json", "finetune_step", "extrapolated_32_blocks", "peak_gib")),
     ("ref-llama fine-tuning tokens/s, 1 GPU", "multi_gpu/ref-llama_2x8g8_world1.json", key("multi_gpu/ref-llama_2x8g8_world1.json", "tokens_per_second")),
     ("ref-llama fine-tuning tokens/s, 2 GPUs", "multi_gpu/ref-llama_2x8g8_world2.json", key("multi_gpu/ref-llama_2x8g8_world2.json", "tokens_per_second")),
+    ("7B-shape sharded fine-tuning peak GiB, 1 GPU", "multi_gpu/sharded/llama2-7b-shape_world1.json",
+     key("multi_gpu/sharded/llama2-7b-shape_world1.json", "peak_gib_per_rank", 0)),
 ]
+
+
+def seventy_b_gib(what: str) -> Callable[[], float]:
+    """The 70B shape's peak GiB on one GPU, fitted as fixed + per block x blocks to its 8- and 16-block cuts;
+    what: 'per_block' or 'all_80_blocks' (extrapolated)."""
+    def read() -> float:
+        p8, p16 = (_load(f"multi_gpu/sharded/llama2-70b-shape_{n}blocks_world1.json")["peak_gib_per_rank"][0] for n in (8, 16))
+        per_block = (p16 - p8) / 8
+        return round(per_block if what == "per_block" else p8 + (80 - 8) * per_block, 1)
+    return read
+
+
+HEADLINES += [(f"70B-shape sharded fine-tuning peak GiB on 1 GPU, {what.replace('_', ' ')} (fit of 8 and 16 blocks)",
+               "multi_gpu/sharded/llama2-70b-shape_16blocks_world1.json", seventy_b_gib(what))
+              for what in ("per_block", "all_80_blocks")]
 for fmt in ("2x8g8", "1x8g8"):  # the main table rerun with fine-tuning's P steps as pvtheory Steps
     f = f"main_table/rerun_ref-llama_{fmt}.json"
     HEADLINES += [(f"ref-llama {fmt} rerun {what}", f, ppl(f, what)) for what in ("calibrated", "pv", "ste")]
