@@ -160,9 +160,8 @@ def main(argv=None) -> None:
                "v_parameters_held_per_rank": held}
         write_json(a.out, res)
         print(json.dumps({k: v for k, v in res.items() if k not in ("losses", "codes_changed", "step_seconds", "config")}))
-    D.barrier()
-    if D.is_distributed():
-        torch.distributed.destroy_process_group()
+    del teacher, student
+    D.leave()
 
 
 def compare(path_a: str, path_b: str) -> dict:

@@ -528,6 +528,9 @@ def main(argv=None) -> int:
     try:
         import_plugins(getattr(args, "imports", None))
         args.fn(args)
+        from llm import distributed as D
+
+        D.leave()  # under torchrun: every rank done, the process group closed before the interpreter ends
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ Launch with torchrun (`torchrun --nproc-per-node 2 -m llm.cli finetune ...`); gl
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Iterable, Optional
 
@@ -241,3 +242,15 @@ def gather_to_first(state: dict) -> dict:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def leave() -> None:
+    """Leave the process group at the end of a run that went well on every rank: wait for all of them,
+    collect what still refers to the group (a sharded model's device mesh, finished work), then destroy it
+    while the interpreter is fully alive (gloo's worker threads torn down during its finalization can abort
+    the process). Nothing to do without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

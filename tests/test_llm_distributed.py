@@ -52,7 +52,9 @@ def test_layers_are_dealt_out_to_owners_by_size(monkeypatch):
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _in_gloo_group(rank: int, world: int, port: int, work, *args) -> None:
+    """work(rank, world, *args) in process `rank` of a gloo group of `world` processes (mp.spawn's target),
+    which it leaves as the CLI does (D.leave) when every rank is done, or at once when this one failed."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -60,31 +62,37 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     D.init_from_env("gloo")
     try:
-        result = {}
-        for strategy in ("pv", "ste"):
-            teacher, student = calibrated()
-            rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, **CFG),
-                           checkpoint_dir=f"{out_dir}/ck-{strategy}", progress=False)
-            v_held = [None] * world  # each rank's share of the optimizer state
-            torch.distributed.all_gather_object(v_held, rep["v_parameters_held"])
-            result[strategy] = {"losses": rep["losses"], "changed": rep["codes_changed"], "world": rep["world_size"],
-                                "teacher_local": D.local_numel(teacher), "v_held": v_held}
-            if rank == 1:  # the replicas must agree: rank 1 saves its copy beside rank 0's checkpoint
-                torch.save(student.state_dict(), f"{out_dir}/rank1-{strategy}.pt")
-        teacher, student = calibrated()  # the P step's gradients summed over processes in bfloat16
-        rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, p_grad_dtype="bfloat16", **CFG),
-                       progress=False)
-        result["pv_bf16"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
-        teacher, student = calibrated()  # two micro-batches a process: the gradients travel in the second,
-        D.GradientBuckets.__init__.__defaults__ = (None, 1000)  # a bucket per layer, sent during backward
-        rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, micro_batch_size=2, **CFG),
-                       progress=False)
-        result["pv_micro"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
-        if rank == 0:
-            with open(f"{out_dir}/result.json", "w") as f:
-                json.dump(result, f)
-    finally:
+        work(rank, world, *args)
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    D.leave()
+
+
+def _finetune_worker(rank: int, world: int, out_dir: str) -> None:
+    result = {}
+    for strategy in ("pv", "ste"):
+        teacher, student = calibrated()
+        rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, **CFG),
+                       checkpoint_dir=f"{out_dir}/ck-{strategy}", progress=False)
+        v_held = [None] * world  # each rank's share of the optimizer state
+        torch.distributed.all_gather_object(v_held, rep["v_parameters_held"])
+        result[strategy] = {"losses": rep["losses"], "changed": rep["codes_changed"], "world": rep["world_size"],
+                            "teacher_local": D.local_numel(teacher), "v_held": v_held}
+        if rank == 1:  # the replicas must agree: rank 1 saves its copy beside rank 0's checkpoint
+            torch.save(student.state_dict(), f"{out_dir}/rank1-{strategy}.pt")
+    teacher, student = calibrated()  # the P step's gradients summed over processes in bfloat16
+    rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, p_grad_dtype="bfloat16", **CFG),
+                   progress=False)
+    result["pv_bf16"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
+    teacher, student = calibrated()  # two micro-batches a process: the gradients travel in the second,
+    D.GradientBuckets.__init__.__defaults__ = (None, 1000)  # a bucket per layer, sent during backward
+    rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, micro_batch_size=2, **CFG),
+                   progress=False)
+    result["pv_micro"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
+    if rank == 0:
+        with open(f"{out_dir}/result.json", "w") as f:
+            json.dump(result, f)
 
 
 def _free_port() -> int:
@@ -96,7 +104,7 @@ def _free_port() -> int:
 def test_two_gloo_processes_with_sharded_teacher_and_optimizer_state_give_the_loss_curve_of_one_and_resume_in_one(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_in_gloo_group, args=(2, _free_port(), _finetune_worker, str(tmp_path)), nprocs=2, join=True)
     result = json.loads((tmp_path / "result.json").read_text())
     from safetensors.torch import load_file
 
@@ -131,31 +139,22 @@ def test_two_gloo_processes_with_sharded_teacher_and_optimizer_state_give_the_lo
             assert result["pv_micro"]["changed"] == rep_one["codes_changed"][:4]
 
 
-def _calibration_worker(rank: int, world: int, port: int, out_dir: str, fmt: str) -> None:
-    import os
+def _calibration_worker(rank: int, world: int, out_dir: str, fmt: str) -> None:
+    model = tiny_model("llama")
+    rows = []
+    forward = type(model.model.layers[0]).forward
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    D.init_from_env(backend="gloo")
-    try:
-        model = tiny_model("llama")
-        rows = []
-        forward = type(model.model.layers[0]).forward
+    def counting(self, hidden, *args, **kw):  # the rows each process runs a block on while tuning it
+        if torch.is_grad_enabled():
+            rows.append(hidden.shape[0])
+        return forward(self, hidden, *args, **kw)
 
-        def counting(self, hidden, *args, **kw):  # the rows each process runs a block on while tuning it
-            if torch.is_grad_enabled():
-                rows.append(hidden.shape[0])
-            return forward(self, hidden, *args, **kw)
-
-        type(model.model.layers[0]).forward = counting
-        report = calibrate(model, SEQS, CalibrationConfig(fmt=fmt, rounds=2, batch_size=8, block_tune_steps=3),
-                           progress=False)
-        torch.save({"state": model.state_dict(), "errors": [l["relative_error"] for l in report["layers"]],
-                    "tune_losses": [b["tune_losses_first_last"] for b in report["blocks"]], "rows": rows},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+    type(model.model.layers[0]).forward = counting
+    report = calibrate(model, SEQS, CalibrationConfig(fmt=fmt, rounds=2, batch_size=8, block_tune_steps=3),
+                       progress=False)
+    torch.save({"state": model.state_dict(), "errors": [l["relative_error"] for l in report["layers"]],
+                "tune_losses": [b["tune_losses_first_last"] for b in report["blocks"]], "rows": rows},
+               f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("fmt", ["1x6g8", "int2g16"])
@@ -165,7 +164,7 @@ def test_calibration_spread_over_two_processes_gives_the_model_of_one(tmp_path, 
     another order: equal to float32 rounding)."""
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    mp.spawn(_calibration_worker, args=(2, _free_port(), str(tmp_path), fmt), nprocs=2, join=True)
+    mp.spawn(_in_gloo_group, args=(2, _free_port(), _calibration_worker, str(tmp_path), fmt), nprocs=2, join=True)
     one = tiny_model("llama")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same order of floating-point sums
