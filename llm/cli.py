@@ -530,7 +530,8 @@ def main(argv=None) -> int:
         args.fn(args)
         from llm import distributed as D
 
-        D.leave()  # under torchrun: every rank done, the process group closed before the interpreter ends
+        if D.launched_by_torchrun():  # every rank done: the process group closed before the interpreter ends
+            D.leave()
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
