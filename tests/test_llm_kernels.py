@@ -96,7 +96,6 @@ def test_the_cuda_kernels_split_is_the_finest_that_one_wave_holds(n_out, n_group
     splits, chunk = split_plan(n_out, n_groups, tokens, slots)
     slabs = -(-n_groups // SLAB_GROUPS)
     row_blocks = -(-n_out // BLOCK_ROWS)
-    assert 1 <= splits <= slabs
     fits = X_SHARED_BYTES // (SLAB_GROUPS * 16 * tokens)
     assert chunk <= max(fits, 1)
     assert row_blocks * splits <= int(slots) or splits == 1 or chunk == fits
