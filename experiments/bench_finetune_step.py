@@ -59,27 +59,30 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(merged, indent=1))
         return
 
-    from dataclasses import replace
-
     from llm.checkpoint import load_checkpoint, read_meta
     from llm.finetune import FinetuneConfig
     from llm.model import load_model
-    from llm.pipeline import strategy_config, train_sequences, tuned_strategy_settings
-    from llm.presets import preset_for
+    from dataclasses import replace
+
+    from llm.formats import QuantFormat
+    from llm.pipeline import train_sequences
+    from llm.strategies import settings_for
+    from llm.presets import preset_for, preset_strategy_settings
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = read_meta(a.checkpoint)
     fmt = next(iter(meta["quantized_layers"].values()))
     p = preset_for(fmt)
-    settings = tuned_strategy_settings(fmt, p.get("pv_p_lr"))
-    base = FinetuneConfig(steps=a.steps, batch_size=p["batch_size_ft"], micro_batch_size=p["micro_batch_size"],
+    preset_settings = preset_strategy_settings(p, fmt)
+    base = FinetuneConfig(steps=a.steps, batch_size=p["batch_size"], micro_batch_size=p["micro_batch_size"],
                           lr=p["lr"], v_optimizer=p["v_optimizer"], checkpoint_every=10**9)
     seqs = train_sequences(a.model, a.train, a.seq_len, a.steps * base.batch_size, seed=1)
     teacher = load_model(a.model, torch.float32, device)
     out = {}
     for strategy in a.strategies.split(","):
         student, _, _ = load_checkpoint(a.checkpoint, a.model, device)
-        cfg = replace(strategy_config(base, strategy, settings), steps=a.steps, p_warmup=0)  # every step re-encodes
+        settings = settings_for(strategy, QuantFormat.parse(fmt), preset_settings.get(strategy), {"p_warmup": 0})
+        cfg = replace(base, strategy=strategy, settings=settings).validate()  # every step re-encodes
         out[strategy] = time_strategy(student, teacher, seqs, cfg, device, a.skip)
         print(f"{a.label} {fmt} {strategy}: {out[strategy]['median_step_seconds']} s/step", flush=True)
         del student

@@ -22,6 +22,7 @@ from llm.calibrate import CalibrationConfig, calibrate
 from llm.finetune import FinetuneConfig, finetune
 from llm.formats import QuantFormat, make_quantized
 from llm.model import block_linears, decoder_layers, set_module, tiny_config
+from llm.strategies import settings_for
 from pvtheory.io import write_json
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000,
@@ -127,10 +128,9 @@ def main(argv=None) -> None:
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__}
     if a.skip != "finetune":
-        from llm.pipeline import TUNED_STRATEGY_SETTINGS
-
-        ft_kw = dict(strategy="pv", steps=3, batch_size=1, grad_checkpointing=True, p_state_dtype="bfloat16",
-                     checkpoint_every=10**9, **dict(TUNED_STRATEGY_SETTINGS["pv"], p_warmup=0))  # time real P steps
+        settings = settings_for("pv", None, {"p_warmup": 0, "p_state_dtype": "bfloat16"})  # time real P steps
+        ft_kw = dict(strategy="pv", steps=3, batch_size=1, grad_checkpointing=True, checkpoint_every=10**9,
+                     settings=settings)
         runs = []
         for L in a.layers:
             runs.append(bench_finetune_step(shape, a.format, L, a.seq_len, ft_kw, device))

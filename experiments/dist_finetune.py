@@ -23,7 +23,7 @@ import torch
 
 from llm import distributed as D
 from llm.finetune import FinetuneConfig, finetune
-from llm.pipeline import TUNED_STRATEGY_SETTINGS
+from llm.strategies import settings_for, with_settings
 from pvtheory.io import write_json
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     device = D.init_from_env()
     seq_len = a.seq_len or (4096 if a.random else 512)
     cfg_kw = dict(strategy="pv", steps=a.steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-                  checkpoint_every=10**9, **dict(TUNED_STRATEGY_SETTINGS["pv"], p_warmup=0))  # codes move from step 1
+                  checkpoint_every=10**9, settings=settings_for("pv", None, {"p_warmup": 0}))  # codes move from step 1
     if a.random:
         from experiments.bench_scale import LLAMA2_7B, SMALL
 
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         teacher, student = build(shape, device, layers)
         vocab = teacher.config.vocab_size
         seqs = torch.randint(0, vocab, (max(a.batch_size, 8), seq_len), generator=torch.Generator().manual_seed(0))
-        cfg_kw.update(grad_checkpointing=True, p_state_dtype="bfloat16")
+        cfg_kw.update(grad_checkpointing=True, settings=with_settings(cfg_kw["settings"], p_state_dtype="bfloat16"))
         source = f"random Llama-2 shape ({a.random}), {layers} blocks, 2x8g8"
     else:
         from llm.checkpoint import load_checkpoint

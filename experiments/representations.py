@@ -38,7 +38,9 @@ PV_ROWS = ("pv", "pv_warmup")  # PV-Tuning without and with a P warm-up: two row
 def row_of(strategy: str, run: dict) -> str:
     """The table row of one fine-tuning run: PV-Tuning whose P steps waited for a warm-up (`--p-warmup N`,
     the default on codebook formats) is a row of its own, beside PV-Tuning without one."""
-    return "pv_warmup" if strategy == "pv" and (run.get("config") or {}).get("p_warmup", 0) else strategy
+    cfg = run.get("config") or {}
+    settings = cfg.get("settings") or cfg  # summaries before strategies owned their settings kept them flat
+    return "pv_warmup" if strategy == "pv" and settings.get("p_warmup", 0) else strategy
 
 
 def layer_shapes(model) -> list:

@@ -26,6 +26,19 @@ from llm.pipeline import evaluate, load_data
 from pvtheory.io import write_json
 
 
+def finetune_variant(steps: int, fmt: str, variant: dict) -> FinetuneConfig:
+    """A variant's FinetuneConfig: its loop fields as given, the rest its strategy's settings (over the tuned ones
+    for the format; every name checked)."""
+    from dataclasses import fields
+
+    from llm.pipeline import strategy_config
+
+    loop_fields = {f.name for f in fields(FinetuneConfig)} - {"strategy", "settings"}
+    loop = {k: v for k, v in variant.items() if k in loop_fields}
+    settings = {k: v for k, v in variant.items() if k not in loop_fields | {"strategy"}}
+    return strategy_config(replace(FinetuneConfig(steps=steps), **loop), variant.get("strategy", "pv"), fmt, settings)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -34,7 +47,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--format", default="2x8g8")
     ap.add_argument("--calib", nargs="*", default=["{}"], help="CalibrationConfig overrides, one JSON object per variant")
-    ap.add_argument("--finetune", nargs="*", default=[], help="FinetuneConfig overrides, one JSON object per variant")
+    ap.add_argument("--finetune", nargs="*", default=[],
+                    help="fine-tuning variants, one JSON object each: FinetuneConfig fields and the strategy's settings")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--nsamples", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -67,7 +81,7 @@ def main(argv=None) -> None:
             best, best_ppl = student, row["ppl"]
         write_json(a.out, res)
     for variant in a.finetune:
-        cfg = replace(FinetuneConfig(steps=a.steps), **json.loads(variant))
+        cfg = finetune_variant(a.steps, a.format, json.loads(variant))
         if best is None or time.time() - t0 > a.budget_s:
             res["finetune"].append({"overrides": json.loads(variant), "skipped": "time budget"})
             continue

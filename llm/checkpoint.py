@@ -150,6 +150,9 @@ def check_same_run(path, stored: Optional[dict], requested: dict) -> None:
     if stored is None:
         return
     stored, requested = (json.loads(json.dumps(d, default=str)) for d in (stored, requested))  # tuples -> lists
+    if isinstance(stored.get("base_model"), dict):  # identified by file sizes and times, before model fingerprints
+        raise CheckpointError(f"{path} was written by an older pvtuning (another run identity) and cannot be resumed: "
+                              "give another --out, or --overwrite to replace it")
     keys = sorted(set(stored) | set(requested))
     diff = [k for k in keys if stored.get(k) != requested.get(k)]
     if diff:
@@ -200,12 +203,19 @@ def load_checkpoint(path, base_model_dir=None, device="cpu", dtype=torch.float32
         raise CheckpointError(f"{path}: meta.json names no base_model; pass the base model directory")
     model = load_model(base, dtype=dtype, device="cpu")
     quantize_structure(model, meta["quantized_layers"])
+    _load_matching(model, read_model_state(path, meta), f"{path} does not match {base}")
+    state = read_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
+    return model.to(device), meta, state
+
+
+def read_model_state(path, meta: Optional[dict] = None) -> dict:
+    """The model state a checkpoint holds, its tied weights (stored once) under each of their names."""
+    path = Path(path)
+    meta = read_meta(path) if meta is None else meta
     sd = read_tensors(path / "model.safetensors")
     for k, src in meta.get("tied", {}).items():
         sd[k] = sd[src]
-    _load_matching(model, sd, f"{path} does not match {base}")
-    state = read_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
-    return model.to(device), meta, state
+    return sd
 
 
 def _load_matching(module: nn.Module, sd: dict, mismatch: str) -> None:

@@ -19,6 +19,7 @@ of the same command resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def _preset(a) -> dict:
     from llm.presets import preset_for
 
     p = preset_for(a.format, a.preset)
-    for key in ("rounds", "tolerance", "block_tune_steps", "steps", "batch_size_ft", "micro_batch_size",
+    for key in ("rounds", "tolerance", "block_tune_steps", "steps", "batch_size", "micro_batch_size",
                 "v_optimizer", "lr"):
         if getattr(a, key, None) is not None:
             p[key] = getattr(a, key)
@@ -105,54 +106,82 @@ def _preset(a) -> dict:
 
 def _calib_cfg(a) -> CalibrationConfig:
     p = _preset(a)
-    return CalibrationConfig(fmt=a.format, rounds=p["rounds"], tolerance=p["tolerance"], beam_width=a.beam_width,
+    return CalibrationConfig(fmt=a.format, rounds=p["rounds"], tolerance=p["tolerance"],
+                             beam_width=a.beam_width if a.beam_width is not None else 4,
                              block_tune_steps=p["block_tune_steps"], block_tune_lr=a.block_tune_lr,
-                             batch_size=a.batch_size, seed=a.seed, true_sequential=a.true_sequential,
+                             forward_batch_size=a.calib_batch_size, seed=a.seed, true_sequential=a.true_sequential,
                              original_targets=a.original_targets).validate()
 
 
 def _ft_cfg(a, strategy: str) -> FinetuneConfig:
+    """The fine-tuning loop's settings (the strategy's own come from strategy_overrides)."""
     p = _preset(a)
-    return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size_ft"],
+    return FinetuneConfig(strategy=strategy, steps=p["steps"], batch_size=p["batch_size"],
                           micro_batch_size=p["micro_batch_size"], lr=p["lr"], lr_schedule=a.lr_schedule,
-                          v_optimizer=p["v_optimizer"], **_explicit_p_flags(a), trust_ratio=a.trust_ratio,
-                          beam_width=a.beam_width, train_other=not a.freeze_other,
-                          shard_teacher=not getattr(a, "replicate_teacher", False),
-                          p_state_dtype=a.p_state_dtype, p_grad_dtype=a.p_grad_dtype,
+                          v_optimizer=p["v_optimizer"], train_other=not a.freeze_other,
+                          shard_teacher=not getattr(a, "replicate_teacher", False), p_grad_dtype=a.p_grad_dtype,
                           grad_checkpointing=a.grad_checkpointing, logit_chunk=a.logit_chunk or None,
                           seed=a.seed).validate()
 
 
-P_FLAGS = ("p_lr", "tau", "p_beta1", "p_metric", "p_select", "p_memory", "p_warmup")
+def strategy_overrides(a, strategies) -> dict:
+    """{strategy: {setting: value}} over each strategy's tuned settings: the preset's (codebook formats), then the
+    setting flags given on the command line (each applies to every strategy that has that setting), then
+    --strategy-settings; every name checked."""
+    from llm.presets import preset_strategy_settings
+    from llm.strategies import check_settings, get_strategy, setting_fields
 
-
-def _explicit_p_flags(a) -> dict:
-    """The P-step flags given on the command line (the others come from the tuned settings or the defaults)."""
-    return {k: getattr(a, k) for k in P_FLAGS if getattr(a, k) is not None}
-
-
-def _strategy_settings(a) -> dict:
-    """Per-strategy FinetuneConfig overrides: the tuned ones for the format (and the preset's) unless
-    --untuned, less what a P-step flag sets explicitly, then --strategy-settings; every name checked."""
-    from llm.pipeline import check_strategy_settings, tuned_strategy_settings
-
-    settings = {}
-    if not a.untuned:
-        settings = tuned_strategy_settings(a.format, _preset(a).get("pv_p_lr"))
-        for entry in settings.values():
-            for k in _explicit_p_flags(a):
-                entry.pop(k, None)
+    fields_of = {name: {f.name for f in dataclasses.fields(get_strategy(name).settings)} for name in strategies}
+    flags = {k: getattr(a, k) for k in setting_fields() if getattr(a, k, None) is not None}
+    extra = {}
     if a.strategy_settings:
         try:
             extra = json.loads(a.strategy_settings)
         except json.JSONDecodeError as e:
             raise ValueError(f"--strategy-settings is not valid JSON: {e}") from None
         if not isinstance(extra, dict):
-            raise ValueError('--strategy-settings must look like {"pv": {"tau": 0.01}}')
-        check_strategy_settings(extra)
-        for k, v in extra.items():
-            settings.setdefault(k, {}).update(v)
-    return settings
+            raise ValueError('--strategy-settings must look like {"pv": {"p_fraction": 0.01}}')
+        for name, values in extra.items():
+            check_settings(name, values)
+    preset = preset_strategy_settings(_preset(a), a.format)
+    out = {}
+    for name in strategies:
+        values = {k: v for k, v in preset.get(name, {}).items() if k in fields_of[name]}
+        values.update({k: v for k, v in flags.items() if k in fields_of[name]})
+        values.update(extra.get(name, {}))
+        out[name] = values
+    return out
+
+
+def _add_setting_flags(p) -> None:
+    """One flag per setting of the registered strategies (--p-lr, --p-fraction, ... and a plugin's own), generated
+    from their settings dataclasses: the same name from flag to field to JSON."""
+    from llm.strategies import default_value, setting_fields
+
+    parse = {"float": float, "int": int, "str": str, "Optional[float]": float, "Optional[int]": int}
+    for name, (f, owners) in setting_fields().items():
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = parse.get(type_name.replace("typing.", ""), str)
+        defaults = ", ".join(f"{o} {default_value(_field_of(o, name))}" for o in owners)
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_typed(kind, name), default=None,
+                       choices=f.metadata.get("choices"),
+                       help=f"{f.metadata.get('help', name)} (defaults: {defaults}; tuned per format)")
+
+
+def _field_of(strategy: str, name: str):
+    from llm.strategies import get_strategy
+
+    return next(f for f in dataclasses.fields(get_strategy(strategy).settings) if f.name == name)
+
+
+def _typed(kind, name: str):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a number' if kind is not str else 'a word'}") from None
+    parse.__name__ = name
+    return parse
 
 
 def _read_prompts(path) -> list:
@@ -209,22 +238,20 @@ def cmd_pipeline(a) -> None:
         _corpus(path, flag)
     summary = run_pipeline(a.model, a.train, a.validation, a.out, _calib_cfg(a), _ft_cfg(a, strategies[0]), strategies,
                            a.seq_len, a.nsamples, a.eval_windows, _device(a.device),
-                           strategy_settings=_strategy_settings(a), ft_nsamples=a.ft_nsamples,
+                           strategy_settings=strategy_overrides(a, strategies), ft_nsamples=a.ft_nsamples,
                            prompts=prompts, new_tokens=a.new_tokens, overwrite=a.overwrite)
     print(format_summary(summary))
     print(f"summary: {Path(a.out) / 'summary.json'}")
 
 
 def cmd_calibrate(a) -> None:
-    from dataclasses import asdict
 
     from llm import distributed as D
     from llm.calibrate import calibrate_to, check_format_fits
     from llm.checkpoint import check_out, check_same_run, is_checkpoint, partial_path, read_meta, remove_out
-    from llm.data import fingerprint
     from llm.formats import model_bits
     from llm.model import load_model, read_config
-    from llm.pipeline import model_identity, train_sequences
+    from llm.pipeline import calibration_run, train_sequences
 
     read_config(a.model)
     cfg = _calib_cfg(a)
@@ -233,8 +260,7 @@ def cmd_calibrate(a) -> None:
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)
     check_out(partial_path(a.out), a.overwrite)  # an interrupted run's blocks, or nothing
-    run = {"base_model": model_identity(a.model), "train": fingerprint(a.train), "seq_len": a.seq_len,
-           "nsamples": a.nsamples, "calibration": asdict(cfg)}
+    run = calibration_run(a.model, a.train, a.seq_len, a.nsamples, cfg)
     if is_checkpoint(a.out) and not a.overwrite:
         check_same_run(a.out, read_meta(a.out).get("run"), run)
         print(f"{a.out} already holds this calibration (--overwrite to redo it)")
@@ -254,10 +280,9 @@ def cmd_calibrate(a) -> None:
 def cmd_finetune(a) -> None:
     from llm import distributed as D
     from llm.checkpoint import check_out, load_checkpoint, read_meta, remove_out
-    from llm.data import fingerprint
     from llm.finetune import check_resumable, describe_seconds, finetune
     from llm.model import load_model, read_config
-    from llm.pipeline import finetune_nsamples, model_identity, strategy_config, train_sequences
+    from llm.pipeline import finetune_nsamples, finetune_run, strategy_config, train_sequences
 
     _strategies(a.strategy, "--strategy")
     meta = read_meta(a.checkpoint)
@@ -266,13 +291,12 @@ def cmd_finetune(a) -> None:
     if base is None:
         raise ValueError(f"{a.checkpoint} names no base model: pass --model")
     read_config(base)
-    cfg = strategy_config(_ft_cfg(a, a.strategy), a.strategy, _strategy_settings(a))
+    cfg = strategy_config(_ft_cfg(a, a.strategy), a.strategy, a.format, strategy_overrides(a, [a.strategy])[a.strategy])
     _corpus(a.train, "--train")
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)
     n = finetune_nsamples(cfg, a.nsamples, a.ft_nsamples)
-    run = {"base_model": model_identity(base), "start": fingerprint(Path(a.checkpoint) / "model.safetensors"),
-           "train": fingerprint(a.train), "seq_len": a.seq_len, "ft_nsamples": n}
+    run = finetune_run(base, a.checkpoint, a.train, a.seq_len, n)
     if not a.overwrite:
         check_resumable(a.out, cfg, run)
     student, meta, _ = load_checkpoint(a.checkpoint, base, dev)
@@ -389,11 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at most this many P/V rounds per layer (preset: 12)")
         p.add_argument("--tolerance", type=NONNEG, default=None,
                        help="stop a layer's rounds below this relative gain (preset: 0.002)")
-        p.add_argument("--beam-width", type=POSITIVE_INT, default=4, help="beam of the code search (AQLM)")
         p.add_argument("--block-tune-steps", type=NONNEG_INT, default=None,
                        help="Adam steps tuning each block's continuous parameters (preset: 2x8g8 500, else 1000)")
         p.add_argument("--block-tune-lr", type=POSITIVE, default=3e-4, help="learning rate of block tuning")
-        p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="sequences per calibration forward pass")
+        p.add_argument("--calib-batch-size", type=POSITIVE_INT, default=16, help="sequences per calibration forward pass")
         p.add_argument("--true-sequential", action="store_true",
                        help="Hessians of o_proj / MLP from the block with its earlier linears quantized")
         p.add_argument("--original-targets", action="store_true",
@@ -403,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     def ft_args(p):
         p.add_argument("--steps", type=POSITIVE_INT, default=None,
                        help="fine-tuning steps (preset: 2x8g8 260, 1x8g8 220, else 200)")
-        p.add_argument("--ft-batch-size", dest="batch_size_ft", type=POSITIVE_INT, default=None,
+        p.add_argument("--ft-batch-size", dest="batch_size", type=POSITIVE_INT, default=None,
                        help="sequences per step, over all processes (preset: 2x8g8 128, else 64)")
         p.add_argument("--ft-nsamples", type=POSITIVE_INT, default=None,
                        help="fine-tuning sequences (default: steps x ft-batch-size, fresh ones every step; "
@@ -415,35 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the V step's optimizer (lamb: each tensor moves by lr times its norm; preset: lamb)")
         p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                        help="cosine: lr and p-lr decay to 0 over the steps")
-        p.add_argument("--p-lr", type=POSITIVE, default=None,
-                       help="the P step's Adam-normalized weight update, every strategy (default: tuned per strategy "
-                            "and format, e.g. pv 1e-2 at 2 bits, 0.1 at 1 bit; untuned 1e-2)")
-        p.add_argument("--tau", type=FRACTION, default=None,
-                       help="pv: fraction of code groups that may change per step (default: tuned 1e-3; untuned 0.01)")
-        p.add_argument("--p-beta1", type=NONNEG, default=None,
-                       help="momentum of the P step's update (default: tuned, pv 0.9; untuned 0)")
-        p.add_argument("--p-metric", default=None, choices=("euclidean", "adam"),
-                       help="re-encode nearest in the Euclidean or Adam metric (default: tuned, pv adam)")
         p.add_argument("--strategy-settings", default=None,
-                       help='JSON of per-strategy overrides, e.g. {"pv": {"tau": 0.01}} (over the tuned ones)')
-        p.add_argument("--untuned", action="store_true",
-                       help="do not apply the tuned per-strategy settings (library defaults for unset flags)")
-        p.add_argument("--p-warmup", type=NONNEG_INT, default=None,
-                       help="steps whose P step only accumulates its Adam moments before any code may change "
-                            "(the first step's update is p_lr x sign(gradient) everywhere; tuned: pv 5 on codebook "
-                            "formats, else 0)")
-        p.add_argument("--p-select", default=None, choices=("update", "gain"),
-                       help="pv: re-encode the groups with the largest update, or the largest decrease of the linear "
-                            "model (tuned: gain on scalar formats, else update)")
-        p.add_argument("--p-memory", type=UNIT, default=None,
-                       help="pv, linearized_pv: share of what rounding left out of a P step's target that the next "
-                            "one aims at too (0: none, as in the paper; 1: all, as the official code's delta_decay 0; "
-                            "tuned: 1 for pv on scalar formats, else 0)")
-        p.add_argument("--trust-ratio", type=POSITIVE, default=None,
-                       help="reject code changes that move a group by more than this times its norm")
+                       help='JSON of per-strategy settings over the tuned ones, e.g. {"pv": {"p_fraction": 0.01}}')
+        _add_setting_flags(p)  # --p-lr, --p-fraction, --p-warmup, ...: one per strategy setting
         p.add_argument("--freeze-other", action="store_true", help="keep embeddings and head fixed")
-        p.add_argument("--p-state-dtype", choices=("float32", "bfloat16"), default="float32",
-                       help="precision of the P step's per-weight moments (bfloat16 halves their memory)")
         p.add_argument("--p-grad-dtype", choices=("float32", "bfloat16"), default="float32",
                        help="under torchrun: precision in which dL/dW is summed onto each layer's owner")
         p.add_argument("--replicate-teacher", action="store_true",
@@ -474,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face model directory, GGUF file, or folder holding one GGUF file")
     p.add_argument("--train", required=True, help="train text (.txt, .txt.xz, .jsonl, .parquet, datasets folder)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--beam-width", type=POSITIVE_INT, default=None, help="beam of the code search (AQLM; default 4)")
     common(p), calib_args(p), overwrite(p)
     p.set_defaults(fn=cmd_calibrate)
 
@@ -485,7 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="pv",
                    help=f"how codes change during fine-tuning: {', '.join(strategy_names())} or one registered by --import")
     p.add_argument("--preset", default="auto", help="recipe filling the options you leave out (see pipeline --help)")
-    p.add_argument("--beam-width", type=POSITIVE_INT, default=4, help="beam of the code search (AQLM)")
     common(p), ft_args(p), overwrite(p)
     p.set_defaults(fn=cmd_finetune)
 
@@ -524,9 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)  # --import first: a plugin's strategy settings become flags
+    pre.add_argument("--import", dest="imports", action="append")
+    try:
+        import_plugins(pre.parse_known_args(argv)[0].imports)
+    except EXPECTED_ERRORS as e:
+        print(f"pvtuning: error: {_first_line(e)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
-        import_plugins(getattr(args, "imports", None))
         args.fn(args)
         from llm import distributed as D
 
@@ -536,11 +541,14 @@ def main(argv=None) -> int:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:
-        text = str(e).strip()
-        msg = text.splitlines()[0] if text else type(e).__name__
-        print(f"pvtuning: error: {msg}", file=sys.stderr)
+        print(f"pvtuning: error: {_first_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

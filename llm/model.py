@@ -222,12 +222,17 @@ def _tokenizer_from(model):
         raise ModelError(f"could not load the tokenizer of {model}: {_first_line(e)}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
 def model_fingerprint(model) -> str:
-    """sha1 (20 hex digits) of what a model is read from: a GGUF file's bytes, or a folder's config.json and
-    weight files; each file hashed once per process while it is unchanged."""
+    """sha1 (20 hex digits) of what a model is read from: a GGUF file's bytes, or a folder's config.json, weight
+    files and tokenizer files; each file hashed once per process while it is unchanged. The one identity of a
+    model: caches of its perplexities and the runs that resume from its checkpoints are keyed by it."""
     folder, gguf_file = model_source(model)
     files = [folder / gguf_file] if gguf_file else sorted(
-        f for f in folder.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+        f for f in folder.iterdir()
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin") or f.name in TOKENIZER_FILES)
     if len(files) == 1:
         return _file_sha1(str(files[0].resolve()), files[0].stat().st_size, files[0].stat().st_mtime_ns)
     import hashlib

@@ -1,10 +1,14 @@
-"""LAMB (You et al. 2019): Adam's update rescaled, tensor by tensor, to lr * ||p||.
+"""The V step's optimizers and the learning-rate schedules of fine-tuning.
+
+LAMB (You et al. 2019): Adam's update rescaled, tensor by tensor, to lr * ||p||.
 
 The official PV-Tuning recipe runs its V step with it (`--lamb`): every continuous tensor (codebooks,
 scales, norms, embeddings) then moves by the same fraction lr of its own norm per step, whatever its
 magnitude, where plain Adam moves every entry by about lr.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -44,3 +48,16 @@ class Lamb(torch.optim.Optimizer):
                 trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm.clamp_min(1e-30), torch.ones_like(p_norm))
                 p.sub_(group["lr"] * trust * r)
         return loss
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The multiplier of a learning rate at `step` (0-based) of `steps`: 1 ("constant"), or a cosine from 1 at
+    step 0 towards 0 ("cosine"). Fine-tuning applies it to the V step's lr and to the P step's p_lr alike."""
+    if schedule == "cosine" and steps > 0:
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return 1.0

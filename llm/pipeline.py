@@ -16,11 +16,11 @@ from llm.checkpoint import check_out, check_same_run, has_checkpoint, load_check
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import FinetuneConfig, FinetuneError, check_resumable, describe_seconds, finetune
-from llm.strategies import is_strategy, strategy_names
+from llm.strategies import StrategyError, check_settings, is_strategy, settings_for, strategy_names
 from llm.formats import QuantFormat, model_bits
 from llm import kernels
 from llm.generate import GreedyDecoder
-from llm.model import load_model, load_tokenizer, model_fingerprint, model_source, read_config
+from llm.model import load_model, load_tokenizer, model_fingerprint, read_config
 from pvtheory.io import exclusive_lock, write_json
 
 
@@ -128,83 +128,15 @@ def evaluate(model, val: torch.Tensor, device, amp: bool, weights: Optional[str]
         return ppl
 
 
-# Per-strategy P-step settings found by sweeps on ref-llama (2x8g8 and 1x8g8, docs/results.md):
-# PV-Tuning moves few codes per step (tau = 0.1%), with momentum and the Adam metric against noisy
-# small-batch gradients; STE and stochastic rounding need small steps or they wreck the model.
-# With Adam's bias correction the first P step's update is p_lr x sign(dL/dW) in every coordinate, so the
-# first P step re-encodes thousands of groups at once and the loss jumps (SmolLM2-135M vq10g8 at p_lr 0.1:
-# KL 1.52 -> 8.10; ref-llama 2x8g8 at 3e-2: 0.066 -> 0.103). Five steps that only gather the moments
-# first (p_warmup) remove the jump on codebooks at both widths (docs/representations.md): vq10g8 28.96
-# against 31.70 without (continuous-only 28.74), ref-llama 2x8g8 17.01 against 17.05 (continuous-only
-# 17.12), each on one calibration; on CPU proxies too.
-TUNED_STRATEGY_SETTINGS = {
-    "pv": {"p_lr": 1e-2, "tau": 1e-3, "p_beta1": 0.9, "p_metric": "adam", "p_warmup": 5},
-    "linearized_pv": {"p_lr": 1e-2, "p_beta1": 0.9, "p_metric": "adam"},
-    "ste": {"p_lr": 3e-4},
-    "stochastic": {"p_lr": 1e-4},
-}
-# About 1 bit per weight (codes of <= 1.5 bits per weight) the P steps must be ~10x larger to move
-# codes at all on the reference models, and the P step's momentum 0.95 beat 0.9 / 0.97 / 0.99 at 16
-# sequences per step; at 2 bits the larger step hurts, so this applies to the low-bit formats only
-# (ref-llama 1x8g8: PV 20.35 vs STE 20.61 at 16 sequences, 19.68 vs 20.46 at 64). On SmolLM2-135M this
-# low-bit step moved too many codes (47.5 against 43.1 at the 2-bit setting: docs/results_smollm2.md).
-# At 2 bits and 64-128 sequences per step PV's p_lr 3e-2 beat 1e-2 (17.19 vs 17.29), not at 16 sequences
-# (17.38 vs 17.36): the 2x8g8 preset (llm/presets.py) sets it with its batch of 128.
-LOW_BIT_OVERRIDES = {"pv": {"p_lr": 0.1, "p_beta1": 0.95}, "ste": {"p_lr": 1e-3}}
-# On GPTQ's scalar grid one code step moves a weight by its group's whole spacing: a single P step rarely
-# crosses a rounding midpoint, and when it does, the linear model overstates the gain. PV-Tuning there
-# carries the rounding residual to the next P step (p_memory 1, as the official code's delta_decay 0), so
-# small updates add up until a code moves, and ranks groups by the model's gain. ref-llama, H200, the
-# 2x8g8 / 1x8g8 recipes (docs/representations.md): int2g128 PV 17.43 / 17.48 (two seeds) against STE
-# 17.65 / 17.66 and the codebook setting's 17.87; int1g64 with momentum 0.9, PV 39.11 / 38.71 / 38.52
-# against STE 39.98 / 40.12 / 40.03 on the same calibrations (momentum 0.9 at 2 bits: 17.77). These ran
-# without the P warm-up, unmeasured on this grid (whose PV step is 100x smaller than on codebooks).
-SCALAR_OVERRIDES = {"pv": {"p_memory": 1.0, "p_lr": 1e-3, "p_beta1": 0.0, "p_select": "gain", "p_warmup": 0}}
-SCALAR_LOW_BIT_OVERRIDES = {"pv": {"p_beta1": 0.9}}
-
-
-def tuned_strategy_settings(fmt: str, pv_p_lr: Optional[float] = None) -> dict:
-    """TUNED_STRATEGY_SETTINGS for this format ({strategy: {FinetuneConfig field: value}}), with the
-    low-bit and scalar-grid overrides where they apply. pv_p_lr: a preset's PV step size for its batch
-    (llm.presets), applied to codebook formats only (the scalar grid's PV step has its own)."""
-    q = QuantFormat.parse(fmt)
-    code_bits = q.bits * (q.num_codebooks / q.group_size if q.kind == "aqlm" else 1)
-    overrides = [LOW_BIT_OVERRIDES] if code_bits <= 1.5 else []
-    if q.kind == "scalar":
-        overrides += [SCALAR_OVERRIDES] + ([SCALAR_LOW_BIT_OVERRIDES] if code_bits <= 1.5 else [])
-    else:
-        overrides += [{"pv": {"p_lr": pv_p_lr}}] if pv_p_lr is not None else []
-    settings = {k: dict(v) for k, v in TUNED_STRATEGY_SETTINGS.items()}
-    for o in overrides:
-        for k, v in o.items():
-            settings[k].update(v)
-    return settings
-
-
-def check_strategy_settings(settings: Optional[dict]) -> None:
-    """Every key a known strategy, every entry a dict of FinetuneConfig fields (a misspelling is an error,
-    never a silently ignored setting)."""
-    fields = set(FinetuneConfig.__dataclass_fields__) - {"strategy"}
-    for name, entry in (settings or {}).items():
-        if not is_strategy(name):
-            raise FinetuneError(f"strategy settings name an unknown strategy {name!r}; known: {', '.join(strategy_names())}")
-        if not isinstance(entry, dict):
-            raise FinetuneError(f"strategy settings for {name} must be a JSON object of settings, got {entry!r}")
-        unknown = sorted(set(entry) - fields)
-        if unknown:
-            raise FinetuneError(f"strategy settings for {name}: unknown setting {unknown[0]!r}")
-
-
-def strategy_config(base: FinetuneConfig, strategy: str, settings: Optional[dict] = None) -> FinetuneConfig:
-    """`base` for `strategy`, with that strategy's entry of `settings` ({strategy: {field: value}}) applied."""
-    check_strategy_settings(settings)
-    if not is_strategy(strategy):
-        raise FinetuneError(f"unknown strategy {strategy!r}; choose one of {', '.join(strategy_names())}")
-    overrides = (settings or {}).get(strategy, {})
+def strategy_config(base: FinetuneConfig, strategy: str, fmt: str, overrides: Optional[dict] = None) -> FinetuneConfig:
+    """`base` for `strategy`, with that strategy's settings: its tuned values for the format `fmt`, then
+    `overrides` ({setting: value}, every name checked against the strategy's settings)."""
     try:
-        return replace(base, strategy=strategy, **overrides).validate()
-    except TypeError as e:  # a value of the wrong type meets a range check
-        raise FinetuneError(f"strategy settings for {strategy}: a value has the wrong type ({e})") from None
+        check_settings(strategy, overrides or {})
+        settings = settings_for(strategy, QuantFormat.parse(fmt), overrides)
+    except StrategyError as e:
+        raise FinetuneError(str(e)) from None
+    return replace(base, strategy=strategy, settings=settings).validate()
 
 
 def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig, finetune_cfg: FinetuneConfig,
@@ -215,8 +147,8 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     """Calibrate `model_dir` on nsamples sequences, then fine-tune the calibrated model with each strategy
     at equal steps and data (finetune_nsamples(...) other sequences of the train split); checkpoints
     under out_dir/, summary in out_dir/summary.json. Resumes finished parts.
-    strategy_settings: {strategy: {FinetuneConfig field: value}} applied over finetune_cfg for that
-    strategy only (e.g. tuned_strategy_settings(calib.fmt)). prompts: greedy continuations of new_tokens
+    Each strategy runs at its tuned settings for the format (llm.strategies), with strategy_settings
+    ({strategy: {setting: value}}) on top. prompts: greedy continuations of new_tokens
     tokens by the original, the calibrated and each fine-tuned model go to the summary, side by side.
     The summary also records seconds per phase and fine-tuning step, and peak GPU memory per phase.
     out_dir must be new, empty, or a run of this pipeline with the same model, data and settings (it is
@@ -226,7 +158,10 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         raise FinetuneError("no strategy to run: name at least one")
     calib.validate()
     check_format_fits(model_dir, calib)
-    configs = {s: strategy_config(finetune_cfg, s, strategy_settings) for s in strategies}
+    configs = {s: strategy_config(finetune_cfg, s, calib.fmt, (strategy_settings or {}).get(s)) for s in strategies}
+    for name in strategy_settings or {}:
+        if not is_strategy(name):
+            raise FinetuneError(f"strategy settings name an unknown strategy {name!r}; known: {', '.join(strategy_names())}")
     for path, what in ((train, "train corpus"), (validation, "validation corpus")):
         check_corpus(path, what)
     if seq_len < 2 or nsamples < 1 or (max_eval_windows is not None and max_eval_windows < 1) or new_tokens < 1:
@@ -235,15 +170,19 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     out = Path(out_dir)
     check_out(out, overwrite, allow=is_pipeline_out)
     n_ft = finetune_nsamples(finetune_cfg, nsamples, ft_nsamples)
-    run = {"base_model": model_identity(model_dir), "train": fingerprint(train), "seq_len": seq_len,
-           "nsamples": nsamples, "calibration": asdict(calib)}
-    ft_run = dict(run, ft_nsamples=n_ft)
+    calibrated = out / "calibrated"
+    run = calibration_run(model_dir, train, seq_len, nsamples, calib)
     if not overwrite:
-        for ck in (out / "calibrated", out / "calibrated.partial"):
+        for ck in (calibrated, out / "calibrated.partial"):
             if has_checkpoint(ck):
                 check_same_run(ck, read_meta(ck).get("run"), run)
         for strategy in strategies:
-            check_resumable(out / strategy, configs[strategy], ft_run)
+            if not has_checkpoint(out / strategy):
+                continue
+            if not has_checkpoint(calibrated):
+                raise FinetuneError(f"{out / strategy} holds a fine-tuning run but {calibrated} is missing: "
+                                    "give another --out, or --overwrite to start over")
+            check_resumable(out / strategy, configs[strategy], finetune_run(model_dir, calibrated, train, seq_len, n_ft))
     amp = finetune_cfg.amp
     t0 = time.time()
     tokens = train_tokens(model_dir, train)  # one stream, two independent draws from it
@@ -264,7 +203,6 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         texts["original"] = continuations(teacher, tokenizer, prompts, new_tokens, device)
     if overwrite:  # only now, with the data read and the models loaded: a bad input loses nothing
         remove_out(out)
-    calibrated = out / "calibrated"
     if has_checkpoint(calibrated):
         student, meta, _ = load_checkpoint(calibrated, model_dir, device)
         summary["calibration_seconds"] = meta.get("calibration_seconds")
@@ -283,6 +221,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
     if prompts:
         texts["calibrated"] = continuations(student, tokenizer, prompts, new_tokens, device)
     summary["runs"] = {}
+    ft_run = finetune_run(model_dir, calibrated, train, seq_len, n_ft)
     for strategy in strategies:
         s = copy.deepcopy(student)
         with peaks(f"finetune_{strategy}"):
@@ -316,13 +255,18 @@ def is_pipeline_out(path) -> bool:
         bool(names & {"summary.json", "calibrated", "calibrated.partial"}))
 
 
-def model_identity(model) -> dict:
-    """What a resumed run must share with the run that wrote its checkpoint: the model's path, and the
-    size and modification time of every file it is read from."""
-    folder, gguf_file = model_source(model)
-    files = [folder / gguf_file] if gguf_file else sorted(f for f in folder.iterdir() if f.is_file())
-    return {"path": str(Path(model).resolve()),
-            "files": {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files}}
+def calibration_run(model, train, seq_len: int, nsamples: int, calib: CalibrationConfig) -> dict:
+    """What a calibrated checkpoint must share with a run that resumes or reuses it: the base model (its
+    fingerprint), the data and the calibration settings."""
+    return {"base_model": model_fingerprint(model), "train": fingerprint(train), "seq_len": seq_len,
+            "nsamples": nsamples, "calibration": asdict(calib)}
+
+
+def finetune_run(model, start, train, seq_len: int, ft_nsamples: int) -> dict:
+    """What a fine-tuning checkpoint must share with a run that resumes it (besides its fine-tuning settings):
+    the base model, the checkpoint it started from (its weights' fingerprint) and the data."""
+    return {"base_model": model_fingerprint(model), "start": fingerprint(Path(start) / "model.safetensors"),
+            "train": fingerprint(train), "seq_len": seq_len, "ft_nsamples": ft_nsamples}
 
 
 def format_summary(summary: dict) -> str:

@@ -34,7 +34,7 @@ from torch import Tensor
 from pvtheory.codes import Codebooks
 from pvtheory.objectives import Objective
 from pvtheory.optimum import ENUMERATION_LIMIT, count_partitions, global_optimum
-from pvtheory.steps import point
+from pvtheory.steps import Step, point
 
 SUBSET_LIMIT = 1_000_000  # subspaces uniform_subspace_smoothness enumerates before it falls back to a bound
 
@@ -100,7 +100,7 @@ def value_curvature(param: Codebooks, objective: Objective) -> tuple[float, floa
     return float(ev[-1]), float(ev[0])
 
 
-def linearized_v_step() -> "Step":
+def linearized_v_step() -> Step:
     """A gradient step on the values with the codes fixed, of step 1/L_V (L_V = value_curvature's, computed at
     each call): the step the V-step guarantee ||grad_V||^2 / (2 L_V) is for. Quadratic phi, no scales."""
     from pvtheory.steps import stateless

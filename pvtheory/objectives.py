@@ -20,7 +20,6 @@ class Objective(ABC):
     """A smooth phi on R^d. Subclasses define value and grad; L and L_S where they are known."""
 
     d: int
-    separable: bool = False  # phi = sum_i phi_i(x_i): the exact P step is coordinate-wise
     is_quadratic: bool = False  # quadratic() returns its form (exact V steps in closed form)
 
     @abstractmethod
@@ -166,7 +165,6 @@ class DiagonalQuadratic(Objective):
     """A quadratic phi with a constant diagonal Hessian (`hessian_diagonal`, per coordinate): its
     smoothness constants are that diagonal's maxima over all coordinates, a subspace, a group."""
 
-    separable = True
     is_quadratic = True
 
     @property

@@ -3,8 +3,8 @@
 - exact_p_step: P = argmin phi(decode(P, V)): coordinate-wise for separable phi, enumeration or a
   mixed-integer solver (cvxpy + SCIP) for small problems, block-coordinate descent otherwise;
 - linearized_p_step: round x - grad phi(x) / L to the nearest codes (never increases phi);
-- subspace_p_step: the same restricted to a subspace S of tau groups (random, or greedy: the
-  groups with the largest gradient), with the longer step 1 / L_S;
+- subspace_p_step: the same restricted to a subspace S of tau groups (or a fraction of them)
+  (random, or greedy: the groups with the largest gradient), with the longer step 1 / L_S;
 - accumulated: any of these aiming also at the part of earlier targets that rounding left out
   (memory 1 turns the linearized step into STE while the V step leaves the decoding alone; the
   official PV-Tuning runs its subspace step so).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -112,25 +112,30 @@ def group_scores(param, objective: Objective, x: Tensor, grad: Tensor, score: st
     return (w * ((xg - target) ** 2 - (moved - target) ** 2)).sum(1)
 
 
-def subspace_size(tau: Union[int, float], num_groups: int) -> int:
-    """tau as a count of groups: an int is a count, a float in (0, 1] the fraction ceil(tau * groups)."""
-    if isinstance(tau, float):
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau as a fraction must lie in (0, 1], got {tau}")
-        return max(1, math.ceil(tau * num_groups - 1e-9))
+def subspace_size(num_groups: int, tau: Optional[int] = None, fraction: Optional[float] = None) -> int:
+    """|S|: tau groups (a count, at most all of them), or a fraction in (0, 1] of them (ceil(fraction * groups)),
+    exactly one of the two."""
+    if (tau is None) == (fraction is None):
+        raise ValueError("give the subspace size as a count tau or as a fraction, exactly one of them")
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"the subspace's fraction of the groups must lie in (0, 1], got {fraction}")
+        return max(1, math.ceil(fraction * num_groups - 1e-9))
     return min(check_positive_int("tau", tau), num_groups)
 
 
 def subspace_p_step(
-    tau: Union[int, float], select: str = "greedy", seed: int = 0, L_S: Optional[float] = None, score: str = "change",
-    metric: str = "euclidean", beam_width: int = 4,
+    tau: Optional[int] = None, select: str = "greedy", seed: int = 0, L_S: Optional[float] = None, score: str = "change",
+    metric: str = "euclidean", beam_width: int = 4, fraction: Optional[float] = None,
 ) -> Step:
-    """Linearized P step on a subspace S of tau groups, step 1 / L_S (L_S = phi's curvature on S).
+    """Linearized P step on a subspace S of tau groups, step 1 / L_S (L_S = phi's curvature on S). The size is a
+    count tau, or a fraction of the groups (how PV-Tuning's LLM setting gives it): exactly one of the two.
 
     select="greedy": the tau groups with the largest score (see group_scores; with score="gain"
     only those that gain); "random": uniform without replacement (the setting of the paper's
     convergence theorem). With L_S = phi's smoothness constant on S phi never increases.
     """
+    subspace_size(1, tau, fraction)  # a bad size is an error now, not at the first update
     if select not in ("greedy", "random"):
         raise ValueError(f"select must be 'greedy' or 'random', got {select!r}")
     if score not in SCORES:
@@ -143,7 +148,7 @@ def subspace_p_step(
     def update(param: Codebooks, objective: Objective, gen):
         x = point(param)
         grad = objective.grad(x)
-        k = subspace_size(tau, param.num_groups)
+        k = subspace_size(param.num_groups, tau, fraction)
         if select == "greedy":
             scores = group_scores(param, objective, x, grad, score, metric, beam_width)
             S = torch.topk(scores, k).indices
@@ -161,7 +166,8 @@ def subspace_p_step(
         codes = param.encode(target.reshape(param.shape), groups=S, weights=weights, beam_width=beam_width)
         return param.with_codes(codes), gen
 
-    return Step(f"subspace P ({select}, tau={tau})", init, update, deterministic=(select == "greedy"))
+    size = f"tau={tau}" if tau is not None else f"fraction={fraction}"
+    return Step(f"subspace P ({select}, {size})", init, update, deterministic=(select == "greedy"))
 
 
 def trust_region(inner: Step, ratio: float) -> Step:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from pvtheory.checks import check_finite
 from pvtheory.codes import Codebooks

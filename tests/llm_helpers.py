@@ -116,3 +116,19 @@ def byte_level_vocab() -> list:
             n += 1
     table = dict(zip(bs, map(chr, cs)))
     return [table[b] for b in range(256)]
+
+
+# The settings every strategy had before strategies owned their settings (the official PV-Tuning code's: no momentum,
+# the Euclidean metric, no warm-up, 1% of the groups per step): the tests below were written against them.
+OFFICIAL_P_SETTINGS = dict(p_lr=1e-2, p_beta1=0.0, p_beta2=0.95, p_metric="euclidean", p_fraction=0.01, p_warmup=0,
+                           p_select="update", p_memory=0.0)
+
+
+def ft_config(strategy: str = "pv", settings: Optional[dict] = None, **loop):
+    """A FinetuneConfig of `strategy` whose settings are OFFICIAL_P_SETTINGS (those the strategy has), then
+    `settings`; `loop`: the loop's own fields (steps, batch_size, lr, ...)."""
+    from llm.finetune import FinetuneConfig
+    from llm.strategies import settings_for
+
+    return FinetuneConfig(strategy=strategy, settings=settings_for(strategy, None, OFFICIAL_P_SETTINGS, settings),
+                          **loop)

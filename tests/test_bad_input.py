@@ -52,10 +52,12 @@ def test_other_bad_parameters_are_rejected():
         Quadratic(torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.ones(2))
     with pytest.raises(ValueError, match="labels y must be -1 or \\+1"):
         Logistic(torch.ones(2, 2), torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match="tau as a fraction"):
-        phi = random_problem("quadratic", 4)
-        x0 = init_scalar(torch.arange(4.0), 2)
-        subspace_p_step(1.5).update(x0, phi, subspace_p_step(1.5).init(x0, phi))
+    with pytest.raises(ValueError, match="tau must be an integer >= 1"):
+        subspace_p_step(1.5)  # a count of groups; a fraction is given as fraction=
+    with pytest.raises(ValueError, match=r"fraction of the groups must lie in \(0, 1\]"):
+        subspace_p_step(fraction=1.5)
+    with pytest.raises(ValueError, match="exactly one of them"):
+        subspace_p_step(2, fraction=0.5)
     with pytest.raises(ValueError, match="select must be"):
         subspace_p_step(2, "best")
     with pytest.raises(ValueError, match="unknown exact P method"):

@@ -1,10 +1,8 @@
 """On tiny instances PV's result is PV-stationary and compared with the global optimum."""
 import pytest
-import torch
 from hypothesis import given
 
-from pvtheory import (exact_p_step, exact_v_step, global_optimum, global_optimum_miqp, init_scalar,
-                      is_pv_stationary, pv, random_problem, continuous_optimum)
+from pvtheory import (exact_p_step, exact_v_step, global_optimum, global_optimum_miqp, is_pv_stationary, pv, random_problem)
 from pvtheory.optimum import count_partitions, restricted_growth_strings
 from strategies import OPTIMALITY_GAPS, QUADRATIC_KINDS, problems
 

@@ -1,6 +1,5 @@
 """Initialization: exact 1-D k-means is optimal; Lloyd and grids are feasible points of R^d_c; vector
 k-means (k-means++ seeding) finds separated clusters."""
-import itertools
 
 import torch
 from hypothesis import given, strategies as st

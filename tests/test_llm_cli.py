@@ -120,40 +120,56 @@ def test_every_cli_option_has_a_help_line():
     assert not missing
 
 
+def _settings(a, strategy: str = "pv"):
+    """The settings a parsed command line gives `strategy`."""
+    from llm.cli import _ft_cfg, strategy_overrides
+    from llm.pipeline import strategy_config
+
+    return strategy_config(_ft_cfg(a, strategy), strategy, a.format, strategy_overrides(a, [strategy])[strategy]).settings
+
+
+def _pipeline_args(fmt: str, *flags):
+    from llm.cli import build_parser
+
+    return build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", fmt,
+                                      *flags])
+
+
 @pytest.mark.parametrize("fmt,steps,batch,block_steps,pv_p_lr", [("2x8g8", 260, 128, 500, 0.03), ("1x8g8", 220, 64, 1000, 0.1),
                                                                    ("3x8g8", 200, 64, 1000, 0.01), ("int2g128", 200, 64, 1000, 1e-3)])
 def test_pipeline_without_flags_runs_the_formats_best_recipe(fmt, steps, batch, block_steps, pv_p_lr):
-    from llm.cli import _calib_cfg, _ft_cfg, _strategy_settings, build_parser
-    from llm.pipeline import strategy_config
+    from llm.cli import _calib_cfg, _ft_cfg
 
-    a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", fmt])
+    a = _pipeline_args(fmt)
     ft, cal = _ft_cfg(a, "pv"), _calib_cfg(a)
     assert (ft.steps, ft.batch_size, ft.v_optimizer, ft.lr, cal.block_tune_steps) == (steps, batch, "lamb", 1e-3, block_steps)
-    assert strategy_config(ft, "pv", _strategy_settings(a)).p_lr == pv_p_lr
+    assert _settings(a).p_lr == pv_p_lr
+
+
+def test_the_same_format_by_another_name_gets_the_same_recipe():
+    from llm.cli import _calib_cfg, _ft_cfg
+
+    vq, aqlm = _pipeline_args("vq8g8"), _pipeline_args("1x8g8")
+    assert _ft_cfg(vq, "pv") == _ft_cfg(aqlm, "pv") and _settings(vq) == _settings(aqlm)
+    assert (_calib_cfg(vq).block_tune_steps, _ft_cfg(vq, "pv").steps) == (1000, 220)  # 1x8g8's preset, not the default
 
 
 def test_explicit_flags_override_the_preset_and_the_tuned_p_step():
-    from llm.cli import _ft_cfg, _strategy_settings, build_parser
-    from llm.pipeline import strategy_config
+    from llm.cli import _ft_cfg
 
-    a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", "1x8g8",
-                                   "--steps", "7", "--p-lr", "0.005", "--lr", "3e-4"])
-    cfg = strategy_config(_ft_cfg(a, "pv"), "pv", _strategy_settings(a))
-    assert (cfg.steps, cfg.p_lr, cfg.lr, cfg.tau) == (7, 0.005, 3e-4, 1e-3)  # tau still the tuned one
-    a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o", "--format", "int2g128",
-                                   "--p-select", "update", "--p-memory", "0"])
-    cfg = strategy_config(_ft_cfg(a, "pv"), "pv", _strategy_settings(a))
-    assert (cfg.p_select, cfg.p_memory, cfg.p_lr) == ("update", 0.0, 1e-3)  # p_lr still the scalar grid's tuned one
+    a = _pipeline_args("1x8g8", "--steps", "7", "--p-lr", "0.005", "--lr", "3e-4")
+    s = _settings(a)
+    assert (_ft_cfg(a, "pv").steps, s.p_lr, _ft_cfg(a, "pv").lr, s.p_fraction) == (7, 0.005, 3e-4, 1e-3)  # the tuned fraction
+    s = _settings(_pipeline_args("int2g128", "--p-select", "update", "--p-memory", "0"))
+    assert (s.p_select, s.p_memory, s.p_lr) == ("update", 0.0, 1e-3)  # p_lr still the scalar grid's tuned one
+    assert _settings(_pipeline_args("2x8g8", "--p-lr", "0.2"), "ste").p_lr == 0.2  # a flag sets every strategy's
+    json_flag = _pipeline_args("2x8g8", "--p-lr", "0.2", "--strategy-settings", '{"pv": {"p_lr": 0.05}}')
+    assert _settings(json_flag).p_lr == 0.05 and _settings(json_flag, "ste").p_lr == 0.2  # the JSON over the flag
 
 
 def test_pv_warms_its_p_step_up_on_codebooks_unless_a_flag_says_otherwise():
-    from llm.cli import _ft_cfg, _strategy_settings, build_parser
-    from llm.pipeline import strategy_config
-
     def warmup(fmt: str, strategy: str = "pv", *flags) -> int:
-        a = build_parser().parse_args(["pipeline", "m", "--train", "t", "--validation", "v", "--out", "o",
-                                       "--format", fmt, *flags])
-        return strategy_config(_ft_cfg(a, strategy), strategy, _strategy_settings(a)).p_warmup
+        return _settings(_pipeline_args(fmt, *flags), strategy).p_warmup
 
     assert warmup("1x8g8") == warmup("vq10g8") == warmup("2x6g8") == warmup("2x8g8") == warmup("vq8g4") == 5
     assert warmup("int1g64") == warmup("int2g128") == warmup("1x8g8", "ste") == warmup("2x8g8", "linearized_pv") == 0

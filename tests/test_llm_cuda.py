@@ -5,10 +5,12 @@ import copy
 import pytest
 import torch
 
-from llm.calibrate import CalibrationConfig, calibrate, damped, exact_codebooks, quantize_linear, relative_error
-from llm.finetune import FinetuneConfig, finetune
+from llm.aqlm import exact_codebooks
+from llm.calibrate import CalibrationConfig, calibrate, quantize_linear
+from llm.layer_objective import damped, relative_error
+from llm.finetune import finetune
 from llm.formats import QuantFormat
-from llm_helpers import tiny_model
+from llm_helpers import ft_config, tiny_model
 from tests_llm_common import layer_problem
 
 pytestmark = pytest.mark.cuda
@@ -37,7 +39,7 @@ def test_conjugate_gradient_codebooks_agree_on_cuda_and_cpu():
 
 def test_quantized_model_gives_the_same_logits_on_cuda_and_cpu():
     student = tiny_model("llama")
-    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0),
+    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, forward_batch_size=8, block_tune_steps=0),
               device="cuda", progress=False)
     with torch.no_grad():
         cpu = student.cpu()(SEQS[:2]).logits
@@ -49,10 +51,9 @@ def test_quantized_model_gives_the_same_logits_on_cuda_and_cpu():
 def test_kl_falls_in_bf16_autocast_with_gradient_checkpointing(strategy):
     teacher = tiny_model("mistral")
     student = copy.deepcopy(teacher)
-    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0),
+    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, forward_batch_size=8, block_tune_steps=0),
               device="cuda", progress=False)
-    cfg = FinetuneConfig(strategy=strategy, steps=25, batch_size=8, micro_batch_size=4, lr=3e-3, p_lr=3e-3,
-                         tau=0.02, amp=True, grad_checkpointing=True)
+    cfg = ft_config(strategy, {"p_lr": 3e-3, "p_fraction": 0.02}, steps=25, batch_size=8, micro_batch_size=4, lr=3e-3, amp=True, grad_checkpointing=True)
     rep = finetune(student, teacher, SEQS, cfg, device="cuda", progress=False)
     assert sum(rep["losses"][-5:]) / 5 < 0.8 * rep["losses"][0], rep["losses"]
     assert sum(rep["codes_changed"]) > 0

@@ -12,7 +12,7 @@ from llm.data import read_text, tokenize
 from llm_helpers import tiny_corpus, tiny_model, tiny_model_dir
 
 CALIB = ["--format", "1x6g8", "--nsamples", "4", "--seq-len", "16", "--rounds", "1", "--block-tune-steps", "1",
-         "--batch-size", "4", "--device", "cpu"]
+         "--calib-batch-size", "4", "--device", "cpu"]
 FT = ["--steps", "2", "--ft-batch-size", "2", "--nsamples", "4", "--seq-len", "16", "--device", "cpu"]
 
 
@@ -98,17 +98,19 @@ def test_token_cache_never_serves_another_file(tmp_path):
     ("--steps", "0", "argument --steps: must be >= 1"),
     ("--seq-len", "1", "argument --seq-len: must be >= 2"),
     ("--eval-windows", "0", "argument --eval-windows: must be >= 1"),
-    ("--trust-ratio", "-1", "argument --trust-ratio: must be > 0"),
-    ("--tau", "1.5", "argument --tau: must lie in (0, 1]"),
-    ("--p-memory", "1.5", "argument --p-memory: must lie in [0, 1]"),
-    ("--strategy-settings", '{"pv": {"p_memory": 0.5, "trust_ratio": 0.1}}', "p_memory and trust_ratio cannot be combined"),
-    ("--strategy-settings", '{"pv": {"p_memory": -1}}', "p_memory must lie in [0, 1]"),
+    ("--trust-ratio", "-1", "setting trust_ratio must be > 0"),
+    ("--p-fraction", "1.5", "setting p_fraction must be in (0, 1]"),
+    ("--p-memory", "1.5", "setting p_memory must be in [0, 1]"),
+    ("--p-metric", "cosine", "argument --p-metric: invalid choice"),
+    ("--strategy-settings", '{"pv": {"p_memory": 0.5, "trust_ratio": 0.1}}', "p_memory must be 0 with trust_ratio"),
+    ("--strategy-settings", '{"pv": {"p_memory": -1}}', "p_memory must be in [0, 1]"),
     ("--lr", "abc", "'abc' is not a number"),
     ("--strategies", ",", "names no strategy"),
     ("--strategies", "pv,PV", "unknown strategy 'PV'"),
-    ("--strategy-settings", '{"PV": {"tau": 0.5}}', "unknown strategy 'PV'"),
+    ("--strategy-settings", '{"PV": {"p_fraction": 0.5}}', "unknown strategy 'PV'"),
     ("--strategy-settings", '{"pv": {"tua": 0.5}}', "unknown setting 'tua'"),
-    ("--strategy-settings", '{"pv": {"tau": 5}}', "tau must lie in (0, 1]"),
+    ("--strategy-settings", '{"pv": {"tau": 0.5}}', "unknown setting 'tau'"),
+    ("--strategy-settings", '{"pv": {"p_fraction": 5}}', "p_fraction must be in (0, 1]"),
     ("--preset", "3bit", "unknown --preset '3bit'"),
 ])
 def test_bad_pipeline_arguments_are_one_line_errors_and_write_nothing(setup, tmp_path, capsys, flag, value, pattern):

@@ -15,18 +15,19 @@ import torch.multiprocessing as mp
 
 from llm import distributed as D
 from llm.calibrate import CalibrationConfig, calibrate
-from llm.finetune import FinetuneConfig, finetune
+from llm.finetune import finetune
 from llm.model import decoder_layers
-from llm_helpers import tiny_model
+from llm_helpers import ft_config, tiny_model
 
 SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1))
-CFG = dict(batch_size=8, lr=1e-3, p_lr=3e-3, tau=0.05, p_beta1=0.9, checkpoint_every=2, seed=3)
+P_SETTINGS = {"p_lr": 3e-3, "p_fraction": 0.05, "p_beta1": 0.9}
+CFG = dict(batch_size=8, lr=1e-3, checkpoint_every=2, seed=3)
 
 
 def calibrated():
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
-    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, batch_size=8, block_tune_steps=0), progress=False)
+    calibrate(student, SEQS, CalibrationConfig(fmt="1x6g8", rounds=1, forward_batch_size=8, block_tune_steps=0), progress=False)
     return teacher, student
 
 
@@ -38,8 +39,8 @@ def assert_same_model(a, b, atol=1e-5):
 def test_micro_batches_give_the_step_of_the_whole_batch():
     teacher, student = calibrated()
     whole, split = copy.deepcopy(student), copy.deepcopy(student)
-    rep_whole = finetune(whole, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, **CFG), progress=False)
-    rep_split = finetune(split, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, micro_batch_size=3, **CFG),
+    rep_whole = finetune(whole, teacher, SEQS, ft_config("pv", P_SETTINGS, steps=4, **CFG), progress=False)
+    rep_split = finetune(split, teacher, SEQS, ft_config("pv", P_SETTINGS, steps=4, micro_batch_size=3, **CFG),
                          progress=False)
     assert rep_split["losses"] == pytest.approx(rep_whole["losses"], rel=1e-5)
     assert rep_split["codes_changed"] == rep_whole["codes_changed"]
@@ -73,7 +74,7 @@ def _finetune_worker(rank: int, world: int, out_dir: str) -> None:
     result = {}
     for strategy in ("pv", "ste"):
         teacher, student = calibrated()
-        rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, **CFG),
+        rep = finetune(student, teacher, SEQS, ft_config(strategy, P_SETTINGS, steps=4, **CFG),
                        checkpoint_dir=f"{out_dir}/ck-{strategy}", progress=False)
         v_held = [None] * world  # each rank's share of the optimizer state
         torch.distributed.all_gather_object(v_held, rep["v_parameters_held"])
@@ -82,12 +83,12 @@ def _finetune_worker(rank: int, world: int, out_dir: str) -> None:
         if rank == 1:  # the replicas must agree: rank 1 saves its copy beside rank 0's checkpoint
             torch.save(student.state_dict(), f"{out_dir}/rank1-{strategy}.pt")
     teacher, student = calibrated()  # the P step's gradients summed over processes in bfloat16
-    rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, p_grad_dtype="bfloat16", **CFG),
+    rep = finetune(student, teacher, SEQS, ft_config("pv", P_SETTINGS, steps=4, p_grad_dtype="bfloat16", **CFG),
                    progress=False)
     result["pv_bf16"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
     teacher, student = calibrated()  # two micro-batches a process: the gradients travel in the second,
     D.GradientBuckets.__init__.__defaults__ = (None, 1000)  # a bucket per layer, sent during backward
-    rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, micro_batch_size=2, **CFG),
+    rep = finetune(student, teacher, SEQS, ft_config("pv", P_SETTINGS, steps=4, micro_batch_size=2, **CFG),
                    progress=False)
     result["pv_micro"] = {"losses": rep["losses"], "changed": rep["codes_changed"]}
     if rank == 0:
@@ -113,7 +114,7 @@ def test_two_gloo_processes_with_sharded_teacher_and_optimizer_state_give_the_lo
     for strategy in ("pv", "ste"):
         teacher, student = calibrated()
         one = copy.deepcopy(student)
-        rep_one = finetune(one, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=6, **CFG), progress=False)
+        rep_one = finetune(one, teacher, SEQS, ft_config(strategy, P_SETTINGS, steps=6, **CFG), progress=False)
         assert result[strategy]["world"] == 2
         # each process held half of the teacher's decoder layers (FSDP2), the rest whole
         layers = sum(p.numel() for layer in decoder_layers(teacher) for p in layer.parameters())
@@ -129,7 +130,7 @@ def test_two_gloo_processes_with_sharded_teacher_and_optimizer_state_give_the_lo
         assert all(torch.equal(saved[k], replica[k]) for k in saved)  # rank 0 wrote it; rank 1 holds the same
         # the two-process checkpoint (P-step state gathered from both owners) resumes in one process
         resumed = copy.deepcopy(student)
-        rep = finetune(resumed, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=6, **CFG), checkpoint_dir=ck,
+        rep = finetune(resumed, teacher, SEQS, ft_config(strategy, P_SETTINGS, steps=6, **CFG), checkpoint_dir=ck,
                        progress=False)
         assert rep["losses"] == pytest.approx(rep_one["losses"], rel=1e-5)
         assert_same_model(one, resumed)
@@ -150,7 +151,7 @@ def _calibration_worker(rank: int, world: int, out_dir: str, fmt: str) -> None:
         return forward(self, hidden, *args, **kw)
 
     type(model.model.layers[0]).forward = counting
-    report = calibrate(model, SEQS, CalibrationConfig(fmt=fmt, rounds=2, batch_size=8, block_tune_steps=3),
+    report = calibrate(model, SEQS, CalibrationConfig(fmt=fmt, rounds=2, forward_batch_size=8, block_tune_steps=3),
                        progress=False)
     torch.save({"state": model.state_dict(), "errors": [l["relative_error"] for l in report["layers"]],
                 "tune_losses": [b["tune_losses_first_last"] for b in report["blocks"]], "rows": rows},
@@ -169,7 +170,7 @@ def test_calibration_spread_over_two_processes_gives_the_model_of_one(tmp_path, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same order of floating-point sums
     try:
-        report = calibrate(one, SEQS, CalibrationConfig(fmt=fmt, rounds=2, batch_size=8, block_tune_steps=3),
+        report = calibrate(one, SEQS, CalibrationConfig(fmt=fmt, rounds=2, forward_batch_size=8, block_tune_steps=3),
                            progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -196,6 +197,6 @@ def test_models_built_on_the_meta_device_run_with_finite_values():
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(quantized_layers(student)) == 14
-    cfg = FinetuneConfig(strategy="pv", steps=2, batch_size=2, lr=1e-3, p_lr=1e-2, tau=0.05, amp=False)
+    cfg = ft_config("pv", {"p_lr": 1e-2, "p_fraction": 0.05}, steps=2, batch_size=2, lr=1e-3, amp=False)
     rep = finetune(student, teacher, SEQS[:4], cfg, progress=False)
     assert all(math.isfinite(l) and l > 0 for l in rep["losses"])

@@ -27,7 +27,7 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, fmt
         base.save_pretrained(path)
     seqs = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     q = copy.deepcopy(base)
-    calibrate(q, seqs, CalibrationConfig(fmt=fmt, rounds=1, batch_size=2, block_tune_steps=0), progress=False)
+    calibrate(q, seqs, CalibrationConfig(fmt=fmt, rounds=1, forward_batch_size=2, block_tune_steps=0), progress=False)
     out = export_aqlm(q, path, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert type(hf.model.layers[0].mlp.down_proj).__module__.startswith("aqlm")
@@ -53,7 +53,7 @@ def test_scalar_models_cannot_be_exported_to_aqlm(tmp_path):
     base = tiny_model("llama", peaky=False)
     base.save_pretrained(tmp_path / "base")
     q = copy.deepcopy(base)
-    calibrate(q, torch.randint(0, 256, (2, 16)), CalibrationConfig(fmt="int2g16", batch_size=2, v_steps=0, block_tune_steps=0), progress=False)
+    calibrate(q, torch.randint(0, 256, (2, 16)), CalibrationConfig(fmt="int2g16", forward_batch_size=2, adam_v_iters=0, block_tune_steps=0), progress=False)
     with pytest.raises(ExportError, match="scalar layers cannot"):
         export_aqlm(q, tmp_path / "base", tmp_path / "hf")
 

@@ -10,9 +10,9 @@ import torch
 
 from llm.calibrate import CalibrationConfig, calibrate
 from llm.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from llm.finetune import FinetuneConfig, FinetuneError, describe_seconds, finetune, step_size_factor
-from llm.optim import Lamb
-from llm_helpers import tiny_model
+from llm.finetune import FinetuneConfig, FinetuneError, describe_seconds, finetune
+from llm.optim import Lamb, lr_factor
+from llm_helpers import ft_config, tiny_model
 
 SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1))
 
@@ -20,7 +20,7 @@ SEQS = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(1
 def calibrated(arch: str, fmt: str = "1x6g8"):
     teacher = tiny_model(arch)
     student = copy.deepcopy(teacher)
-    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, batch_size=8, block_tune_steps=0), progress=False)
+    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, forward_batch_size=8, block_tune_steps=0), progress=False)
     return teacher, student
 
 
@@ -28,7 +28,7 @@ def calibrated(arch: str, fmt: str = "1x6g8"):
 @pytest.mark.parametrize("strategy", ["continuous", "pv"])
 def test_kl_falls_during_finetuning(arch, strategy):
     teacher, student = calibrated(arch)
-    cfg = FinetuneConfig(strategy=strategy, steps=25, batch_size=8, lr=3e-3, p_lr=3e-3, tau=0.02, seed=0)
+    cfg = ft_config(strategy, {"p_lr": 3e-3, "p_fraction": 0.02}, steps=25, batch_size=8, lr=3e-3, seed=0)
     rep = finetune(student, teacher, SEQS, cfg, progress=False)
     first, last = rep["losses"][0], sum(rep["losses"][-5:]) / 5
     assert last < 0.8 * first, rep["losses"]
@@ -40,7 +40,7 @@ def test_kl_falls_during_finetuning(arch, strategy):
 def test_every_code_changing_strategy_runs_and_changes_codes(strategy):
     teacher, student = calibrated("llama")
     before = {n: b.clone() for n, b in student.named_buffers() if n.endswith("codes")}
-    rep = finetune(student, teacher, SEQS, FinetuneConfig(strategy=strategy, steps=4, batch_size=4, p_lr=3e-2),
+    rep = finetune(student, teacher, SEQS, ft_config(strategy, {"p_lr": 3e-2}, steps=4, batch_size=4),
                    progress=False)
     assert len(rep["losses"]) == 4 and all(torch.isfinite(torch.tensor(rep["losses"])))
     after = {n: b for n, b in student.named_buffers() if n.endswith("codes")}
@@ -50,18 +50,20 @@ def test_every_code_changing_strategy_runs_and_changes_codes(strategy):
 @pytest.mark.parametrize("strategy,p_memory", [("pv", 0.0), ("pv", 1.0), ("stochastic", 0.0), ("ste", 0.0)])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, p_memory):
     teacher, student = calibrated("llama")
-    cfg = dict(strategy=strategy, batch_size=4, lr=1e-3, p_lr=3e-3, tau=0.05, checkpoint_every=2, seed=3,
-               p_memory=p_memory)
+    settings = {"p_lr": 3e-3, "p_fraction": 0.05, "p_memory": p_memory}
+    cfg = dict(batch_size=4, lr=1e-3, checkpoint_every=2, seed=3)
     whole = copy.deepcopy(student)
-    rep_whole = finetune(whole, teacher, SEQS, FinetuneConfig(steps=6, **cfg), progress=False)
+    rep_whole = finetune(whole, teacher, SEQS, ft_config(strategy, settings, steps=6, **cfg), progress=False)
     # "interrupted" after 3 steps: a run that stops there leaves its checkpoint ...
     part = copy.deepcopy(student)
-    finetune(part, teacher, SEQS, FinetuneConfig(steps=3, **cfg), checkpoint_dir=tmp_path / "ck", progress=False)
+    finetune(part, teacher, SEQS, ft_config(strategy, settings, steps=3, **cfg), checkpoint_dir=tmp_path / "ck",
+             progress=False)
     assert read_meta(tmp_path / "ck")["step"] == 3
     # ... and a fresh process (a fresh copy of the calibrated model) resumes from it
     resumed = copy.deepcopy(student)
     first_seconds = read_meta(tmp_path / "ck")["seconds"]
-    rep = finetune(resumed, teacher, SEQS, FinetuneConfig(steps=6, **cfg), checkpoint_dir=tmp_path / "ck", progress=False)
+    rep = finetune(resumed, teacher, SEQS, ft_config(strategy, settings, steps=6, **cfg), checkpoint_dir=tmp_path / "ck",
+                   progress=False)
     assert rep["losses"] == pytest.approx(rep_whole["losses"], rel=1e-5)
     assert rep["seconds"] >= first_seconds + rep["seconds_this_call"] - 0.01  # the first 3 steps' time is kept
     for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
@@ -70,14 +72,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, p_memory):
 
 def test_a_run_resumed_from_a_checkpoint_without_its_time_reports_only_the_steps_it_timed(tmp_path):
     teacher, student = calibrated("llama")
-    cfg = dict(strategy="pv", batch_size=4, p_lr=3e-3, tau=0.05, checkpoint_every=2, seed=3)
-    finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=2, **cfg), checkpoint_dir=tmp_path / "ck",
+    cfg = dict(batch_size=4, checkpoint_every=2, seed=3)
+    settings = {"p_lr": 3e-3, "p_fraction": 0.05}
+    finetune(copy.deepcopy(student), teacher, SEQS, ft_config("pv", settings, steps=2, **cfg), checkpoint_dir=tmp_path / "ck",
              progress=False)
     meta_file = tmp_path / "ck" / "meta.json"
     meta = json.loads(meta_file.read_text())
     del meta["seconds"]  # as a checkpoint written before checkpoints recorded their time
     meta_file.write_text(json.dumps(meta))
-    rep = finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=4, **cfg), checkpoint_dir=tmp_path / "ck",
+    rep = finetune(copy.deepcopy(student), teacher, SEQS, ft_config("pv", settings, steps=4, **cfg), checkpoint_dir=tmp_path / "ck",
                    progress=False)
     assert rep["seconds"] is None and rep["seconds_this_call"] > 0 and read_meta(tmp_path / "ck")["seconds"] is None
     assert describe_seconds(rep).endswith("s for steps 3-4")
@@ -91,7 +94,7 @@ def test_p_memory_moves_scalar_codes_that_single_p_steps_leave(strategy):
     changed = {}
     for memory in (0.0, 1.0):
         s = copy.deepcopy(student)
-        cfg = FinetuneConfig(strategy=strategy, steps=8, batch_size=4, p_lr=2e-3, tau=0.05, p_memory=memory, seed=0)
+        cfg = ft_config(strategy, {"p_lr": 2e-3, "p_fraction": 0.05, "p_memory": memory}, steps=8, batch_size=4, seed=0)
         changed[memory] = sum(finetune(s, teacher, SEQS, cfg, progress=False)["codes_changed"])
     assert changed[1.0] > 2 * changed[0.0] + 10, changed
 
@@ -102,8 +105,7 @@ class _Interrupt(Exception):
 
 def test_cosine_lamb_run_interrupted_and_resumed_equals_uninterrupted_run(tmp_path):
     teacher, student = calibrated("llama")
-    cfg = FinetuneConfig(strategy="pv", steps=6, batch_size=4, lr=1e-3, p_lr=3e-3, tau=0.05, checkpoint_every=3,
-                         seed=3, lr_schedule="cosine", v_optimizer="lamb")
+    cfg = ft_config("pv", {"p_lr": 3e-3, "p_fraction": 0.05}, steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, seed=3, lr_schedule="cosine", v_optimizer="lamb")
     whole = copy.deepcopy(student)
     rep_whole = finetune(whole, teacher, SEQS, cfg, progress=False)
 
@@ -133,23 +135,22 @@ def test_lamb_moves_each_tensor_by_lr_times_its_norm():
 
 
 def test_cosine_schedule_starts_at_full_step_and_decays_towards_zero():
-    cfg = FinetuneConfig(steps=100, lr_schedule="cosine")
-    factors = [step_size_factor(cfg, k) for k in range(100)]
+    factors = [lr_factor("cosine", k, 100) for k in range(100)]
     assert factors[0] == 1.0 and all(a > b for a, b in zip(factors, factors[1:])) and 0 < factors[-1] < 1e-3
-    assert step_size_factor(FinetuneConfig(steps=100), 99) == 1.0
+    assert lr_factor("constant", 99, 100) == 1.0
     with pytest.raises(FinetuneError, match="lr_schedule"):
         FinetuneConfig(lr_schedule="linear").validate()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     teacher, student = calibrated("llama")
-    cfg = FinetuneConfig(strategy="pv", steps=2, batch_size=4, checkpoint_every=1)
+    cfg = ft_config("pv", steps=2, batch_size=4, checkpoint_every=1)
     finetune(student, teacher, SEQS, cfg, checkpoint_dir=tmp_path / "ck", progress=False)
     good = (tmp_path / "ck" / "model.safetensors").read_bytes()
     with torch.no_grad():
         next(p for n, p in student.named_parameters() if n.endswith("codebooks")).fill_(float("nan"))
     with pytest.raises(FinetuneError, match=r"loss became nan at step 0: stopped; the last good checkpoint \(step 2\) is kept in"):
-        finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, batch_size=4, checkpoint_every=1),
+        finetune(student, teacher, SEQS, ft_config("pv", steps=4, batch_size=4, checkpoint_every=1),
                  checkpoint_dir=tmp_path / "ck", resume=False, progress=False)
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == good
 
@@ -159,7 +160,7 @@ def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
     with torch.no_grad():
         next(p for n, p in student.named_parameters() if n.endswith("codebooks")).fill_(float("nan"))
     with pytest.raises(FinetuneError, match="no checkpoint had been written yet"):
-        finetune(student, teacher, SEQS, FinetuneConfig(strategy="pv", steps=4, batch_size=4, checkpoint_every=1),
+        finetune(student, teacher, SEQS, ft_config("pv", steps=4, batch_size=4, checkpoint_every=1),
                  checkpoint_dir=tmp_path / "ck", progress=False)
     assert not (tmp_path / "ck").exists()
 
@@ -184,34 +185,41 @@ def test_unknown_strategy_is_rejected():
 
 
 def test_formats_of_about_one_bit_get_ten_times_larger_p_steps():
-    from llm.pipeline import TUNED_STRATEGY_SETTINGS, tuned_strategy_settings
+    from llm.formats import QuantFormat
+    from llm.strategies import settings_for
 
-    one_bit, two_bit = tuned_strategy_settings("1x8g8"), tuned_strategy_settings("2x8g8")
-    assert two_bit == TUNED_STRATEGY_SETTINGS and tuned_strategy_settings("1x16g8") == TUNED_STRATEGY_SETTINGS
-    assert one_bit["pv"]["p_lr"] == 10 * two_bit["pv"]["p_lr"] and one_bit["ste"]["p_lr"] > two_bit["ste"]["p_lr"]
-    assert one_bit["pv"]["tau"] == two_bit["pv"]["tau"]
+    def tuned(strategy, fmt):
+        return settings_for(strategy, QuantFormat.parse(fmt))
+
+    assert tuned("pv", "2x8g8") == tuned("pv", "1x16g8") == settings_for("pv")  # 2 bits: the defaults
+    assert tuned("pv", "1x8g8").p_lr == 10 * tuned("pv", "2x8g8").p_lr
+    assert tuned("ste", "1x8g8").p_lr > tuned("ste", "2x8g8").p_lr
+    assert tuned("pv", "1x8g8").p_fraction == tuned("pv", "2x8g8").p_fraction
 
 
 def test_scalar_formats_get_pv_with_memory_whatever_the_presets_step():
-    from llm.finetune import FinetuneConfig
-    from llm.pipeline import TUNED_STRATEGY_SETTINGS, strategy_config, tuned_strategy_settings
+    from llm.pipeline import strategy_config
+    from llm.presets import preset_for, preset_strategy_settings
+    from llm.strategies import settings_for
 
-    two_bit, one_bit = tuned_strategy_settings("int2g128", pv_p_lr=0.03), tuned_strategy_settings("int1g64", pv_p_lr=0.03)
-    for s in (two_bit, one_bit):
-        pv = strategy_config(FinetuneConfig(), "pv", s)
-        assert (pv.p_memory, pv.p_select, pv.p_lr, pv.tau) == (1.0, "gain", 1e-3, TUNED_STRATEGY_SETTINGS["pv"]["tau"])
-    assert two_bit["pv"]["p_beta1"] == 0.0 and one_bit["pv"]["p_beta1"] == 0.9
-    assert two_bit["ste"] == TUNED_STRATEGY_SETTINGS["ste"] and one_bit["ste"]["p_lr"] == 1e-3
-    codebooks = tuned_strategy_settings("2x8g8", pv_p_lr=0.03)["pv"]
-    assert codebooks["p_lr"] == 0.03 and "p_memory" not in codebooks and "p_memory" not in tuned_strategy_settings("vq8g4")["pv"]
+    default_fraction = settings_for("pv").p_fraction
+    for fmt, beta1 in (("int2g128", 0.0), ("int1g64", 0.9)):
+        preset = preset_strategy_settings(preset_for("2x8g8", "2x8g8"), fmt)  # the 2x8g8 preset run on a scalar grid
+        pv = strategy_config(FinetuneConfig(), "pv", fmt, preset.get("pv")).settings
+        assert (pv.p_memory, pv.p_select, pv.p_lr, pv.p_fraction, pv.p_beta1) == (1.0, "gain", 1e-3, default_fraction, beta1)
+    assert strategy_config(FinetuneConfig(), "ste", "int2g128").settings == settings_for("ste")
+    assert strategy_config(FinetuneConfig(), "ste", "int1g64").settings.p_lr == 1e-3
+    codebooks = strategy_config(FinetuneConfig(), "pv", "2x8g8", preset_strategy_settings(preset_for("2x8g8"), "2x8g8")["pv"])
+    assert codebooks.settings.p_lr == 0.03 and codebooks.settings.p_memory == 0
+    assert strategy_config(FinetuneConfig(), "pv", "vq8g4").settings.p_memory == 0
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("metric", ["euclidean", "adam"])
-def test_gain_selection_moves_at_most_tau_groups_each_closer_to_the_target(seed, metric):
+def test_gain_selection_moves_at_most_p_fraction_of_groups_each_closer_to_the_target(seed, metric):
     from torch import nn
 
-    from llm.finetune import CodeStep
+    from llm.finetune import layer_pv_for
     from llm.formats import AQLMLinear, QuantFormat
 
     gen = torch.Generator().manual_seed(seed)
@@ -220,17 +228,17 @@ def test_gain_selection_moves_at_most_tau_groups_each_closer_to_the_target(seed,
         layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=gen))
         layer.scales.copy_(torch.rand(16, generator=gen) + 0.5)
         layer.set_codes(torch.randint(0, 16, layer.codes.shape, generator=gen))
-    cfg = FinetuneConfig(strategy="pv", p_select="gain", tau=0.1, p_lr=1.0, p_metric=metric).validate()
-    step = CodeStep(nn.Sequential(layer), cfg)
+    cfg = ft_config("pv", {"p_select": "gain", "p_fraction": 0.1, "p_lr": 1.0, "p_metric": metric}).validate()
+    step = layer_pv_for(nn.Sequential(layer), cfg)
     W, old = layer.weight().detach().clone(), layer.codes_view().clone()
     g = torch.randn(W.shape, generator=gen)
     layer.weight_grad = g
     changed = step.step()
     # the first step's Adam-normalized update is p_lr * g / (|g| + eps); the metric is |g| + eps (adam) or 1
-    target = W - cfg.p_lr * g / (g.abs() + 1e-8)
+    target = W - cfg.settings.p_lr * g / (g.abs() + 1e-8)
     P = g.abs() + 1e-8 if metric == "adam" else torch.ones_like(g)
     moved = (layer.codes_view() != old).any(1)
-    assert 0 < changed == int(moved.sum()) <= math.ceil(cfg.tau * old.shape[0])
+    assert 0 < changed == int(moved.sum()) <= math.ceil(cfg.settings.p_fraction * old.shape[0])
     err = lambda w: (((w - target) ** 2) * P).reshape(-1, 4).sum(1)
     assert (err(layer.weight().detach())[moved] < err(W)[moved]).all()
     assert torch.equal(layer.codes_view()[~moved], old[~moved])
@@ -262,7 +270,7 @@ def test_chunked_kl_has_the_value_and_gradients_of_the_full_kl():
 @pytest.mark.parametrize("strategy", ["pv", "ste"])
 def test_p_warmup_changes_no_code_until_the_moments_have_averaged(strategy):
     teacher, student = calibrated("llama")
-    cfg = FinetuneConfig(strategy=strategy, steps=5, batch_size=4, p_lr=3e-2, tau=0.05, p_warmup=3)
+    cfg = ft_config(strategy, {"p_lr": 3e-2, "p_fraction": 0.05, "p_warmup": 3}, steps=5, batch_size=4)
     rep = finetune(student, teacher, SEQS, cfg, progress=False)
     assert rep["codes_changed"][:3] == [0, 0, 0]
     assert sum(rep["codes_changed"][3:]) > 0
@@ -270,7 +278,7 @@ def test_p_warmup_changes_no_code_until_the_moments_have_averaged(strategy):
 
 def test_a_run_no_longer_than_its_p_warmup_says_that_no_code_will_change():
     teacher, student = calibrated("llama")
-    cfg = FinetuneConfig(strategy="pv", steps=2, batch_size=4, p_lr=3e-2, tau=0.05, p_warmup=2)
+    cfg = ft_config("pv", {"p_lr": 3e-2, "p_fraction": 0.05, "p_warmup": 2}, steps=2, batch_size=4)
     with pytest.warns(UserWarning, match="no code will change"):
         rep = finetune(student, teacher, SEQS, cfg, progress=False)
     assert rep["codes_changed"] == [0, 0]
@@ -279,7 +287,8 @@ def test_a_run_no_longer_than_its_p_warmup_says_that_no_code_will_change():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        finetune(student, teacher, SEQS, replace(cfg, strategy="continuous"), progress=False, v_step=gradient_v_step(1e-3))
+        finetune(student, teacher, SEQS, replace(cfg, strategy="continuous", settings=None), progress=False,
+                 v_step=gradient_v_step(1e-3))
     assert not any("no code will change" in str(w.message) for w in caught)
 
 
@@ -290,8 +299,7 @@ def test_p_steps_taken_during_backward_give_the_codes_of_p_steps_at_the_end(stra
     runs = []
     for in_backward in (True, False):
         s = copy.deepcopy(student)
-        cfg = FinetuneConfig(strategy=strategy, steps=4, batch_size=4, micro_batch_size=micro, lr=1e-3, p_lr=1e-2,
-                             tau=0.05, p_step_in_backward=in_backward)
+        cfg = ft_config(strategy, {"p_lr": 1e-2, "p_fraction": 0.05}, steps=4, batch_size=4, micro_batch_size=micro, lr=1e-3, p_step_in_backward=in_backward)
         rep = finetune(s, teacher, SEQS, cfg, progress=False)
         runs.append((rep, {n: b.clone() for n, b in s.named_buffers() if n.endswith("codes")}))
     (a, codes_a), (b, codes_b) = runs

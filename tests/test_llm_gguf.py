@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llm.model import ModelError, load_model, load_tokenizer, model_source, read_config
-from llm_helpers import byte_level_vocab, tiny_model, write_gguf
+from llm_helpers import byte_level_vocab, write_gguf
 
 pytest.importorskip("gguf", reason="GGUF models need the gguf package (pip install 'pvtuning[gguf]')")
 
@@ -145,7 +145,7 @@ def test_pipeline_on_a_gguf_model_keeps_the_head_tied_and_writes_continuations(t
     assert main([
         "pipeline", str(path), "--train", str(tmp_path / "train.txt"), "--validation", str(tmp_path / "val.txt"),
         "--out", str(out), "--format", "1x8g8", "--strategies", "pv,continuous", "--seq-len", "32",
-        "--nsamples", "8", "--rounds", "1", "--block-tune-steps", "2", "--batch-size", "4", "--steps", "3",
+        "--nsamples", "8", "--rounds", "1", "--block-tune-steps", "2", "--calib-batch-size", "4", "--steps", "3",
         "--ft-batch-size", "4", "--logit-chunk", "40", "--prompts", str(tmp_path / "prompts.txt"),
         "--new-tokens", "5", "--device", "cpu"]) == 0
     import json

@@ -1,7 +1,9 @@
 """One P-step / V-step interface at both scales: a step written here, against pvtheory only, runs on a
 toy problem through pvtheory.pv and in LLM fine-tuning, with no code in llm/ that knows about it."""
 import copy
+import json
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,8 +12,8 @@ from llm.calibrate import CalibrationConfig, calibrate
 from llm.checkpoint import flatten_state, unflatten_state
 from llm.finetune import FinetuneConfig, finetune
 from llm.formats import AQLMLinear, QuantFormat
-from llm.strategies import _REGISTRY, adam_preconditioner, register_strategy
-from llm_helpers import tiny_corpus, tiny_model, tiny_model_dir
+from llm.strategies import _REGISTRY, NoSettings, PVSettings, adam_preconditioner, register_strategy
+from llm_helpers import ft_config, tiny_corpus, tiny_model, tiny_model_dir
 from pvtheory import scalar, exact_p_step, exact_v_step, init_scalar, linearized_p_step, pv, random_problem, subspace_p_step
 from pvtheory.baselines import continuous_optimum
 from pvtheory.objectives import LocalQuadraticModel, ObservedGradient
@@ -61,8 +63,8 @@ def registered():
     """Register strategies for one test; the registry is left as it was."""
     names = []
 
-    def register(name, factory):
-        register_strategy(name, factory)
+    def register(name, build, settings=None):
+        register_strategy(name, build, settings or NoSettings)
         names.append(name)
 
     yield register
@@ -73,7 +75,7 @@ def registered():
 def calibrated(fmt="1x6g8"):
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
-    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, batch_size=8, block_tune_steps=0), progress=False)
+    calibrate(student, SEQS, CalibrationConfig(fmt=fmt, rounds=1, forward_batch_size=8, block_tune_steps=0), progress=False)
     return teacher, student
 
 
@@ -89,15 +91,15 @@ def test_a_user_p_step_never_increases_phi_on_least_squares_through_pvtheory_pv(
 
 @pytest.mark.parametrize("fmt", ["1x6g8", "int2g16"])
 def test_a_user_p_step_fine_tunes_an_llm_by_name(registered, fmt):
-    registered("largest_entry", lambda cfg, seed: adam_preconditioner(cfg, largest_entry_p_step(cfg.tau)))
+    registered("largest_entry", lambda s, ctx: adam_preconditioner(s, largest_entry_p_step(s.p_fraction), ctx), PVSettings)
     teacher, student = calibrated(fmt)
     before = {n: b.clone() for n, b in student.named_buffers() if n.endswith("codes")}
-    cfg = FinetuneConfig(strategy="largest_entry", steps=20, batch_size=8, lr=3e-3, p_lr=3e-3, tau=0.02)
+    cfg = ft_config("largest_entry", {"p_lr": 3e-3, "p_fraction": 0.02}, steps=20, batch_size=8, lr=3e-3)
     rep = finetune(student, teacher, SEQS, cfg, progress=False)
     groups = sum(b.numel() // (b.shape[-1] if fmt != "int2g16" else 1) for b in before.values())
     n_layers = len(before)
-    # at most ceil(tau * groups) per layer and step
-    assert 0 < max(rep["codes_changed"]) <= math.ceil(cfg.tau * groups) + n_layers
+    # at most ceil(p_fraction * groups) per layer and step
+    assert 0 < max(rep["codes_changed"]) <= math.ceil(cfg.settings.p_fraction * groups) + n_layers
     assert all(math.isfinite(l) for l in rep["losses"])
     if fmt == "1x6g8":  # (on the scalar grid this lr's V step alone raises the KL of the tiny model)
         assert sum(rep["losses"][-3:]) / 3 < rep["losses"][0]
@@ -108,7 +110,7 @@ def test_a_user_v_step_trains_the_codebooks_in_llm_fine_tuning():
     teacher, student = calibrated()
     layer = next(m for m in student.modules() if isinstance(m, AQLMLinear))
     codebooks = layer.codebooks.detach().clone()
-    cfg = FinetuneConfig(strategy="pv", steps=10, batch_size=8, lr=3e-3, p_lr=3e-3, tau=0.02)
+    cfg = ft_config("pv", {"p_lr": 3e-3, "p_fraction": 0.02}, steps=10, batch_size=8, lr=3e-3)
     rep = finetune(student, teacher, SEQS, cfg, progress=False, v_step=sign_v_step(1e-3))
     moved = (layer.codebooks.detach() - codebooks).abs()
     assert torch.allclose(moved.max(), torch.tensor(10e-3), rtol=1e-4)  # ten sign steps of 1e-3 at most, some made
@@ -127,10 +129,10 @@ def test_a_strategy_from_an_imported_module_runs_in_the_cli_pipeline(tmp_path):
 
     plugin = tmp_path / "my_strategies.py"
     plugin.write_text(
-        "from llm.strategies import adam_preconditioner, register_strategy\n"
+        "from llm.strategies import PStepSettings, adam_preconditioner, register_strategy\n"
         "from pvtheory import linearized_p_step\n"
-        "register_strategy('plugin_linearized', lambda cfg, seed: adam_preconditioner(cfg, linearized_p_step()),"
-        " replace=True)\n")
+        "register_strategy('plugin_linearized', lambda s, ctx: adam_preconditioner(s, linearized_p_step(), ctx),"
+        " PStepSettings, replace=True)\n")
     model = tiny_model_dir(tmp_path)
     train, val = tiny_corpus(tmp_path)
     args = ["pipeline", model, "--train", train, "--validation", val, "--out", tmp_path / "run", "--format", "1x6g8",
@@ -141,6 +143,53 @@ def test_a_strategy_from_an_imported_module_runs_in_the_cli_pipeline(tmp_path):
     finally:
         _REGISTRY.pop("plugin_linearized", None)
     assert (tmp_path / "run" / "plugin_linearized").is_dir()
+
+
+PLUGIN_WITH_A_SETTING = """
+from dataclasses import dataclass, field
+from llm.strategies import PStepSettings, adam_preconditioner, register_strategy
+from pvtheory import subspace_p_step
+
+
+@dataclass
+class EveryKthSettings(PStepSettings):
+    group_stride: int = field(default=3, metadata={"help": "re-encode one group in this many"})
+
+    def extra_checks(self):
+        return [("group_stride", self.group_stride >= 1, ">= 1")]
+
+
+def build(s, ctx):
+    return adam_preconditioner(s, subspace_p_step(fraction=1.0 / s.group_stride, select="greedy"), ctx)
+
+
+register_strategy("every_kth", build, EveryKthSettings, replace=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["flag", "json"])
+def test_a_plugin_strategys_own_setting_is_set_from_the_cli(tmp_path, how):
+    """A plugin's settings class gets its own flag (--group-stride) and --strategy-settings key, the same name from
+    flag to field to the run's JSON; a bad value is one line naming it."""
+    from llm.cli import main
+
+    plugin = tmp_path / "every_kth.py"
+    plugin.write_text(PLUGIN_WITH_A_SETTING)
+    model = tiny_model_dir(tmp_path)
+    train, val = tiny_corpus(tmp_path)
+    setting = ["--group-stride", "5"] if how == "flag" else ["--strategy-settings", '{"every_kth": {"group_stride": 5}}']
+    base = ["pipeline", model, "--train", train, "--validation", val, "--format", "1x6g8", "--strategies", "every_kth",
+            "--import", plugin, "--steps", "2", "--nsamples", "8", "--seq-len", "32", "--rounds", "1",
+            "--block-tune-steps", "0", "--ft-batch-size", "4", "--eval-windows", "2", "--device", "cpu"]
+    try:
+        assert main(list(map(str, base + ["--out", tmp_path / "run"] + setting))) == 0
+        stored = json.loads((tmp_path / "run" / "every_kth" / "meta.json").read_text())["finetune"]["settings"]
+        assert stored["group_stride"] == 5 and stored["p_lr"] == 1e-2
+        bad = ["--group-stride", "0"] if how == "flag" else ["--strategy-settings", '{"every_kth": {"group_strid": 5}}']
+        assert main(list(map(str, base + ["--out", tmp_path / "run2"] + bad))) == 2
+    finally:
+        _REGISTRY.pop("every_kth", None)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_an_unknown_strategy_names_the_import_option(tmp_path, capsys):
@@ -171,7 +220,7 @@ def test_linearized_pv_in_the_adam_metric_is_the_exact_p_step_of_adams_local_mod
 def test_adam_preconditioned_subspace_pv_descends_on_a_toy_problem():
     phi = random_problem("least_squares", d=32, seed=1)
     x0 = init_scalar(torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), 4)
-    step = adam_preconditioned(subspace_p_step(0.1, score="update", metric="curvature"), lr=0.5, beta1=0.9)
+    step = adam_preconditioned(subspace_p_step(fraction=0.1, score="update", metric="curvature"), lr=0.5, beta1=0.9)
     result = pv(phi, x0, step, exact_v_step(), max_iters=40)
     assert result.phis()[-1] < result.phis()[0] and result.changed().sum() > 0
 
@@ -226,9 +275,16 @@ def test_a_user_step_whose_state_is_one_tensor_resumes_exactly(tmp_path, registe
 
         return Step("momentum sign", init, update, deterministic=False)
 
-    registered("momentum_sign", lambda cfg, seed: momentum_sign_step(cfg.p_lr))
+    @dataclass
+    class MomentumSignSettings:
+        p_lr: float = 1e-2
+
+        def validate(self):
+            return self
+
+    registered("momentum_sign", lambda s, ctx: momentum_sign_step(s.p_lr), MomentumSignSettings)
     teacher, student = calibrated()
-    cfg = dict(strategy="momentum_sign", batch_size=4, lr=1e-3, p_lr=1e-2, checkpoint_every=2, seed=3)
+    cfg = dict(strategy="momentum_sign", batch_size=4, lr=1e-3, checkpoint_every=2, seed=3)
     whole = copy.deepcopy(student)
     rep_whole = finetune(whole, teacher, SEQS, FinetuneConfig(steps=6, **cfg), progress=False)
     finetune(copy.deepcopy(student), teacher, SEQS, FinetuneConfig(steps=3, **cfg), checkpoint_dir=tmp_path / "ck",
@@ -243,7 +299,7 @@ def test_bfloat16_moments_are_stored_in_bfloat16_and_fine_tune(tmp_path):
     from llm.checkpoint import read_tensors
 
     teacher, student = calibrated()
-    cfg = FinetuneConfig(strategy="pv", steps=3, batch_size=4, p_lr=3e-3, tau=0.05, p_state_dtype="bfloat16")
+    cfg = ft_config("pv", {"p_lr": 3e-3, "p_fraction": 0.05, "p_state_dtype": "bfloat16"}, steps=3, batch_size=4)
     rep = finetune(student, teacher, SEQS, cfg, checkpoint_dir=tmp_path / "ck", progress=False)
     state = read_tensors(tmp_path / "ck" / "state.safetensors")
     moments = [v for k, v in state.items() if k.startswith("p/") and k.endswith("/v")]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from pvtheory import (exact_p_step, exact_v_step, linearized_p_step, pv, random_problem, scalar,
+from pvtheory import (exact_v_step, linearized_p_step, pv, random_problem, scalar,
                       continuous_optimum, init_scalar, subspace_p_step)
 from pvtheory.p_steps import (exact_p_by_coordinate_descent, exact_p_by_enumeration, exact_p_by_miqp,
                               exact_p_by_separable)

@@ -1,6 +1,4 @@
 """V steps: the exact V step is optimal for its partition; first-order steps descend."""
-import numpy as np
-import pytest
 import torch
 from hypothesis import given
 
