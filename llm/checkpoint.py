@@ -13,6 +13,7 @@ new folder to CKPT, and `.CKPT.old` is removed. `recover` (called before every r
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -48,24 +49,30 @@ def is_checkpoint(path) -> bool:
     return {"meta.json", "model.safetensors"} <= names <= CHECKPOINT_FILES
 
 
-def _ours_or_empty(p: Path) -> bool:
-    return p.is_dir() and not p.is_symlink() and {f.name for f in p.iterdir()} <= CHECKPOINT_FILES
+PARTIAL_MARK = ".pvtuning-partial"  # in a folder being written (an export) until it is complete
 
 
-def recover(path) -> None:
-    """Finish or undo an interrupted save_checkpoint at `path`: restore `.NAME.old` when NAME is missing
-    (a kill between the two renames), drop it when NAME is complete, remove stale `.NAME.XXXX`
-    temporaries that hold nothing but checkpoint files."""
+def _ours_or_empty(p: Path, allow=is_checkpoint) -> bool:
+    if not p.is_dir() or p.is_symlink():
+        return False
+    names = {f.name for f in p.iterdir()}
+    return names <= CHECKPOINT_FILES or PARTIAL_MARK in names or allow(p)
+
+
+def recover(path, allow=is_checkpoint) -> None:
+    """Finish or undo an interrupted write of the folder `path` (a checkpoint, or what `allow` recognizes):
+    restore `.NAME.old` when NAME is missing (a kill between the two renames), drop it when NAME is complete,
+    remove stale `.NAME.XXXX` temporaries that hold nothing but what this package writes."""
     path = Path(path)
     if not path.parent.is_dir():
         return
     old = path.with_name(f".{path.name}.old")
-    if old.exists() and not path.exists() and is_checkpoint(old):
+    if old.exists() and not path.exists() and allow(old):
         os.replace(old, path)
-    elif old.exists() and is_checkpoint(path) and _ours_or_empty(old):
+    elif old.exists() and allow(path) and _ours_or_empty(old, allow):
         shutil.rmtree(old, ignore_errors=True)
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if tmp != old and _ours_or_empty(tmp):
+        if tmp != old and _ours_or_empty(tmp, allow):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -83,7 +90,7 @@ def save_checkpoint(path, model: nn.Module, meta: dict, state: Optional[dict] = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = new_temporary(path)
     try:
         layers = quantized_layers(model)
         meta = dict(meta, quantized_layers={n: str(m.fmt) for n, m in layers.items()})
@@ -100,29 +107,44 @@ def save_checkpoint(path, model: nn.Module, meta: dict, state: Optional[dict] = 
         save_file(_contiguous(unique), tmp / "model.safetensors")
         if state:
             save_file(_contiguous(state), tmp / "state.safetensors")
+        meta = with_checksums(meta, tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists() or path.is_symlink():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def new_temporary(path) -> Path:
+    """An empty folder `.NAME.XXXX` beside `path` for a folder to be written and then swapped in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` at `path` (fsynced, then renamed; what was at `path` goes to `.NAME.old`
+    and is removed): a kill at any instant leaves the previous or the new folder (see recover)."""
+    (tmp / PARTIAL_MARK).unlink(missing_ok=True)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
 
 
 def check_out(path, overwrite: bool = False, allow=is_checkpoint, what: str = "--out") -> None:
     """Refuse an output path that holds something this package did not write (a file, or a non-empty
     folder that `allow` does not recognize), unless overwrite; and one that cannot be written."""
     p = Path(path)
-    recover(p)
+    recover(p, allow)
     if not overwrite:
         if p.is_file() or p.is_symlink():
             raise CheckpointError(f"{what} {p} is an existing file: give a new folder, or --overwrite to replace it")
@@ -173,16 +195,49 @@ def has_checkpoint(path) -> bool:
     return (path / "meta.json").is_file()
 
 
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksums"}
+    body["checksums"] = {k: v for k, v in meta.get("checksums", {}).items() if k != "meta.json"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def with_checksums(meta: dict, folder: Path) -> dict:
+    """meta with "checksums": the sha256 of each tensor file in `folder` and of meta's own content, so that a
+    flipped bit, a truncated file or an edited meta.json is detected when the checkpoint is read."""
+    sums = {f.name: file_sha256(f) for f in sorted(folder.glob("*.safetensors"))}
+    meta = dict(meta, checksums=sums)
+    meta["checksums"] = dict(sums, **{"meta.json": _meta_digest(meta)})
+    return meta
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_meta(path) -> dict:
-    """meta.json of a checkpoint folder (after recovering an interrupted write)."""
+    """meta.json of a checkpoint folder (after recovering an interrupted write), its checksum verified
+    (checkpoints written before checksums have none to verify)."""
     path = Path(path)
     recover(path)
     if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path} is not a checkpoint (needs meta.json and model.safetensors)")
     try:
-        return json.loads((path / "meta.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'meta.json'} is not valid JSON: {e.msg}") from None
+        meta = json.loads((path / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'meta.json'} is not valid JSON ({getattr(e, 'msg', e)}): "
+                              "rerun the command that wrote it, with --overwrite") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / 'meta.json'} is not a checkpoint's metadata: rerun the command that wrote it")
+    stored = meta.get("checksums", {}).get("meta.json")
+    if stored is not None and stored != _meta_digest(meta):
+        raise CheckpointError(f"{path / 'meta.json'} does not match its checksum (changed after it was written): "
+                              "rerun the command that wrote it, with --overwrite")
+    return meta
 
 
 def quantize_structure(model: nn.Module, formats: dict) -> nn.Module:
@@ -204,7 +259,7 @@ def load_checkpoint(path, base_model_dir=None, device="cpu", dtype=torch.float32
     model = load_model(base, dtype=dtype, device="cpu")
     quantize_structure(model, meta["quantized_layers"])
     _load_matching(model, read_model_state(path, meta), f"{path} does not match {base}")
-    state = read_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
+    state = read_tensors(path / "state.safetensors", meta) if (path / "state.safetensors").exists() else {}
     return model.to(device), meta, state
 
 
@@ -212,7 +267,7 @@ def read_model_state(path, meta: Optional[dict] = None) -> dict:
     """The model state a checkpoint holds, its tied weights (stored once) under each of their names."""
     path = Path(path)
     meta = read_meta(path) if meta is None else meta
-    sd = read_tensors(path / "model.safetensors")
+    sd = read_tensors(path / "model.safetensors", meta)
     for k, src in meta.get("tied", {}).items():
         sd[k] = sd[src]
     return sd
@@ -253,12 +308,18 @@ def load_partial_calibration(path, model: nn.Module) -> tuple[int, dict, dict]:
         raise CheckpointError(f"{path} is not a partial calibration")
     blocks = _first_blocks(model, meta["next_block"])
     quantize_structure(blocks, meta["quantized_layers"])
-    _load_matching(blocks, read_tensors(path / "model.safetensors"), f"{path} does not match the model")
+    _load_matching(blocks, read_tensors(path / "model.safetensors", meta), f"{path} does not match the model")
     return meta["next_block"], meta["calibration_so_far"], meta
 
 
-def read_tensors(file) -> dict:
-    """The tensors of a safetensors file; a damaged or truncated file is one CheckpointError."""
+def read_tensors(file, meta: Optional[dict] = None) -> dict:
+    """The tensors of a safetensors file, checked against the checksum its checkpoint's `meta` records; a damaged
+    or truncated file is one CheckpointError."""
+    file = Path(file)
+    expected = (meta or {}).get("checksums", {}).get(file.name)
+    if expected is not None and (not file.is_file() or file_sha256(file) != expected):
+        raise CheckpointError(f"{file} does not match the checksum in its meta.json (damaged or truncated): "
+                              "rerun the command that wrote it, with --overwrite")
     try:
         return load_file(file)
     except Exception as e:  # safetensors raises its own error type on a damaged header or a short file

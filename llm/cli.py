@@ -19,8 +19,10 @@ of the same command resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -370,15 +372,13 @@ def cmd_generate(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from llm.checkpoint import check_out, load_checkpoint, read_meta, remove_out
+    from llm.checkpoint import check_out, load_checkpoint, read_meta
     from llm.export import export_aqlm, is_export
 
     meta = read_meta(a.checkpoint)
     check_out(a.out, a.overwrite, allow=is_export)
     model, meta, _ = load_checkpoint(a.checkpoint, a.model, "cpu")
-    if a.overwrite:
-        remove_out(a.out)
-    out = export_aqlm(model, a.model or meta["base_model"], a.out)
+    out = export_aqlm(model, a.model or meta["base_model"], a.out)  # swapped in whole: replaces what --overwrite allows
     print(f"exported to {out} (Hugging Face AQLM format)")
 
 
@@ -532,18 +532,55 @@ def main(argv=None) -> int:
         return 2
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        with stopping_on_sigterm(), _holding(getattr(args, "out", None)):
+            args.fn(args)
         from llm import distributed as D
 
         if D.launched_by_torchrun():  # every rank done: the process group closed before the interpreter ends
             D.leave()
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"pvtuning: stopped by {how}: the last checkpoint is intact; rerun the same command to resume",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except EXPECTED_ERRORS as e:
         print(f"pvtuning: error: {_first_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (so that it unwinds like Ctrl-C: atomic writes roll back)."""
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm():
+    """While the block runs, SIGTERM raises Terminated (where the default would end the process on the spot);
+    the previous handler comes back afterwards. Only in the main thread, and only over the default handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _holding(out):
+    """The --out lock (llm.runlock) in the process that writes --out (under torchrun: rank 0), else nothing."""
+    from llm.runlock import holding_out
+
+    if out is None or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return holding_out(out)
 
 
 def _first_line(e: BaseException) -> str:

@@ -164,12 +164,16 @@ def tokenize(path, tokenizer, max_chars: Optional[int] = None, cache: Optional[P
 
 
 def windows(tokens: Tensor, seq_len: int, max_windows: Optional[int] = None) -> Tensor:
-    """Non-overlapping windows (n, seq_len) from the start of the stream (the remainder is dropped)."""
+    """Non-overlapping windows (n, seq_len) from the start of the stream (the remainder is dropped): all of them,
+    or the first max_windows (ValueError if there are fewer)."""
     n = tokens.numel() // seq_len
     if n == 0:
         raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than one sequence of {seq_len}")
     if max_windows is not None:
-        n = min(n, max_windows)
+        if max_windows > n:  # fewer windows than asked would change the measurement without a word
+            raise ValueError(f"{max_windows} windows of {seq_len} tokens were asked for, and the corpus has {n}: "
+                             f"ask for at most {n} (--eval-windows), or leave it out for all")
+        n = max_windows
     return tokens[: n * seq_len].reshape(n, seq_len).long()
 
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from llm.checkpoint import PARTIAL_MARK, new_temporary, swap_in
 from llm.formats import AQLMLinear, quantized_layers
 from llm.model import load_tokenizer, model_source
-from pvtheory.io import atomic_path
 
 
 class ExportError(ValueError):
@@ -91,15 +91,19 @@ def export_aqlm(model: nn.Module, base_model_dir, out_dir) -> Path:
         "num_codebooks": fmt.num_codebooks, "nbits_per_codebook": fmt.bits,
         "linear_weights_not_to_quantize": skip,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
-    if gguf_file is None:
-        for f in folder.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) and f.is_file():
-                shutil.copy(f, out / f.name)
-    else:
-        load_tokenizer(base).save_pretrained(str(out))
+    # written whole into a temporary folder, then swapped in: a kill leaves the previous export or none
+    tmp = new_temporary(out)
+    try:
+        (tmp / PARTIAL_MARK).touch()
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if gguf_file is None:
+            for f in folder.iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) and f.is_file():
+                    shutil.copy(f, tmp / f.name)
+        else:
+            load_tokenizer(base).save_pretrained(str(tmp))
+        swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -131,6 +131,10 @@ def check_resumable(ckpt, cfg: FinetuneConfig, run: dict) -> bool:
     if stored.get("strategy") != cfg.strategy:
         raise FinetuneError(f"{ckpt} holds a {stored.get('strategy')!r} run, not {cfg.strategy!r}: "
                             "give another --out, or --overwrite to replace it")
+    if not isinstance(m.get("step"), int) or len(m.get("losses", ())) != m["step"] \
+            or len(m.get("codes_changed", ())) != m["step"]:
+        raise FinetuneError(f"{ckpt}/meta.json does not describe the steps it claims ({m.get('step')!r} steps, "
+                            f"{len(m.get('losses', ()))} losses): fine-tune into another --out, or --overwrite")
     if m.get("step", 0) > cfg.steps:
         raise FinetuneError(f"{ckpt} holds {m['step']} steps, more than the {cfg.steps} asked for: "
                             "give another --out, or --overwrite to replace it")
@@ -296,7 +300,7 @@ def finetune(student: nn.Module, teacher: nn.Module, sequences: Tensor, cfg: Fin
     if ckpt is not None and resume and check_resumable(ckpt, cfg, (meta or {}).get("run", {})):
         m = read_meta(ckpt)
         student.load_state_dict(read_model_state(ckpt, m), strict=False)
-        state = read_tensors(ckpt / "state.safetensors")
+        state = read_tensors(ckpt / "state.safetensors", m)
         _load_optimizer_state(opt, state, v_index, device)
         layer_pv.load_state_dict(state, device)
         start, losses, changed = m["step"], m["losses"], m["codes_changed"]

@@ -107,7 +107,23 @@ def load_model(model, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mo
     the loaded weights are the original for every measurement."""
     read_config(model)
     m = _from_float32_copy(model, lambda copy: _from_pretrained(copy, dtype))
-    return (m if m is not None else _from_pretrained(model, dtype)).to(device).eval()
+    m = m if m is not None else _from_pretrained(model, dtype)
+    check_weights(m, model)
+    return m.to(device).eval()
+
+
+def check_weights(m: nn.Module, source) -> None:
+    """ModelError naming the first tensor that holds NaN or inf, or a weight matrix that is all zeros: a
+    model no measurement or compression of which would mean anything."""
+    for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"{source}: tensor {name} holds {bad} non-finite values (NaN or inf): "
+                             "the model's weights are damaged")
+        if t.ndim >= 2 and not bool(t.any()):
+            raise ModelError(f"{source}: weight {name} is all zeros: the model's weights are damaged or missing")
 
 
 def _from_pretrained(model, dtype: torch.dtype) -> nn.Module:
