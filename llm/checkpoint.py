@@ -175,12 +175,23 @@ def check_same_run(path, stored: Optional[dict], requested: dict) -> None:
     if isinstance(stored.get("base_model"), dict):  # identified by file sizes and times, before model fingerprints
         raise CheckpointError(f"{path} was written by an older pvtuning (another run identity) and cannot be resumed: "
                               "give another --out, or --overwrite to replace it")
-    keys = sorted(set(stored) | set(requested))
-    diff = [k for k in keys if stored.get(k) != requested.get(k)]
+    diff = _first_difference(stored, requested)
     if diff:
-        k = diff[0]
-        raise CheckpointError(f"{path} holds another run ({k}: {_short(stored.get(k))} there, {_short(requested.get(k))} "
-                              "now): give another --out, or --overwrite to replace it")
+        k, there, now = diff
+        raise CheckpointError(f"{path} holds another run ({k}: {_short(there)} there, {_short(now)} now): "
+                              "give another --out, or --overwrite to replace it")
+
+
+def _first_difference(a, b, prefix: str = ""):
+    """(dotted key, a's value, b's value) of the first entry where two nested dicts differ, or None."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            return _first_difference(x, y, f"{prefix}{k}.")
+        return f"{prefix}{k}", x, y
+    return None
 
 
 def _short(v) -> str:

@@ -186,7 +186,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(calibrated, setup, tmp_path,
     out = tmp_path / "ft"
     assert cli(capsys, "finetune", calibrated, "--train", train, "--out", out, *FT)[0] == 0
     assert_one_line(cli(capsys, "finetune", calibrated, "--train", train, "--out", out, *FT, "--lr", "0.5"),
-                    "holds another run")
+                    "holds another run (finetune.lr: 0.001 there, 0.5 now)")  # the setting that differs, named
     other_train = tmp_path / "other.txt"
     other_train.write_text(train.read_text()[::-1])
     assert_one_line(cli(capsys, "finetune", calibrated, "--train", other_train, "--out", out, *FT), "holds another run")
