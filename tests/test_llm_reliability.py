@@ -330,3 +330,20 @@ def test_generation_with_an_empty_or_too_long_prompt_is_one_line(setup, capsys):
     assert_one_line(cli(capsys, "generate", model, "--prompt", "  ", "--device", "cpu"), "--prompt is empty")
     assert_one_line(cli(capsys, "generate", model, "--prompt", "word " * 5000, "--device", "cpu"),
                     "exceed the model's")
+
+
+def test_a_parquet_without_text_or_a_damaged_datasets_folder_is_one_line(setup, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model, _, _ = setup
+    pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "c.parquet")
+    assert_one_line(cli(capsys, "eval", model, "--validation", tmp_path / "c.parquet", "--device", "cpu"),
+                    'has no "text" column')
+    damaged = tmp_path / "ds"
+    damaged.mkdir()
+    (damaged / "dataset_info.json").write_text("{not json")
+    assert_one_line(cli(capsys, "eval", model, "--validation", damaged, "--device", "cpu"),
+                    "is not a folder written by datasets' save_to_disk")
