@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_llm_data_safety are requested by name)
 """What the CLI survives beyond bad arguments: a second process on the same --out, SIGTERM and Ctrl-C, a full disk,
 damaged checkpoints, damaged input weights, an export cut short. Each case: one line, nothing lost, a rerun that
 gives the uninterrupted result."""
@@ -16,35 +17,22 @@ import llm.checkpoint as C
 import llm.export as E
 from llm.runlock import holding_out, lock_path
 from llm_helpers import tiny_corpus, tiny_model_dir
-from test_llm_data_safety import CALIB, FT, assert_one_line, cli
+from test_llm_data_safety import CALIB, FT, assert_one_line, calibrated, cli, setup  # noqa: F401 (fixtures)
 
 FT = [*FT, "--ft-nsamples", "8"]  # the data of 4 steps drawn for every run, so that a longer run resumes a shorter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
-    """A cache of this test's own (locks, tokens, perplexities), for in-process calls and subprocesses alike."""
+    """A cache of each test's own (locks, tokens, perplexities), for in-process calls and subprocesses alike; autouse,
+    so that the fixtures shared with test_llm_data_safety (setup, calibrated) run under it."""
     from llm import data
 
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
     monkeypatch.setenv("PVTUNING_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture
-def setup(tmp_path, cache):
-    model = tiny_model_dir(tmp_path)
-    train, val = tiny_corpus(tmp_path)
-    return model, train, val
-
-
-@pytest.fixture
-def calibrated(setup, tmp_path, capsys):
-    model, train, _ = setup
-    assert cli(capsys, "calibrate", model, "--train", train, "--out", tmp_path / "cal", *CALIB)[0] == 0
-    return tmp_path / "cal"
 
 
 def _holder(path, cache) -> subprocess.Popen:
