@@ -29,7 +29,7 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            buckets: dict = {}  # tensors updated together: one device, dtype and step count
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -39,15 +39,30 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                r = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
-                p_norm, r_norm = p.norm(), r.norm()
-                trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm.clamp_min(1e-30), torch.ones_like(p_norm))
-                p.sub_(group["lr"] * trust * r)
+                buckets.setdefault((p.device, p.dtype, float(state["step"])), []).append(p)
+            for (_, _, t), params in buckets.items():
+                self._update(params, t, group)
         return loss
+
+    def _update(self, params: list, t: float, group: dict) -> None:
+        """One LAMB step of `params` (step count t), as multi-tensor (foreach) operations: a few kernel launches for
+        all tensors instead of several per tensor, the same arithmetic as tensor by tensor."""
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(v, 1 - beta2 ** t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        r = torch._foreach_div(m, 1 - beta1 ** t)
+        torch._foreach_div_(r, denom)
+        p_norm, r_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(r))
+        trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm.clamp_min(1e-30), torch.ones_like(p_norm))
+        torch._foreach_mul_(r, list((-group["lr"] * trust).unbind()))
+        torch._foreach_add_(params, r)
 
 
 SCHEDULES = ("constant", "cosine")

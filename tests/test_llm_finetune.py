@@ -134,6 +134,29 @@ def test_lamb_moves_each_tensor_by_lr_times_its_norm():
         assert float((p.detach() - p0).norm() / p0.norm()) == pytest.approx(1e-2, rel=1e-4)
 
 
+def test_lamb_multi_tensor_step_equals_the_tensor_by_tensor_rule():
+    """The foreach implementation is the LAMB rule applied to each tensor on its own, exactly (on the CPU)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(576,), (256, 8), (96, 1), (3, 40, 8), (7,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    params[-1].zero_()  # a zero tensor moves by lr * r (no trust ratio)
+    ref = [p.clone() for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in ref]
+    opt, lr, (b1, b2), eps = Lamb(params, lr=1e-3), 1e-3, (0.9, 0.95), 1e-8
+    for t in range(1, 5):
+        for p, q in zip(params, ref):
+            q.grad = torch.randn(q.shape, generator=gen)
+            p.grad = q.grad.clone()
+        opt.step()
+        for q, (m, v) in zip(ref, moments):
+            m.lerp_(q.grad, 1 - b1)
+            v.mul_(b2).addcmul_(q.grad, q.grad, value=1 - b2)
+            r = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            trust = q.norm() / r.norm() if q.norm() > 0 and r.norm() > 0 else torch.tensor(1.0)
+            q.sub_(lr * trust * r)
+    assert all(torch.equal(p, q) for p, q in zip(params, ref))
+
+
 def test_cosine_schedule_starts_at_full_step_and_decays_towards_zero():
     factors = [lr_factor("cosine", k, 100) for k in range(100)]
     assert factors[0] == 1.0 and all(a > b for a, b in zip(factors, factors[1:])) and 0 < factors[-1] < 1e-3
