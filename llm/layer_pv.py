@@ -157,13 +157,15 @@ class LayerPV:
                 values = {(n, i): v.data for n, layer in self.layers.items()
                           for i, v in enumerate(layer.value_parameters())}
                 D.broadcast_from_owners_(values, {key: self.owner[key[0]] for key in values})
-            total = torch.tensor(float(changed), device=next(iter(self.layers.values())).codes.device)
+            device = next(iter(self.layers.values())).codes.device
+            total = torch.as_tensor(changed, device=device).to(torch.float64).reshape(1)
             D.all_reduce_sum_([total])
-            changed = int(total.item())
-        return changed
+            changed = total
+        return int(changed)  # the step's one wait for the device
 
-    def _update_layer(self, name: str, layer: nn.Module, g: Tensor) -> int:
-        """One layer's PV iteration from its weight gradient g; returns the number of groups changed."""
+    def _update_layer(self, name: str, layer: nn.Module, g: Tensor) -> Tensor:
+        """One layer's PV iteration from its weight gradient g; returns the number of groups changed (a 0-dim
+        tensor on the device, so that no layer waits for the device)."""
         param, objective = layer.as_param(), ObservedGradient(g)
         p_step = self.p_steps[name] or KEEP_CODES
         v_step = self.v_steps.get(name) or no_v_step()
@@ -171,7 +173,7 @@ class LayerPV:
             self.states[name] = (p_step.init(param, objective), v_step.init(param, objective))
         after_p, after_v, p_state, v_state, changed = pv_iteration(param, objective, p_step, v_step, *self.states[name])
         self.states[name] = (p_state, v_state)
-        if changed:
+        if after_p.codes is not param.codes:  # unchanged codes are copied back as they are: no branch on the device
             layer.set_codes(after_p.codes)
         if name in self.v_steps:
             layer.set_values(after_v.values)

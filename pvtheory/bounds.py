@@ -153,7 +153,7 @@ def certified_run(objective: Objective, param: Codebooks, p_step, v_step, iters:
         after_p, after_v, p_state, v_state, changed = pv_iteration(param, objective, p_step, v_step, p_state, v_state)
         y = point(after_p)
         row = {"phi": float(objective.value(x)), "phi_after_p": float(objective.value(y)),
-               "phi_after_v": float(objective.value(point(after_v))), "changed": changed}
+               "phi_after_v": float(objective.value(point(after_v))), "changed": int(changed)}
         if L_p is not None:
             L = L_p(x, y) if callable(L_p) else L_p
             row["bound_after_p"] = descent_bound(objective, x, y, L)

@@ -53,9 +53,11 @@ def _values_moved(a: Codebooks, b: Codebooks) -> float:
 def pv_iteration(param: Codebooks, objective: Objective, p_step: Step, v_step: Step, p_state, v_state):
     """One iteration of the paper's Algorithm 1: the P step changes the codes with V fixed, then the V
     step changes V with the new codes fixed. Returns (P step's result, V step's result, both states,
-    the number of groups whose codes changed). The same function runs a toy problem and an LLM layer."""
+    the number of groups whose codes changed, as a 0-dim tensor on the codes' device: reading it waits for
+    the device, which an LLM's loop does once per step, not once per layer). The same function runs a toy
+    problem and an LLM layer."""
     after_p, p_state = p_step.update(param, objective, p_state)
-    changed = int((after_p.codes != param.codes).any(dim=1).sum())
+    changed = (after_p.codes != param.codes).any(dim=1).sum()
     after_v, v_state = v_step.update(after_p, objective, v_state)
     return after_p, after_v, p_state, v_state, changed
 
@@ -93,6 +95,7 @@ def pv(
     for k in range(1, max_iters + 1):
         before = trace[-1]["phi"]
         after_p, after_v, p_state, v_state, changed = pv_iteration(param, objective, p_step, v_step, p_state, v_state)
+        changed = int(changed)
         trace.append({"iteration": k, "step": "P", "phi": phi(after_p), "changed": changed})
         moved = _values_moved(after_p, after_v)
         trace.append({"iteration": k, "step": "V", "phi": phi(after_v), "changed": 0})
