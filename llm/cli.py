@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 from llm.calibrate import CalibrationConfig
 from llm.finetune import FinetuneConfig
+from llm.model import first_line
 from llm.strategies import strategy_names
 
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, KeyError)
@@ -59,20 +61,6 @@ SEQ_LEN = _number(int, 2, True, "an integer")  # a window predicts seq_len - 1 t
 NONNEG_INT = _number(int, 0, True, "an integer")
 POSITIVE = _number(float, 0.0, False, "a number")
 NONNEG = _number(float, 0.0, True, "a number")
-
-
-def FRACTION(text: str) -> float:
-    v = POSITIVE(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return v
-
-
-def UNIT(text: str) -> float:
-    v = NONNEG(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return v
 
 
 def _device(arg):
@@ -165,7 +153,8 @@ def _add_setting_flags(p) -> None:
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         kind = parse.get(type_name.replace("typing.", ""), str)
         defaults = ", ".join(f"{o} {default_value(_field_of(o, name))}" for o in owners)
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_typed(kind, name), default=None,
+        typed = kind if kind is str else _number(kind, -math.inf, True, "a number")  # ranges: check_settings
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typed, default=None,
                        choices=f.metadata.get("choices"),
                        help=f"{f.metadata.get('help', name)} (defaults: {defaults}; tuned per format)")
 
@@ -174,16 +163,6 @@ def _field_of(strategy: str, name: str):
     from llm.strategies import get_strategy
 
     return next(f for f in dataclasses.fields(get_strategy(strategy).settings) if f.name == name)
-
-
-def _typed(kind, name: str):
-    def parse(text: str):
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a number' if kind is not str else 'a word'}") from None
-    parse.__name__ = name
-    return parse
 
 
 def _read_prompts(path) -> list:
@@ -528,7 +507,7 @@ def main(argv=None) -> int:
     try:
         import_plugins(pre.parse_known_args(argv)[0].imports)
     except EXPECTED_ERRORS as e:
-        print(f"pvtuning: error: {_first_line(e)}", file=sys.stderr)
+        print(f"pvtuning: error: {first_line(e)}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
     try:
@@ -544,7 +523,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except EXPECTED_ERRORS as e:
-        print(f"pvtuning: error: {_first_line(e)}", file=sys.stderr)
+        print(f"pvtuning: error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 
@@ -581,11 +560,6 @@ def _holding(out):
     if out is None or os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
     return holding_out(out)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

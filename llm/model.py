@@ -85,7 +85,7 @@ def _gguf_config(model) -> dict:
     except ModelError:
         raise
     except Exception as e:  # the GGUF reader raises many kinds on a damaged file
-        raise ModelError(f"could not read the GGUF model {folder / gguf_file}: {_first_line(e)}") from None
+        raise ModelError(f"could not read the GGUF model {folder / gguf_file}: {first_line(e)}") from None
     _check_architecture(cfg, folder / gguf_file)
     return cfg
 
@@ -96,7 +96,8 @@ def _check_architecture(cfg: dict, source: Path) -> None:
         raise ModelError(f"unsupported architecture {arch!r} in {source}; supported: {', '.join(SUPPORTED)}")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -147,7 +148,7 @@ def _from_pretrained(model, dtype: torch.dtype) -> nn.Module:
         if "weights_only" in str(e):
             raise ModelError(f"could not load {model}: its .bin weights are a pickle holding more than tensors, "
                              "which is not loaded for safety; convert the model to safetensors") from None
-        raise ModelError(f"could not load {model}: {_first_line(e)}") from None
+        raise ModelError(f"could not load {model}: {first_line(e)}") from None
     qc = getattr(m.config, "quantization_config", None)
     if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":
         del m.config.quantization_config
@@ -235,7 +236,7 @@ def _tokenizer_from(model):
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(f"could not load the tokenizer of {model}: {_first_line(e)}") from None
+        raise ModelError(f"could not load the tokenizer of {model}: {first_line(e)}") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
