@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llm.data import fingerprint
 from llm.formats import QuantFormat, make_quantized, quantized_layers
 from llm.model import decoder_layers, load_model, set_module
 
@@ -209,25 +210,23 @@ def has_checkpoint(path) -> bool:
 def _meta_digest(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k != "checksums"}
     body["checksums"] = {k: v for k, v in meta.get("checksums", {}).items() if k != "meta.json"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def with_checksums(meta: dict, folder: Path) -> dict:
-    """meta with "checksums": the sha256 of each tensor file in `folder` and of meta's own content, so that a
-    flipped bit, a truncated file or an edited meta.json is detected when the checkpoint is read."""
-    sums = {f.name: file_sha256(f) for f in sorted(folder.glob("*.safetensors"))}
+    """meta with "checksums": the sha1 of each tensor file in `folder` (llm.data.fingerprint) and of meta's own
+    content, so that a flipped bit, a truncated file or an edited meta.json is detected when the checkpoint is read."""
+    sums = {f.name: fingerprint(f) for f in sorted(folder.glob("*.safetensors"))}
     meta = dict(meta, checksums=sums)
     meta["checksums"] = dict(sums, **{"meta.json": _meta_digest(meta)})
     return meta
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def weights_fingerprint(path) -> str:
+    """fingerprint of a checkpoint's model.safetensors: the one its meta.json records (checked whenever the tensors
+    are read), else hashed now (a checkpoint written before checksums)."""
+    path = Path(path)
+    return read_meta(path).get("checksums", {}).get("model.safetensors") or fingerprint(path / "model.safetensors")
 
 
 def read_meta(path) -> dict:
@@ -328,7 +327,7 @@ def read_tensors(file, meta: Optional[dict] = None) -> dict:
     or truncated file is one CheckpointError."""
     file = Path(file)
     expected = (meta or {}).get("checksums", {}).get(file.name)
-    if expected is not None and (not file.is_file() or file_sha256(file) != expected):
+    if expected is not None and (not file.is_file() or fingerprint(file) != expected):
         raise CheckpointError(f"{file} does not match the checksum in its meta.json (damaged or truncated): "
                               "rerun the command that wrote it, with --overwrite")
     try:

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 from llm.calibrate import CalibrationConfig, calibrate_to, check_format_fits
-from llm.checkpoint import check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out
+from llm.checkpoint import (check_out, check_same_run, has_checkpoint, load_checkpoint, read_meta, remove_out,
+                            weights_fingerprint)
 from llm.data import calibration_sequences, check_corpus, fingerprint, tokenize, windows
 from llm.evaluate import perplexity
 from llm.finetune import FinetuneConfig, FinetuneError, check_resumable, describe_seconds, finetune
@@ -176,13 +177,14 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         for ck in (calibrated, out / "calibrated.partial"):
             if has_checkpoint(ck):
                 check_same_run(ck, read_meta(ck).get("run"), run)
-        for strategy in strategies:
-            if not has_checkpoint(out / strategy):
-                continue
-            if not has_checkpoint(calibrated):
-                raise FinetuneError(f"{out / strategy} holds a fine-tuning run but {calibrated} is missing: "
-                                    "give another --out, or --overwrite to start over")
-            check_resumable(out / strategy, configs[strategy], finetune_run(model_dir, calibrated, train, seq_len, n_ft))
+        resumed = [s for s in strategies if has_checkpoint(out / s)]
+        if resumed and not has_checkpoint(calibrated):
+            raise FinetuneError(f"{out / resumed[0]} holds a fine-tuning run but {calibrated} is missing: "
+                                "give another --out, or --overwrite to start over")
+        if resumed:
+            ft_run = finetune_run(model_dir, calibrated, train, seq_len, n_ft)  # one identity for every strategy
+            for strategy in resumed:
+                check_resumable(out / strategy, configs[strategy], ft_run)
     amp = finetune_cfg.amp
     t0 = time.time()
     tokens = train_tokens(model_dir, train)  # one stream, two independent draws from it
@@ -217,7 +219,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
         summary["calibration_phase_seconds"] = report["phase_seconds"]
     summary["bits"] = model_bits(student)
     with peaks("evaluation"):
-        summary["ppl_calibrated"] = evaluate(student, val, device, amp, weights=fingerprint(calibrated / "model.safetensors"))
+        summary["ppl_calibrated"] = evaluate(student, val, device, amp, weights=weights_fingerprint(calibrated))
     if prompts:
         texts["calibrated"] = continuations(student, tokenizer, prompts, new_tokens, device)
     summary["runs"] = {}
@@ -232,7 +234,7 @@ def run_pipeline(model_dir, train, validation, out_dir, calib: CalibrationConfig
             rep["seconds_per_step"] = round(rep["seconds"] / len(rep["losses"]), 3)
         else:
             rep["seconds_per_step"] = round(rep["seconds_this_call"] / steps_run, 3) if steps_run > 0 else None
-        rep["ppl"] = evaluate(s, val, device, amp, weights=fingerprint(out / strategy / "model.safetensors"))
+        rep["ppl"] = evaluate(s, val, device, amp, weights=weights_fingerprint(out / strategy))
         if prompts:
             texts[strategy] = continuations(s, tokenizer, prompts, new_tokens, device)
         rep["loss_first_last"] = [rep["losses"][0], sum(rep["losses"][-10:]) / len(rep["losses"][-10:])] if rep["losses"] else []
@@ -265,7 +267,7 @@ def calibration_run(model, train, seq_len: int, nsamples: int, calib: Calibratio
 def finetune_run(model, start, train, seq_len: int, ft_nsamples: int) -> dict:
     """What a fine-tuning checkpoint must share with a run that resumes it (besides its fine-tuning settings):
     the base model, the checkpoint it started from (its weights' fingerprint) and the data."""
-    return {"base_model": model_fingerprint(model), "start": fingerprint(Path(start) / "model.safetensors"),
+    return {"base_model": model_fingerprint(model), "start": weights_fingerprint(start),
             "train": fingerprint(train), "seq_len": seq_len, "ft_nsamples": ft_nsamples}
 
 
