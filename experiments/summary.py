@@ -87,6 +87,9 @@ for fmt in ("2x8g8", "1x8g8"):
                   (f"SmolLM2-135M {fmt} whole pipeline seconds", f, key(f, "seconds_total"))]
 HEADLINES += [(f"SmolLM2-135M 2x8g8 {s} at {i and 280 or 80} steps, H100", "smollm2/budget_2x8g8.json",
                key("smollm2/budget_2x8g8.json", "strategies", s, i, "ppl")) for s in ("pv", "continuous") for i in (0, 1)]
+HEADLINES += [(f"SmolLM2-135M 1x8g8 {s} at {i and 250 or 100} steps, H100", "smollm2/budget_1x8g8.json",
+               key("smollm2/budget_1x8g8.json", "strategies", s, i, "ppl")) for s in ("pv", "ste", "continuous")
+              for i in (0, 1)]
 HEADLINES += [
     ("SmolLM2-135M 1x8g8 PV at the 2-bit P step", "smollm2/pv_1x8g8_p_lr0.01.json", key("smollm2/pv_1x8g8_p_lr0.01.json", "ppl")),
     ("ref-llama 1x8g8 PV fine-tuning seconds", "main_table/ref-llama_1x8g8.json", key("main_table/ref-llama_1x8g8.json", "runs", "pv", "seconds")),
