@@ -87,7 +87,7 @@ def _preset(a) -> dict:
     from llm.presets import preset_for
 
     p = preset_for(a.format, a.preset)
-    for key in ("rounds", "tolerance", "block_tune_steps", "steps", "batch_size", "micro_batch_size",
+    for key in ("nsamples", "rounds", "tolerance", "block_tune_steps", "steps", "batch_size", "micro_batch_size",
                 "v_optimizer", "lr"):
         if getattr(a, key, None) is not None:
             p[key] = getattr(a, key)
@@ -218,7 +218,7 @@ def cmd_pipeline(a) -> None:
     for path, flag in ((a.train, "--train"), (a.validation, "--validation")):
         _corpus(path, flag)
     summary = run_pipeline(a.model, a.train, a.validation, a.out, _calib_cfg(a), _ft_cfg(a, strategies[0]), strategies,
-                           a.seq_len, a.nsamples, a.eval_windows, _device(a.device),
+                           a.seq_len, _preset(a)["nsamples"], a.eval_windows, _device(a.device),
                            strategy_settings=strategy_overrides(a, strategies), ft_nsamples=a.ft_nsamples,
                            prompts=prompts, new_tokens=a.new_tokens, overwrite=a.overwrite)
     print(format_summary(summary))
@@ -241,12 +241,13 @@ def cmd_calibrate(a) -> None:
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)
     check_out(partial_path(a.out), a.overwrite)  # an interrupted run's blocks, or nothing
-    run = calibration_run(a.model, a.train, a.seq_len, a.nsamples, cfg)
+    nsamples = _preset(a)["nsamples"]
+    run = calibration_run(a.model, a.train, a.seq_len, nsamples, cfg)
     if is_checkpoint(a.out) and not a.overwrite:
         check_same_run(a.out, read_meta(a.out).get("run"), run)
         print(f"{a.out} already holds this calibration (--overwrite to redo it)")
         return
-    seqs = train_sequences(a.model, a.train, a.seq_len, a.nsamples, cfg.seed)  # the draw the pipeline makes
+    seqs = train_sequences(a.model, a.train, a.seq_len, nsamples, cfg.seed)  # the draw the pipeline makes
     model = load_model(a.model, torch.float32, "cpu")
     if a.overwrite and D.rank() == 0:
         remove_out(partial_path(a.out))
@@ -276,7 +277,7 @@ def cmd_finetune(a) -> None:
     _corpus(a.train, "--train")
     dev = D.init_from_env() if D.launched_by_torchrun() else _device(a.device)
     check_out(a.out, a.overwrite)
-    n = finetune_nsamples(cfg, a.nsamples, a.ft_nsamples)
+    n = finetune_nsamples(cfg, _preset(a)["nsamples"], a.ft_nsamples)
     run = finetune_run(base, a.checkpoint, a.train, a.seq_len, n)
     if not a.overwrite:
         check_resumable(a.out, cfg, run)
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the data draws and of random choices")
         if data:
             p.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per training sequence")
-            p.add_argument("--nsamples", type=POSITIVE_INT, default=1024, help="calibration sequences")
+            p.add_argument("--nsamples", type=POSITIVE_INT, default=None,
+                           help="calibration sequences (preset: 1024; smollm2 512)")
 
     def overwrite(p):
         p.add_argument("--overwrite", action="store_true",
@@ -387,13 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MxBgG (AQLM: M codebooks of B bits per group of G weights), vqBgG, intBgG (scalar)")
         p.add_argument("--preset", default="auto",
                        help="recipe whose settings fill every option you leave out: auto (the format's own preset, "
-                            "else default), default, 2x8g8, 1x8g8")
+                            "else default), default, 2x8g8, 1x8g8, or smollm2 (SmolLM2-135M's recipe for 2x8g8 "
+                            "or 1x8g8)")
         p.add_argument("--rounds", type=NONNEG_INT, default=None,
-                       help="at most this many P/V rounds per layer (preset: 12)")
+                       help="at most this many P/V rounds per layer (preset: 12; smollm2 at 2x8g8: 4)")
         p.add_argument("--tolerance", type=NONNEG, default=None,
                        help="stop a layer's rounds below this relative gain (preset: 0.002)")
         p.add_argument("--block-tune-steps", type=NONNEG_INT, default=None,
-                       help="Adam steps tuning each block's continuous parameters (preset: 2x8g8 500, else 1000)")
+                       help="Adam steps tuning each block's continuous parameters (preset: 2x8g8 500, smollm2 100, else 1000)")
         p.add_argument("--block-tune-lr", type=POSITIVE, default=3e-4, help="learning rate of block tuning")
         p.add_argument("--calib-batch-size", type=POSITIVE_INT, default=16, help="sequences per calibration forward pass")
         p.add_argument("--true-sequential", action="store_true",
@@ -404,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ft_args(p):
         p.add_argument("--steps", type=POSITIVE_INT, default=None,
-                       help="fine-tuning steps (preset: 2x8g8 260, 1x8g8 220, else 200)")
+                       help="fine-tuning steps (preset: 2x8g8 260, 1x8g8 220, else 200; smollm2 280 / 250)")
         p.add_argument("--ft-batch-size", dest="batch_size", type=POSITIVE_INT, default=None,
                        help="sequences per step, over all processes (preset: 2x8g8 128, else 64)")
         p.add_argument("--ft-nsamples", type=POSITIVE_INT, default=None,

@@ -146,6 +146,21 @@ def test_pipeline_without_flags_runs_the_formats_best_recipe(fmt, steps, batch, 
     assert _settings(a).p_lr == pv_p_lr
 
 
+@pytest.mark.parametrize("fmt,rounds,steps,pv", [("2x8g8", 4, 280, {"p_lr": 0.03, "p_beta1": 0.9}),
+                                                 ("1x8g8", 12, 250, {"p_lr": 0.01, "p_beta1": 0.9}),
+                                                 ("vq8g8", 12, 250, {"p_lr": 0.01, "p_beta1": 0.9})])
+def test_the_smollm2_preset_runs_the_recipe_measured_on_smollm2(fmt, rounds, steps, pv):
+    from llm.cli import _calib_cfg, _ft_cfg, _preset
+
+    a = _pipeline_args(fmt, "--preset", "smollm2")
+    cal, ft, s = _calib_cfg(a), _ft_cfg(a, "pv"), _settings(a)
+    assert (_preset(a)["nsamples"], cal.rounds, cal.block_tune_steps) == (512, rounds, 100)
+    assert (ft.steps, ft.batch_size, ft.lr, ft.v_optimizer) == (steps, 64, 1e-3, "lamb")
+    assert {k: getattr(s, k) for k in pv} == pv and s.p_warmup == 5
+    assert _preset(_pipeline_args(fmt, "--preset", "smollm2", "--nsamples", "64"))["nsamples"] == 64
+    assert _preset(_pipeline_args(fmt))["nsamples"] == 1024  # the format presets keep 1024 calibration sequences
+
+
 def test_the_same_format_by_another_name_gets_the_same_recipe():
     from llm.cli import _calib_cfg, _ft_cfg
 

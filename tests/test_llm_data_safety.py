@@ -112,6 +112,7 @@ def test_token_cache_never_serves_another_file(tmp_path):
     ("--strategy-settings", '{"pv": {"tau": 0.5}}', "unknown setting 'tau'"),
     ("--strategy-settings", '{"pv": {"p_fraction": 5}}', "p_fraction must be in (0, 1]"),
     ("--preset", "3bit", "unknown --preset '3bit'"),
+    ("--preset", "smollm2", "--preset smollm2 has recipes for 2x8g8, 1x8g8 only, not 1x6g8"),
 ])
 def test_bad_pipeline_arguments_are_one_line_errors_and_write_nothing(setup, tmp_path, capsys, flag, value, pattern):
     model, train, val = setup
