@@ -85,11 +85,10 @@ for fmt in ("2x8g8", "1x8g8"):
     HEADLINES += [(f"SmolLM2-135M {fmt} {what}", f, ppl(f, what)) for what in ("original", "calibrated", "continuous", "ste", "pv")]
     HEADLINES += [(f"SmolLM2-135M {fmt} bits per quantized weight", f, key(f, "bits", "bits_per_quantized_weight")),
                   (f"SmolLM2-135M {fmt} whole pipeline seconds", f, key(f, "seconds_total"))]
-HEADLINES += [(f"SmolLM2-135M 2x8g8 {s} at {i and 280 or 80} steps, H100", "smollm2/budget_2x8g8.json",
-               key("smollm2/budget_2x8g8.json", "strategies", s, i, "ppl")) for s in ("pv", "continuous") for i in (0, 1)]
-HEADLINES += [(f"SmolLM2-135M 1x8g8 {s} at {i and 250 or 100} steps, H100", "smollm2/budget_1x8g8.json",
-               key("smollm2/budget_1x8g8.json", "strategies", s, i, "ppl")) for s in ("pv", "ste", "continuous")
-              for i in (0, 1)]
+for fmt, budgets, strategies in (("2x8g8", (80, 280), ("pv", "continuous")), ("1x8g8", (100, 250), ("pv", "ste", "continuous"))):
+    f = f"smollm2/budget_{fmt}.json"  # budgets: the steps of its points, in order
+    HEADLINES += [(f"SmolLM2-135M {fmt} {s} at {steps} steps, H100", f, key(f, "strategies", s, i, "ppl"))
+                  for s in strategies for i, steps in enumerate(budgets)]
 HEADLINES += [
     ("SmolLM2-135M 1x8g8 PV at the 2-bit P step", "smollm2/pv_1x8g8_p_lr0.01.json", key("smollm2/pv_1x8g8_p_lr0.01.json", "ppl")),
     ("ref-llama 1x8g8 PV fine-tuning seconds", "main_table/ref-llama_1x8g8.json", key("main_table/ref-llama_1x8g8.json", "runs", "pv", "seconds")),
